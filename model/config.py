@@ -1,0 +1,145 @@
+"""The model's typed configuration: a registry of timm vision towers by name and the `tiny` / `base` presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shards.errors import XvlmError
+
+VisionFamily = Literal["swin", "vit"]
+
+
+@dataclass(frozen=True)
+class VisionTowerSpec:
+    """How to read a timm model as an X-VLM vision tower.
+
+    family: "swin" -> [CLS] is the average pool of the final normed tokens, grid from the final stride;
+            "vit"  -> [CLS] is the class token, grid = image_res / patch size.
+    timm_kwargs: defaults passed to `timm.create_model` (a config's `vision_kwargs` override them).
+    """
+
+    family: VisionFamily
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# timm name -> how to use it. Register more with `register_vision_tower`.
+VISION_TOWERS: dict[str, VisionTowerSpec] = {}
+
+
+def register_vision_tower(name: str, family: VisionFamily, **timm_kwargs: Any) -> None:
+    """Make the timm model `name` usable as a vision tower (`ModelConfig.vision_name`)."""
+    if family not in ("swin", "vit"):
+        raise XvlmError(f"vision tower family must be 'swin' or 'vit', got {family!r}")
+    VISION_TOWERS[name] = VisionTowerSpec(family, dict(timm_kwargs))
+
+
+# X-VLM base: Swin-B window 7 at 224 with stochastic depth 0.1 (official config).
+register_vision_tower("swin_base_patch4_window7_224", "swin", drop_path_rate=0.1)
+register_vision_tower("swin_base_patch4_window12_384", "swin", drop_path_rate=0.1)
+register_vision_tower("swin_small_patch4_window7_224", "swin", drop_path_rate=0.1)
+register_vision_tower("swin_tiny_patch4_window7_224", "swin", drop_path_rate=0.1)
+register_vision_tower("vit_base_patch16_224", "vit")
+register_vision_tower("vit_base_patch16_384", "vit")
+register_vision_tower("vit_small_patch16_224", "vit")
+register_vision_tower("vit_tiny_patch16_224", "vit")
+register_vision_tower("vit_base_patch16_clip_224", "vit")
+
+BoxHead = Literal["xvlm", "softargmax"]
+
+
+@dataclass
+class ModelConfig:
+    """Everything that decides the model's shapes; saved as JSON next to its weights."""
+
+    # vision tower (timm)
+    vision_name: str = "swin_base_patch4_window7_224"
+    vision_kwargs: dict[str, Any] = field(default_factory=dict)   # overrides for timm.create_model
+    image_res: int = 224
+    # text + fusion (transformers BERT); the first text_layers are text-only, the next fusion_layers cross-attend
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    text_layers: int = 6
+    fusion_layers: int = 6
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+    # heads
+    embed_dim: int = 256             # ITC projection size
+    temp: float = 0.07               # initial ITC temperature
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    box_head: BoxHead = "xvlm"       # "xvlm" (paper's MLP on the fused [CLS]) or "softargmax" (ours)
+
+    def __post_init__(self) -> None:
+        if self.vision_name not in VISION_TOWERS:
+            raise XvlmError(f"unknown vision tower {self.vision_name!r}; registered: {sorted(VISION_TOWERS)} "
+                            "(add one with model.config.register_vision_tower)")
+        if self.box_head not in ("xvlm", "softargmax"):
+            raise XvlmError(f"box_head must be 'xvlm' or 'softargmax', got {self.box_head!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise XvlmError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                            f"{self.num_attention_heads}")
+        for name in ("vocab_size", "hidden_size", "text_layers", "fusion_layers", "image_res", "embed_dim"):
+            if int(getattr(self, name)) < 1:
+                raise XvlmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temp_min <= self.temp <= self.temp_max:
+            raise XvlmError(f"temp {self.temp} must lie in [temp_min, temp_max] = [{self.temp_min}, {self.temp_max}]")
+
+    @property
+    def family(self) -> VisionFamily:
+        return VISION_TOWERS[self.vision_name].family
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Arguments for timm.create_model: registry defaults, then this config's overrides."""
+        kwargs = dict(VISION_TOWERS[self.vision_name].timm_kwargs)
+        kwargs.update(self.vision_kwargs)
+        kwargs["img_size"] = self.image_res
+        return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise XvlmError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+def _tiny(**overrides: Any) -> ModelConfig:
+    # A 64 px ViT with 8 px patches (8x8 grid) and a 2+2 layer BERT of width 64: a CPU step takes milliseconds.
+    values: dict[str, Any] = dict(
+        vision_name="vit_tiny_patch16_224",
+        vision_kwargs={"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        image_res=64, vocab_size=30522, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+        text_layers=2, fusion_layers=2, max_position_embeddings=64, embed_dim=32,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def _base(**overrides: Any) -> ModelConfig:
+    # X-VLM base: Swin-B (window 7, 224) + BERT-base split 6 text + 6 fusion layers, ~216M parameters.
+    return ModelConfig(**overrides)
+
+
+PRESETS = {"tiny": _tiny, "base": _base}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset with field overrides, e.g. `preset("tiny", vocab_size=len(vocab))`."""
+    if name not in PRESETS:
+        raise XvlmError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise XvlmError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+    return PRESETS[name](**overrides)

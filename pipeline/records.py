@@ -1,0 +1,75 @@
+"""Normalized records: what every source yields, and the reject rows that account for what it does not.
+
+Sources (`pipeline/sources/*.py`) parse release files as streams and yield `Annotation` and `ImageRef`
+records plus `Reject`s; the staging step writes them to parquet and groups them per image into `ImageGroup`s;
+the shard-writing tasks turn each `ImageGroup` into one tar sample or into rejects. Accounting unit: every
+input record (an image entry, a caption, a region, an object, or an unparseable line) ends as written or as
+exactly one `Reject` row.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+# Record kinds that are counted in the manifest, per source.
+RecordKind = Literal["image", "caption", "region", "object", "line"]
+RegionKind = Literal["region", "object"]
+
+
+@dataclass
+class ImageRef:
+    """One image of a source: where its bytes are and the size the annotations were made against."""
+    source: str                      # "coco" | "vg" | "sbu" | "cc" | ...
+    source_id: str                   # the release's id, as a string ("139", "2407890", url hash ...)
+    image_path: str                  # local path or s3://; for images inside a tar: "TARPATH#MEMBER"
+    width: int | None = None         # annotation frame width, when the release states it
+    height: int | None = None
+    coco_id: int | None = None       # set for COCO images and VG images that are COCO images
+    ref: str = ""                    # "file:line" or "file#id" of the input record, for rejects
+
+
+@dataclass
+class Annotation:
+    """One caption or box-text of an image (`source`, `source_id` point at its ImageRef)."""
+    source: str
+    source_id: str
+    kind: RecordKind                 # "caption" | "region" | "object"
+    text: str
+    bbox: list[float] | None = None  # [x, y, w, h] in the annotation frame; None for captions
+    attributes: list[str] = field(default_factory=list)
+    ref: str = ""
+
+
+@dataclass
+class Reject:
+    """One input record that did not make it into a shard, and why. A row of rejects.parquet."""
+    source: str
+    kind: RecordKind
+    file: str
+    where: str                       # line number, or the record's id
+    reason: str                      # a reason code from REASONS
+    detail: str = ""
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+# Reason codes (stable strings: reports group by them).
+REASONS = {
+    "missing_image": "the image file does not exist",
+    "not_an_image": "the bytes are not a decodable image (e.g. an HTML error page saved as .jpg)",
+    "truncated_image": "the image file is truncated",
+    "decompression_bomb": "the image header declares more pixels than --max-pixels",
+    "image_size_mismatch": "annotation width/height disagree with the real image in aspect ratio",
+    "bad_box": "box with negative, zero or NaN size",
+    "box_outside": "box lies wholly outside the image",
+    "empty_text": "empty or whitespace-only text",
+    "invalid_utf8": "text is not valid UTF-8",
+    "malformed_line": "a JSON / TSV line or record that cannot be parsed",
+    "crowd_box": "COCO iscrowd=1 annotation (skipped as in X-VLM)",
+    "no_image_record": "annotation for an image id that the release's image list does not have",
+    "no_annotations": "image with no usable caption, region or object",
+    "status_not_success": "img2dataset row whose status is not success",
+    "unsafe_tar_member": "tar member with an absolute or '..' path, or a link",
+    "duplicate_record": "the same record appears twice",
+}
