@@ -14,6 +14,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -108,11 +109,26 @@ def split_counts(images: int) -> dict[str, int]:
     return {"coco": coco, "vg": vg, "sbu": sbu, "cc": images - coco - vg - sbu}
 
 
-def _make_picture(seed: int, index: int) -> Picture:
-    # One generator per picture: a picture does not depend on how many others were drawn before it.
+def make_picture(seed: int, index: int, jpeg: bytes | None = None) -> Picture:
+    """Picture number `index` of a seed. One generator per picture, so a picture does not depend on how many
+    others were drawn before it; pass `jpeg` to reuse bytes already written (a VG copy of a COCO picture)."""
     scene = scenes.sample_scene(np.random.default_rng([seed, index, 0]))
-    jpeg = scenes.jpeg_bytes(scenes.render(scene))
+    if jpeg is None:
+        jpeg = scenes.jpeg_bytes(scenes.render(scene))
     return Picture(index, scene, jpeg, np.random.default_rng([seed, index, 1]))
+
+
+class PictureStream:
+    """Renders pictures on demand (never all in memory) and advances one progress bar."""
+
+    def __init__(self, seed: int, total: int, progress: bool):
+        self.seed = seed
+        self.bar = tqdm(total=total, desc="sample-data", unit="img", disable=not progress)
+
+    def __call__(self, indices: range) -> Iterator[Picture]:
+        for index in indices:
+            yield make_picture(self.seed, index)
+            self.bar.update(1)
 
 
 # ---------------------------------------------------------------- COCO 2017
@@ -163,7 +179,7 @@ def _write_json(path: Path, obj: object) -> None:
     storage.write_text(str(path), json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
 
 
-def write_coco(root: Path, split: str, pictures: list[Picture], image_ids: list[int], seed: int,
+def write_coco(root: Path, split: str, pictures: Iterable[Picture], image_ids: list[int], seed: int,
                crowd: int = 0) -> dict:
     """annotations/{captions,instances}_{split}.json and {split}/NNNNNNNNNNNN.jpg."""
     rng = np.random.default_rng([seed, 2017, 0 if split == "train2017" else 1])
@@ -208,16 +224,15 @@ def write_coco(root: Path, split: str, pictures: list[Picture], image_ids: list[
 # ---------------------------------------------------------------- Visual Genome 1.2
 
 
-def write_vg(root: Path, entries: list[tuple[Picture, int | None]], seed: int) -> dict:
+def write_vg(root: Path, pictures: Iterable[tuple[Picture, int | None]], seed: int) -> dict:
     """image_data.json, region_descriptions.json, objects.json, attributes.json and VG_100K/{image_id}.jpg.
-    `entries` pairs each picture with its COCO id (None for VG-only pictures)."""
+    `pictures` pairs each picture with its COCO id (None for VG-only pictures)."""
     rng = np.random.default_rng([seed, 1200])
-    order = rng.permutation(len(entries))  # VG ids do not follow COCO's order
     image_data, regions_file, objects_file, attributes_file = [], [], [], []
     region_id, object_id = 1, 1000000
     counts = {"images": 0, "coco_overlap": 0, "regions": 0, "objects": 0}
-    for image_id, k in enumerate(order, start=1):
-        pic, coco_id = entries[int(k)]
+    # VG image ids start at 1; the caller interleaves COCO and VG-only pictures so ids do not follow COCO's order.
+    for image_id, (pic, coco_id) in enumerate(pictures, start=1):
         # A separate text stream: VG's phrases for a COCO picture differ from COCO's captions, as in reality.
         text_rng = np.random.default_rng([seed, pic.index, 2])
         url = f"https://cs.stanford.edu/people/rak248/VG_100K/{image_id}.jpg"
@@ -264,11 +279,11 @@ def sbu_file_name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def write_sbu(root: Path, pictures: list[Picture], seed: int) -> dict:
+def write_sbu(root: Path, pictures: Iterable[Picture], count: int, seed: int) -> dict:
     """SBU_captioned_photo_dataset_urls.txt + SBU_captioned_photo_dataset_captions.txt (line-aligned) and
     images/{basename of the URL}; SBU_MISSING URLs have no image (their download failed)."""
     rng = np.random.default_rng([seed, 1000])
-    missing = set(rng.permutation(len(pictures))[:min(SBU_MISSING, max(0, len(pictures) - 1))].tolist())
+    missing = set(rng.permutation(count)[:min(SBU_MISSING, max(0, count - 1))].tolist())
     urls, caps = [], []
     for k, pic in enumerate(pictures):
         url = (f"http://static.flickr.com/{int(rng.integers(1000, 9000))}/"
@@ -301,59 +316,97 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_cc(root: Path, pictures: list[Picture], seed: int) -> dict:
-    """Train_GCC-training.tsv (caption TAB url, no header), images/{row}.jpg for the rows that downloaded, and
-    img2dataset/00000.tar + 00000.parquet + 00000_stats.json as `img2dataset --output_format webdataset
-    --resize_mode no --compute_hash sha256` writes them; CC_FAILED rows are failed_to_download."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+IMG2DATASET_SCHEMA_FIELDS = ("url", "caption", "key", "status", "error_message", "width", "height",
+                             "original_width", "original_height", "exif", "sha256")
 
+
+def _img2dataset_schema():
+    import pyarrow as pa
+
+    # img2dataset builds its parquet from a pandas DataFrame of the metadata dicts: the size columns of a shard
+    # with failed rows (None) become float64.
+    sizes = {"width", "height", "original_width", "original_height"}
+    return pa.schema([(name, pa.float64() if name in sizes else pa.string()) for name in IMG2DATASET_SCHEMA_FIELDS])
+
+
+class Img2datasetShard:
+    """One shard of img2dataset's webdataset output: NNNNN.tar (KEY.jpg/.json/.txt for successes),
+    NNNNN.parquet (every row) and NNNNN_stats.json."""
+
+    def __init__(self, folder: Path, shard_id: int):
+        self.folder, self.name = folder, f"{shard_id:05d}"
+        self.rows: list[dict] = []
+        self._write = storage.atomic_write(str(folder / f"{self.name}.tar"))
+        # "w|": a plain stream into the atomic writer, so the shard never sits in memory as a whole.
+        self._tar = tarfile.open(fileobj=self._write.__enter__(), mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def add(self, meta: dict, jpeg: bytes | None) -> None:
+        self.rows.append(meta)
+        if jpeg is not None:
+            # webdataset's TarWriter (used by img2dataset) writes a sample's members in sorted extension order.
+            _tar_member(self._tar, f"{meta['key']}.jpg", jpeg)
+            _tar_member(self._tar, f"{meta['key']}.json", json.dumps(meta, indent=4).encode())
+            _tar_member(self._tar, f"{meta['key']}.txt", meta["caption"].encode())
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._tar.close()
+        self._write.__exit__(None, None, None)
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=_img2dataset_schema()), sink, compression="snappy")
+        storage.write_bytes(str(self.folder / f"{self.name}.parquet"), sink.getvalue())
+        status_dict: dict[str, int] = {}
+        for meta in self.rows:
+            reason = "success" if meta["status"] == "success" else meta["error_message"]
+            status_dict[reason] = status_dict.get(reason, 0) + 1
+        successes = status_dict.get("success", 0)
+        duration = round(0.05 * len(self.rows), 3)   # fixed, not measured: the files must not depend on the clock
+        stats = {"count": len(self.rows), "successes": successes, "failed_to_download": len(self.rows) - successes,
+                 "failed_to_resize": 0, "duration": duration, "start_time": FIXED_EPOCH,
+                 "end_time": FIXED_EPOCH + duration, "status_dict": status_dict}
+        storage.write_text(str(self.folder / f"{self.name}_stats.json"), json.dumps(stats, indent=4))
+
+
+def write_cc(root: Path, pictures: Iterable[Picture], count: int, seed: int,
+             number_sample_per_shard: int = 10000) -> dict:
+    """Train_GCC-training.tsv (caption TAB url, no header), images/{row}.jpg for the rows that downloaded, and
+    img2dataset/NNNNN.tar + NNNNN.parquet + NNNNN_stats.json as `img2dataset --output_format webdataset
+    --resize_mode no --compute_hash sha256` writes them; CC_FAILED rows are failed_to_download."""
     rng = np.random.default_rng([seed, 3000])
-    failed = set(rng.permutation(len(pictures))[:min(CC_FAILED, max(0, len(pictures) - 1))].tolist())
-    lines, rows = [], []
-    tar_buffer = io.BytesIO()
-    with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for row, pic in enumerate(pictures):
-            caption = scenes.short_caption(pic.scene, pic.text_rng, "cc")
-            query = "?w=800" if rng.random() < 0.2 else ""
-            url = f"https://images.example.com/photos/{rng.bytes(8).hex()}/{int(rng.integers(10**5, 10**7))}.jpg{query}"
-            lines.append(f"{caption}\t{url}\n")
-            key = img2dataset_key(0, row)
-            ok = row not in failed
-            w, h = (pic.scene.width, pic.scene.height) if ok else (None, None)
-            meta = {"url": url, "caption": caption, "key": key,
-                    "status": "success" if ok else "failed_to_download",
-                    "error_message": None if ok else CC_ERRORS[int(rng.integers(len(CC_ERRORS)))],
-                    "width": w, "height": h, "original_width": w, "original_height": h,
-                    "exif": "{}" if ok else None,
-                    "sha256": hashlib.sha256(pic.jpeg).hexdigest() if ok else None}
-            rows.append(meta)
-            if ok:
-                storage.write_bytes(str(root / "images" / f"{row}.jpg"), pic.jpeg)
-                # webdataset's TarWriter writes a sample's members in sorted extension order.
-                _tar_member(tar, f"{key}.jpg", pic.jpeg)
-                _tar_member(tar, f"{key}.json", json.dumps(meta, indent=4).encode())
-                _tar_member(tar, f"{key}.txt", caption.encode())
+    failed = set(rng.permutation(count)[:min(CC_FAILED, max(0, count - 1))].tolist())
+    lines = []
+    shard: Img2datasetShard | None = None
+    shards = 0
+    for row, pic in enumerate(pictures):
+        shard_id, in_shard = divmod(row, number_sample_per_shard)
+        if shard is None or in_shard == 0:
+            if shard is not None:
+                shard.close()
+            shard = Img2datasetShard(root / "img2dataset", shard_id)
+            shards += 1
+        caption = scenes.short_caption(pic.scene, pic.text_rng, "cc")
+        query = "?w=800" if rng.random() < 0.2 else ""
+        url = f"https://images.example.com/photos/{rng.bytes(8).hex()}/{int(rng.integers(10**5, 10**7))}.jpg{query}"
+        lines.append(f"{caption}\t{url}\n")
+        ok = row not in failed
+        w, h = (pic.scene.width, pic.scene.height) if ok else (None, None)
+        meta = {"url": url, "caption": caption,
+                "key": img2dataset_key(shard_id, in_shard, number_sample_per_shard=number_sample_per_shard),
+                "status": "success" if ok else "failed_to_download",
+                "error_message": None if ok else CC_ERRORS[int(rng.integers(len(CC_ERRORS)))],
+                "width": w, "height": h, "original_width": w, "original_height": h,
+                "exif": "{}" if ok else None,
+                "sha256": hashlib.sha256(pic.jpeg).hexdigest() if ok else None}
+        shard.add(meta, pic.jpeg if ok else None)
+        if ok:
+            storage.write_bytes(str(root / "images" / f"{row}.jpg"), pic.jpeg)
+    if shard is not None:
+        shard.close()
     storage.write_text(str(root / "Train_GCC-training.tsv"), "".join(lines))
-    out = root / "img2dataset"
-    storage.write_bytes(str(out / "00000.tar"), tar_buffer.getvalue())
-    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
-                        ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()),
-                        ("exif", pa.string()), ("sha256", pa.string())])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="snappy")
-    storage.write_bytes(str(out / "00000.parquet"), sink.getvalue())
-    status_dict = {"success": len(rows) - len(failed)}
-    for meta in rows:
-        if meta["error_message"]:
-            status_dict[meta["error_message"]] = status_dict.get(meta["error_message"], 0) + 1
-    stats = {"count": len(rows), "successes": len(rows) - len(failed), "failed_to_download": len(failed),
-             "failed_to_resize": 0, "duration": 12.5, "start_time": FIXED_EPOCH, "end_time": FIXED_EPOCH + 12.5,
-             "status_dict": status_dict}
-    storage.write_text(str(out / "00000_stats.json"), json.dumps(stats, indent=4))
-    return {"rows": len(rows), "images": len(rows) - len(failed), "failed_to_download": len(failed)}
+    return {"rows": len(lines), "images": len(lines) - len(failed), "failed_to_download": len(failed),
+            "shards": shards}
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -419,34 +472,39 @@ def generate(out_dir: str | os.PathLike, images: int = 1000, seed: int = 0, val_
         offset += counts[source]
     total = images + val_images
 
-    # Render every picture once, in index order; a VG picture that is a COCO picture reuses the same bytes.
-    pictures: list[Picture] = []
-    with tqdm(total=total, desc="rendering scenes", unit="img", disable=not progress) as bar:
-        for index in range(total):
-            pictures.append(_make_picture(seed, index))
-            bar.update(1)
+    # Picture indices: [0, images) are the training pictures in source order coco, vg, sbu, cc;
+    # [images, images + val_images) are COCO val2017.
+    def indices(source: str) -> range:
+        return range(starts[source], starts[source] + counts[source])
 
-    def take(source: str) -> list[Picture]:
-        return pictures[starts[source]:starts[source] + counts[source]]
-
-    coco_train, coco_val = take("coco"), pictures[images:]
+    stream = PictureStream(seed, total, progress)
     id_rng = np.random.default_rng([seed, 139])
-    coco_ids = sorted(int(i) for i in id_rng.choice(np.arange(1, 581930), size=len(coco_train) + len(coco_val),
-                                                       replace=False))
-    coco_ids = [coco_ids[int(k)] for k in id_rng.permutation(len(coco_ids))]
-    train_ids, val_ids = coco_ids[:len(coco_train)], coco_ids[len(coco_train):]
+    coco_ids = [int(i) for i in id_rng.choice(np.arange(1, 581930), size=counts["coco"] + val_images, replace=False)]
+    train_ids, val_ids = coco_ids[:counts["coco"]], coco_ids[counts["coco"]:]
 
     coco_root, vg_root, sbu_root, cc_root = out / "coco", out / "vg", out / "sbu", out / "cc"
     summary_counts = {
-        "coco_train2017": write_coco(coco_root, "train2017", coco_train, train_ids, seed, crowd=CROWD_IMAGES),
-        "coco_val2017": write_coco(coco_root, "val2017", coco_val, val_ids, seed),
+        "coco_train2017": write_coco(coco_root, "train2017", stream(indices("coco")), train_ids, seed, crowd=CROWD_IMAGES),
+        "coco_val2017": write_coco(coco_root, "val2017", stream(range(images, total)), val_ids, seed),
     }
-    n_overlap = round(len(coco_train) * VG_COCO_SHARE)
-    vg_entries: list[tuple[Picture, int | None]] = [(coco_train[k], train_ids[k]) for k in range(n_overlap)]
-    vg_entries += [(pic, None) for pic in take("vg")]
-    summary_counts["vg"] = write_vg(vg_root, vg_entries, seed)
-    summary_counts["sbu"] = write_sbu(sbu_root, take("sbu"), seed)
-    summary_counts["cc"] = write_cc(cc_root, take("cc"), seed)
+    # VG holds a share of the COCO train pictures (same file bytes, coco_id set) interleaved with its own.
+    n_overlap = round(counts["coco"] * VG_COCO_SHARE)
+    vg_plan: list[int | None] = [None] * counts["vg"] + list(range(n_overlap))
+    vg_plan = [vg_plan[int(k)] for k in np.random.default_rng([seed, 1201]).permutation(len(vg_plan))]
+    vg_own = stream(indices("vg"))
+
+    def vg_pictures() -> Iterator[tuple[Picture, int | None]]:
+        for k in vg_plan:
+            if k is None:
+                yield next(vg_own), None
+            else:
+                jpeg = storage.read_bytes(str(coco_root / "train2017" / f"{train_ids[k]:012d}.jpg"))
+                yield make_picture(seed, starts["coco"] + k, jpeg=jpeg), train_ids[k]
+
+    summary_counts["vg"] = write_vg(vg_root, vg_pictures(), seed)
+    summary_counts["sbu"] = write_sbu(sbu_root, stream(indices("sbu")), counts["sbu"], seed)
+    summary_counts["cc"] = write_cc(cc_root, stream(indices("cc")), counts["cc"], seed)
+    stream.bar.close()
     summary_counts["tokenizer"] = write_tokenizer(out / "tokenizer")
 
     summary = {

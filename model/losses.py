@@ -1,0 +1,90 @@
+"""X-VLM's four objectives as plain functions: ITC (gathered across ranks), ITM hard negatives, MLM, box L1 + GIoU."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from shards.errors import XvlmError
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (rank order); the identity in a single process.
+
+    The backward sums every rank's gradient into the local slice (torch.distributed.nn semantics): each rank
+    computes the same global loss, so after DDP averages parameter gradients they equal the single-process
+    gradient of that loss on the global batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather  # imported lazily: pulls in RPC machinery
+    return torch.cat(all_gather(x), dim=0)
+
+
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over L2-normalised features gathered from all ranks; row i of each side is a pair."""
+    image_all = gather_with_grad(image_feat)
+    text_all = gather_with_grad(text_feat)
+    logits = image_all @ text_all.t() / temp
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def sample_hard_negatives(sim_i2t: torch.Tensor, positives: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each text one negative image and for each image one negative text, drawn in proportion to
+    softmax(similarity) with the positives excluded (X-VLM: weights = softmax + 1e-5, positives zeroed).
+
+    sim_i2t [K, K] = image_feat @ text_feat.T / temp (local rows); positives [K, K] bool (default: the diagonal).
+    Returns (neg_image_for_text [K], neg_text_for_image [K]) indices. `generator` (on sim's device) makes the draw
+    reproducible; None uses the global torch RNG.
+    """
+    k = sim_i2t.shape[0]
+    if sim_i2t.shape != (k, k):
+        raise XvlmError(f"ITM needs a square similarity matrix, got {tuple(sim_i2t.shape)}")
+    if positives is None:
+        positives = torch.eye(k, dtype=torch.bool, device=sim_i2t.device)
+    with torch.no_grad():
+        sim = sim_i2t.detach().float()
+        weights_i2t = (sim.softmax(dim=1) + 1e-5).masked_fill(positives, 0.0)
+        weights_t2i = (sim.t().softmax(dim=1) + 1e-5).masked_fill(positives.t(), 0.0)
+        if bool((weights_i2t.sum(dim=1) == 0).any() | (weights_t2i.sum(dim=1) == 0).any()):
+            raise XvlmError(f"ITM found a row whose every candidate is a positive (batch of {k} rows): "
+                            "a batch needs at least 2 unrelated pairs")
+        neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+        neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    return neg_image, neg_text
+
+
+def itm_loss(logits: torch.Tensor, num_pos: int) -> torch.Tensor:
+    """2-way cross-entropy: the first `num_pos` rows of `logits` [P + Nn, 2] are matches, the rest are not."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[:num_pos] = 1
+    return F.cross_entropy(logits, labels)
+
+
+def mlm_loss(logits: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the masked positions only: logits [K, M, V], masked_ids [K, M] with -100 on padding.
+
+    A batch without any masked token gives 0 (not NaN).
+    """
+    flat_ids = masked_ids.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_ids, ignore_index=-100,
+                            reduction="sum")
+    return total / (flat_ids != -100).sum().clamp_min(1)
+
+
+def box_losses(pred: torch.Tensor, target: torch.Tensor, is_region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1, GIoU loss) on (cx, cy, w, h) boxes: L1 summed over the 4 coordinates and GIoU loss = 1 - GIoU, both
+    averaged over the region rows (`is_region` [K] bool). No region rows -> (0, 0), finite, still in the graph.
+    """
+    weight = is_region.to(pred.dtype)
+    count = weight.sum().clamp_min(1)
+    l1 = (F.l1_loss(pred.float(), target.float(), reduction="none").sum(dim=1) * weight).sum() / count
+    # Rows that do not count get a harmless target, so that degenerate boxes there cannot produce NaN.
+    safe_target = torch.where(is_region[:, None], target.float(), pred.detach().float())
+    giou = generalized_box_iou_loss(box_convert(pred.float(), "cxcywh", "xyxy"),
+                                    box_convert(safe_target, "cxcywh", "xyxy"), reduction="none")
+    giou = torch.where(is_region, giou, torch.zeros_like(giou))
+    return l1, giou.sum() / count
