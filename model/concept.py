@@ -20,7 +20,7 @@ def concept_embeds(image_embeds: torch.Tensor, image_idx: torch.Tensor,
                         f"{tuple(patches.shape[:2])} (rows, patches): the loader's grid stride must match the model")
     mask = patch_mask.to(patches.dtype)
     counts = mask.sum(dim=1, keepdim=True)                     # [K, 1]
-    if bool((counts == 0).any()):
+    if not counts.is_meta and bool((counts == 0).any()):  # meta: shape-only runs
         raise XvlmError("a region row has an empty patch_mask: every box covers at least one patch "
                         "(x_max = max(x_min + 1, ...)); check the loader's patch mask arithmetic")
     cls = (patches * mask.unsqueeze(-1)).sum(dim=1, keepdim=True) / counts.unsqueeze(-1)

@@ -49,7 +49,7 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, positives: torch.Tensor | None 
         sim = sim_i2t.detach().float()
         weights_i2t = (sim.softmax(dim=1) + 1e-5).masked_fill(positives, 0.0)
         weights_t2i = (sim.t().softmax(dim=1) + 1e-5).masked_fill(positives.t(), 0.0)
-        if bool((weights_i2t.sum(dim=1) == 0).any() | (weights_t2i.sum(dim=1) == 0).any()):
+        if not sim.is_meta and bool((weights_i2t.sum(dim=1) == 0).any() | (weights_t2i.sum(dim=1) == 0).any()):
             raise XvlmError(f"ITM found a row whose every candidate is a positive (batch of {k} rows): "
                             "a batch needs at least 2 unrelated pairs")
         neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)

@@ -9,7 +9,7 @@ exactly one `Reject` row.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Iterator, Literal, NamedTuple
 
 # Record kinds that are counted in the manifest, per source.
 RecordKind = Literal["image", "caption", "region", "object", "line"]
@@ -25,7 +25,9 @@ class ImageRef:
     width: int | None = None         # annotation frame width, when the release states it
     height: int | None = None
     coco_id: int | None = None       # set for COCO images and VG images that are COCO images
-    ref: str = ""                    # "file:line" or "file#id" of the input record, for rejects
+    ref: str = ""                    # "FILE#WHERE": file relative to the source root, then line / id (no '#')
+    byte_offset: int | None = None   # for "TARPATH#MEMBER": the member's data starts here in the tar ...
+    byte_size: int | None = None     # ... and is this long, so the image is one ranged read
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Annotation:
     text: str
     bbox: list[float] | None = None  # [x, y, w, h] in the annotation frame; None for captions
     attributes: list[str] = field(default_factory=list)
-    ref: str = ""
+    ref: str = ""                    # "FILE#WHERE", as ImageRef.ref
 
 
 @dataclass
@@ -52,6 +54,67 @@ class Reject:
 
     def to_row(self) -> dict:
         return asdict(self)
+
+
+def make_ref(file: str, where: str) -> str:
+    """The `ref` string of a record: "FILE#WHERE" (WHERE never holds '#'; FILE may)."""
+    return f"{file}#{str(where).replace('#', ' ')}"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """Inverse of make_ref: ("FILE", "WHERE")."""
+    file, _, where = ref.rpartition("#")
+    return file, where
+
+
+class RecordRef(NamedTuple):
+    """Which input record a part of an ImageGroup came from: enough to count it as written or to reject it."""
+    source: str
+    kind: str                        # a RecordKind
+    file: str
+    where: str
+
+    def reject(self, reason: str, detail: str = "") -> Reject:
+        return Reject(self.source, self.kind, self.file, self.where, reason, detail)  # type: ignore[arg-type]
+
+
+class Caption(NamedTuple):
+    text: str
+    ref: RecordRef
+
+
+@dataclass
+class ImageGroup:
+    """One image with every annotation of it: one tar sample (or rejects). Built by pipeline/group.py.
+
+    All boxes are [x, y, w, h] in the (ann_width, ann_height) frame (VG boxes of a COCO∩VG image are already
+    rescaled to COCO's frame). `regions` are dicts {"bbox", "text", "kind", "attributes", "ref": RecordRef}.
+    `image_records` are the image listings this sample stands for (two for "coco+vg", more when a release lists
+    an image id twice); with the captions and regions they are every input record the sample accounts for."""
+    key: str                         # tar-safe sample key: "coco-000000000139", "vg-2407890", "sbu-...", "cc-..."
+    source: str                      # "coco", "vg", "sbu", "cc", or "coco+vg" for a merged image
+    source_id: str                   # the primary source's id (COCO's for "coco+vg")
+    image_path: str                  # local path or s3://; "TARPATH#MEMBER" for an image inside a tar
+    ann_width: int | None
+    ann_height: int | None
+    coco_id: int | None = None
+    byte_offset: int | None = None   # as ImageRef: the image's bytes in the tar, when image_path has '#'
+    byte_size: int | None = None
+    captions: list[Caption] = field(default_factory=list)
+    regions: list[dict] = field(default_factory=list)
+    image_records: list[RecordRef] = field(default_factory=list)
+
+    def records(self) -> Iterator[RecordRef]:
+        """Every input record of this sample: image listings, captions, regions and objects."""
+        yield from self.image_records
+        for caption in self.captions:
+            yield caption.ref
+        for region in self.regions:
+            yield region["ref"]
+
+    def reject_all(self, reason: str, detail: str = "") -> list[Reject]:
+        """Rejects for every record of the sample (e.g. when its image is missing or not decodable)."""
+        return [ref.reject(reason, detail) for ref in self.records()]
 
 
 # Reason codes (stable strings: reports group by them).

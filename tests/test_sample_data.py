@@ -348,3 +348,32 @@ def test_cli_writes_summary_and_rejects_bad_input(tmp_path, capsys):
     assert xvlm_main(["sample-data", str(tmp_path / "small"), "--images", "5"]) == 2
     assert "at least 20" in capsys.readouterr().err
     assert (foreign / "thesis.tex").read_text() == "keep me"
+
+
+def test_img2dataset_output_splits_into_shards_with_img2dataset_keys(tmp_path):
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    pictures = [sample_data.make_picture(SEED, index) for index in range(10)]
+    counts = sample_data.write_cc(tmp_path, iter(pictures), len(pictures), SEED, number_sample_per_shard=4)
+    assert counts["shards"] == 3 and counts["rows"] == 10
+    folder = tmp_path / "img2dataset"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"{n:05d}{ext}" for n in range(3) for ext in (".parquet", ".tar", "_stats.json")]
+    keys = [r["key"] for n in range(3) for r in pq.read_table(folder / f"{n:05d}.parquet").to_pylist()]
+    # img2dataset: shard id over 5 digits + index over the digits of number_sample_per_shard - 1.
+    assert keys == ["000000", "000001", "000002", "000003", "000010", "000011", "000012", "000013", "000020", "000021"]
+    tar_keys = [s["__key__"] for s in wds.WebDataset(str(folder / "00001.tar"), shardshuffle=False)]
+    assert set(tar_keys) <= {"000010", "000011", "000012", "000013"} and tar_keys
+    assert sample_data.img2dataset_key(0, 0) == "000000000" and sample_data.img2dataset_key(3, 17) == "000030017"
+
+
+def test_interrupted_img2dataset_shard_leaves_no_tar(tmp_path):
+    def failing():
+        yield sample_data.make_picture(SEED, 0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_data.write_cc(tmp_path, failing(), 5, SEED)
+    folder = tmp_path / "img2dataset"
+    assert not folder.exists() or list(folder.iterdir()) == []

@@ -348,6 +348,13 @@ class Img2datasetShard:
             _tar_member(self._tar, f"{meta['key']}.json", json.dumps(meta, indent=4).encode())
             _tar_member(self._tar, f"{meta['key']}.txt", meta["caption"].encode())
 
+    def abort(self) -> None:
+        """Drop the partial tar (the atomic writer removes its temporary file)."""
+        try:
+            self._tar.close()
+        finally:
+            self._write.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
     def close(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -379,29 +386,34 @@ def write_cc(root: Path, pictures: Iterable[Picture], count: int, seed: int,
     lines = []
     shard: Img2datasetShard | None = None
     shards = 0
-    for row, pic in enumerate(pictures):
-        shard_id, in_shard = divmod(row, number_sample_per_shard)
-        if shard is None or in_shard == 0:
-            if shard is not None:
-                shard.close()
-            shard = Img2datasetShard(root / "img2dataset", shard_id)
-            shards += 1
-        caption = scenes.short_caption(pic.scene, pic.text_rng, "cc")
-        query = "?w=800" if rng.random() < 0.2 else ""
-        url = f"https://images.example.com/photos/{rng.bytes(8).hex()}/{int(rng.integers(10**5, 10**7))}.jpg{query}"
-        lines.append(f"{caption}\t{url}\n")
-        ok = row not in failed
-        w, h = (pic.scene.width, pic.scene.height) if ok else (None, None)
-        meta = {"url": url, "caption": caption,
-                "key": img2dataset_key(shard_id, in_shard, number_sample_per_shard=number_sample_per_shard),
-                "status": "success" if ok else "failed_to_download",
-                "error_message": None if ok else CC_ERRORS[int(rng.integers(len(CC_ERRORS)))],
-                "width": w, "height": h, "original_width": w, "original_height": h,
-                "exif": "{}" if ok else None,
-                "sha256": hashlib.sha256(pic.jpeg).hexdigest() if ok else None}
-        shard.add(meta, pic.jpeg if ok else None)
-        if ok:
-            storage.write_bytes(str(root / "images" / f"{row}.jpg"), pic.jpeg)
+    try:
+        for row, pic in enumerate(pictures):
+            shard_id, in_shard = divmod(row, number_sample_per_shard)
+            if shard is None or in_shard == 0:
+                if shard is not None:
+                    shard.close()
+                shard = Img2datasetShard(root / "img2dataset", shard_id)
+                shards += 1
+            caption = scenes.short_caption(pic.scene, pic.text_rng, "cc")
+            query = "?w=800" if rng.random() < 0.2 else ""
+            url = f"https://images.example.com/photos/{rng.bytes(8).hex()}/{int(rng.integers(10**5, 10**7))}.jpg{query}"
+            lines.append(f"{caption}\t{url}\n")
+            ok = row not in failed
+            w, h = (pic.scene.width, pic.scene.height) if ok else (None, None)
+            meta = {"url": url, "caption": caption,
+                    "key": img2dataset_key(shard_id, in_shard, number_sample_per_shard=number_sample_per_shard),
+                    "status": "success" if ok else "failed_to_download",
+                    "error_message": None if ok else CC_ERRORS[int(rng.integers(len(CC_ERRORS)))],
+                    "width": w, "height": h, "original_width": w, "original_height": h,
+                    "exif": "{}" if ok else None,
+                    "sha256": hashlib.sha256(pic.jpeg).hexdigest() if ok else None}
+            shard.add(meta, pic.jpeg if ok else None)
+            if ok:
+                storage.write_bytes(str(root / "images" / f"{row}.jpg"), pic.jpeg)
+    except BaseException:
+        if shard is not None:
+            shard.abort()
+        raise
     if shard is not None:
         shard.close()
     storage.write_text(str(root / "Train_GCC-training.tsv"), "".join(lines))
@@ -518,6 +530,7 @@ def generate(out_dir: str | os.PathLike, images: int = 1000, seed: int = 0, val_
         },
     }
     _write_json_pretty(out / "sample_data.json", summary)
+    log.info("sample data: %d pictures (seed %d) in %s", total, seed, out)
     # Callers get absolute paths; the file keeps relative ones so the folder can be moved.
     return {**summary, "out": str(out.resolve()),
             "paths": {k: str((out / v).resolve()) for k, v in summary["paths"].items()}}

@@ -25,6 +25,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 110, 190),
     "cyan": (20, 195, 210),
 }
+COLOURS_LIST = tuple(COLOURS)
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 SIZES = ("small", "large")
 TEXTURES = ("striped", "checkered", "noisy", "gradient")
@@ -191,8 +192,6 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return Scene(width, height, texture, tone, _background_colours(rng, tone), objects,
                  texture_seed=int(rng.integers(2**31)))
 
-
-COLOURS_LIST = tuple(COLOURS)
 
 
 def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:

@@ -1,0 +1,414 @@
+"""The shard build job: stage the sources -> group per image -> write shards in Ray tasks -> index, rejects,
+manifest (last).
+
+Shard k holds samples [k*N, (k+1)*N) of the grouped, key-sorted image list, whatever the number of workers or the
+order tasks finish in, so the output is byte-identical from run to run. A finished shard leaves, after its tar,
+`_work/PREFIX-k.json` (+ its index and rejects as parquet); a re-run after a crash skips shards that have both
+and redoes the rest, and the final files are always assembled from `_work`, so a resumed run writes the same
+bytes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.group import count_groups, group_images, iter_groups, load_accounting, reject_files
+from pipeline.images import ImageConfig, ImageReader, ImageReject, annotation_scale, map_box, normalize_image
+from pipeline.records import ImageGroup, RecordRef, Reject
+from pipeline.stage import stage_sources
+from shards import storage
+from shards.errors import XvlmError
+from shards.format import DEFAULT_SHARD_PREFIX, FORMAT_VERSION, shard_name, valid_key
+from shards.manifest import (INDEX_SCHEMA, REJECTS_SCHEMA, Manifest, SourceCounts, manifest_bytes, merge_counts,
+                             table_bytes)
+from shards.format import INDEX_NAME, MANIFEST_NAME, REJECTS_NAME
+from shards.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+WORK_NAME = "_work"
+WORK_VERSION = 1
+GROUP_TARGET_ROWS = 1_000_000   # annotation rows per grouping partition (bounds the group step's memory)
+
+
+@dataclass
+class BuildConfig:
+    """Everything `xvlm build-shards` needs. Only the fields in `fingerprint()` change the output bytes."""
+    sources: dict[str, str]                 # name -> root (local or s3://)
+    out: str                                # local folder or s3://bucket/prefix
+    samples_per_shard: int = 5000
+    image: ImageConfig = field(default_factory=ImageConfig)
+    shard_prefix: str = DEFAULT_SHARD_PREFIX
+    workers: int | None = None              # parallel shard tasks (default: the cluster's CPUs)
+    ray_address: str | None = None          # None: a local Ray started in-process
+    endpoint_url: str | None = None
+    work_dir: str | None = None             # local staging folder (default OUT/_work, or a temp dir for s3://)
+    progress: bool = True
+    command: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise XvlmError(f"--samples-per-shard must be positive, got {self.samples_per_shard}")
+        if not valid_key(self.shard_prefix):
+            raise XvlmError(f"--shard-prefix {self.shard_prefix!r} may only hold letters, digits, '_' and '-'")
+        if self.workers is not None and self.workers < 1:
+            raise XvlmError(f"--workers must be positive, got {self.workers}")
+        if not self.sources:
+            raise XvlmError("no sources given: use --source NAME=PATH (e.g. --source coco=data/sample/coco)")
+
+    def output_config(self) -> dict:
+        """The settings the output depends on (recorded in the manifest, compared on resume)."""
+        return {"sources": dict(sorted(self.sources.items())), "samples_per_shard": self.samples_per_shard,
+                "image": asdict(self.image), "shard_prefix": self.shard_prefix, "format_version": FORMAT_VERSION}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.output_config(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- one sample
+
+
+@dataclass
+class ShardStats:
+    """What one shard task produced, besides the tar."""
+    counts: dict[str, SourceCounts] = field(default_factory=dict)
+    index: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    images: int = 0
+
+    def source(self, name: str) -> SourceCounts:
+        return self.counts.setdefault(name, SourceCounts())
+
+    def reject(self, ref: RecordRef, reason: str, detail: str) -> None:
+        self.rejects.append(ref.reject(reason, detail[:500]).to_row())
+        self.source(ref.source).add_rejected(ref.kind, reason)
+
+    def written(self, ref: RecordRef) -> None:
+        self.source(ref.source).add_written(ref.kind)
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, writer: ShardWriter,
+                 stats: ShardStats) -> None:
+    """One ImageGroup -> one tar sample, or rejects for each of its records; every record is counted once."""
+    stats.images += 1
+    try:
+        if group.byte_offset is not None and group.byte_size is not None and "#" in group.image_path:
+            tar_path = group.image_path.partition("#")[0]
+            data = storage.read_bytes(tar_path, group.byte_offset, group.byte_offset + group.byte_size)
+        else:
+            data = reader.read(group.image_path)
+        stored = normalize_image(data, config)
+        to_real = annotation_scale((group.ann_width, group.ann_height), (stored.source_width, stored.source_height))
+    except FileNotFoundError:
+        for ref in group.records():
+            stats.reject(ref, "missing_image", f"{group.image_path}: no such file")
+        return
+    except ImageReject as err:
+        for ref in group.records():
+            stats.reject(ref, err.reason, f"{group.image_path}: {err.detail}")
+        return
+    scale = (to_real[0] * stored.width / stored.source_width, to_real[1] * stored.height / stored.source_height)
+    size = (stored.width, stored.height)
+    regions, kept = [], []
+    for region in group.regions:
+        result = map_box(region["bbox"], scale, size)
+        if result.bbox is None:
+            stats.reject(region["ref"], result.reason, result.detail)
+            continue
+        if result.clipped:
+            stats.source(region["ref"].source).clipped_boxes += 1
+        regions.append({"bbox": result.bbox, "text": region["text"], "kind": region["kind"],
+                        "attributes": list(region.get("attributes") or [])})
+        kept.append(region["ref"])
+    captions = [c.text for c in group.captions]
+    if not captions and not regions:
+        for ref in group.image_records:
+            stats.reject(ref, "no_annotations", "no caption or box left after the checks")
+        return
+    meta = {"key": group.key, "source": group.source, "source_id": group.source_id, "width": stored.width,
+            "height": stored.height, "captions": captions, "regions": regions}
+    if group.coco_id is not None:
+        meta["coco_id"] = int(group.coco_id)
+    offset = writer.write(group.key, stored.jpeg, meta)
+    for ref in group.image_records:
+        stats.written(ref)
+    for caption in group.captions:
+        stats.written(caption.ref)
+    for ref in kept:
+        stats.written(ref)
+    area = float(stored.width * stored.height)
+    stats.index.append({
+        "key": group.key, "shard": writer.path.rsplit("/", 1)[-1], "offset": offset, "source": group.source,
+        "width": stored.width, "height": stored.height, "jpeg_bytes": len(stored.jpeg),
+        "passthrough": stored.passthrough, "num_captions": len(captions),
+        "num_regions": sum(r["kind"] == "region" for r in regions),
+        "num_objects": sum(r["kind"] == "object" for r in regions),
+        "caption_lengths": [_words(c) for c in captions],
+        "box_area_fractions": [r["bbox"][2] * r["bbox"][3] / area for r in regions],
+    })
+
+
+# ---------------------------------------------------------------------------------------------- one shard
+
+
+def _work_paths(out: str, name: str) -> tuple[str, str, str]:
+    stem = name[: -len(".tar")]
+    base = storage.join(out, WORK_NAME)
+    return (storage.join(base, f"{stem}.json"), storage.join(base, f"{stem}.index.parquet"),
+            storage.join(base, f"{stem}.rejects.parquet"))
+
+
+def write_shard(groups: list[ImageGroup], out: str, name: str, config: ImageConfig, fingerprint: str,
+                endpoint_url: str | None = None) -> int:
+    """Write shard `name` from its groups, then its stats files (the stats JSON last: the shard's done marker).
+    Runs inside a Ray task. Returns the number of images processed."""
+    if endpoint_url:
+        storage.set_endpoint_url(endpoint_url)
+    stats = ShardStats()
+    reader = ImageReader()
+    path = storage.join(out, name)
+    try:
+        with ShardWriter(path) as writer:
+            for group in groups:
+                write_sample(group, reader, config, writer, stats)
+    finally:
+        reader.close()
+    stats_path, index_path, rejects_path = _work_paths(out, name)
+    storage.write_bytes(index_path, table_bytes(stats.index, INDEX_SCHEMA))
+    storage.write_bytes(rejects_path, table_bytes(stats.rejects, REJECTS_SCHEMA))
+    done = {"version": WORK_VERSION, "fingerprint": fingerprint, "shard": asdict(writer.info),
+            "counts": {k: v.to_json() for k, v in sorted(stats.counts.items())}, "images": stats.images}
+    storage.write_text(stats_path, json.dumps(done, sort_keys=True, indent=1) + "\n")
+    return stats.images
+
+
+def shard_done(out: str, name: str, fingerprint: str) -> dict | None:
+    """The stats of a finished shard, or None when it must be (re)written."""
+    stats_path, index_path, rejects_path = _work_paths(out, name)
+    try:
+        done = json.loads(storage.read_bytes(stats_path))
+    except FileNotFoundError:
+        return None
+    if done.get("version") != WORK_VERSION or done.get("fingerprint") != fingerprint:
+        return None
+    tar = storage.join(out, name)
+    if not (storage.exists(tar) and storage.size(tar) == done["shard"]["bytes"]
+            and storage.exists(index_path) and storage.exists(rejects_path)):
+        return None
+    return done
+
+
+def _chunks(groups: Iterable[ImageGroup], size: int) -> Iterator[list[ImageGroup]]:
+    chunk: list[ImageGroup] = []
+    for group in groups:
+        chunk.append(group)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+def init_ray(address: str | None, workers: int | None) -> int:
+    """Connect to a cluster (`address`) or start a local Ray on 127.0.0.1; returns the CPUs available."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False, configure_logging=False)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    shards_written: int
+    shards_skipped: int
+
+
+def _check_work_state(config: BuildConfig) -> None:
+    """OUT/_work/build.json remembers which settings the finished shards were made with."""
+    path = storage.join(config.out, WORK_NAME, "build.json")
+    state = {"version": WORK_VERSION, "fingerprint": config.fingerprint(), "config": config.output_config()}
+    try:
+        old = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        old = None
+    if old is not None and old.get("fingerprint") != state["fingerprint"]:
+        raise XvlmError(f"{config.out} holds a build made with other settings ({old.get('config')}); "
+                        f"use a new --out, or delete {config.out} to rebuild it")
+    if old is None:
+        storage.write_text(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class Grouped:
+    """The grouping step's output as the job uses it."""
+    partitions: list[str]
+    images: int
+    accounting: dict            # pipeline.group.load_accounting
+    reject_files: list[str]     # stage + group rejects (parquet)
+
+
+def _stage_and_group(config: BuildConfig, work_dir: str) -> Grouped:
+    stage = stage_sources(config.sources, work_dir)
+    rows = sum(sum(kinds.values()) for kinds in stage.inputs.values())
+    partitions = group_images(work_dir, max(1, -(-rows // GROUP_TARGET_ROWS)))
+    return Grouped(partitions, sum(count_groups(p) for p in partitions), load_accounting(work_dir),
+                   reject_files(work_dir))
+
+
+def run_build(config: BuildConfig) -> BuildResult:
+    """The whole job. Safe to re-run after a crash: finished shards are kept, the rest redone."""
+    import ray
+
+    if config.endpoint_url:
+        storage.set_endpoint_url(config.endpoint_url)
+    out = config.out.rstrip("/")
+    storage.makedirs(out)
+    aborted = storage.abort_stale_uploads(out + "/")
+    if aborted:
+        log.info("aborted %d unfinished multipart uploads under %s (left by an interrupted run)", aborted, out)
+    _check_work_state(config)
+    temp_work = None
+    if config.work_dir:
+        work_dir = config.work_dir
+    elif storage.is_s3(out):
+        work_dir = temp_work = tempfile.mkdtemp(prefix="xvlm-build-")
+    else:
+        work_dir = os.path.join(out, WORK_NAME)
+    try:
+        grouped = _stage_and_group(config, work_dir)
+        cpus = init_ray(config.ray_address, config.workers)
+        workers = config.workers or cpus
+        fingerprint = config.fingerprint()
+        task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        names: list[str] = []
+        pending: dict = {}
+        written = skipped = 0
+        bar = tqdm(total=grouped.images, desc="writing shards", unit=" img", disable=not config.progress,
+                   smoothing=0.1, mininterval=0.5, dynamic_ncols=True)
+
+        def collect(block: bool) -> None:
+            nonlocal written
+            while pending and (block or len(pending) >= 2 * workers):
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    pending.pop(ref)
+                    bar.update(ray.get(ref))
+                    written += 1
+                if not block:
+                    break
+
+        for number, chunk in enumerate(_chunks(_iter_all_groups(grouped), config.samples_per_shard)):
+            name = shard_name(config.shard_prefix, number)
+            names.append(name)
+            if shard_done(out, name, fingerprint) is not None:
+                skipped += 1
+                bar.update(len(chunk))
+                continue
+            collect(block=False)
+            pending[task.remote(chunk, out, name, config.image, fingerprint, config.endpoint_url)] = name
+        collect(block=True)
+        bar.close()
+        manifest = finish(config, out, names, grouped, fingerprint)
+        return BuildResult(manifest, written, skipped)
+    finally:
+        if temp_work:
+            shutil.rmtree(temp_work, ignore_errors=True)
+
+
+def _iter_all_groups(grouped) -> Iterator[ImageGroup]:
+    for partition in grouped.partitions:
+        yield from iter_groups(partition)
+
+
+def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fingerprint: str) -> Manifest:
+    """Assemble index.parquet and rejects.parquet from _work (bounded memory: one shard at a time), check the
+    accounting against the staged inputs, then write manifest.json last."""
+    early = {}
+    for source, acc in grouped.accounting.items():
+        counts = early[source] = SourceCounts()
+        for kind, reasons in acc["rejected"].items():
+            for reason, n in reasons.items():
+                counts.add_rejected(kind, reason, n)
+    parts: list[dict[str, SourceCounts]] = [early]
+    shards: list[dict] = []
+    with storage.atomic_write(storage.join(out, INDEX_NAME)) as index_file, \
+            storage.atomic_write(storage.join(out, REJECTS_NAME)) as rejects_file:
+        index_writer = pq.ParquetWriter(index_file, INDEX_SCHEMA, compression="zstd")
+        rejects_writer = pq.ParquetWriter(rejects_file, REJECTS_SCHEMA, compression="zstd")
+        for path in grouped.reject_files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+                rejects_writer.write_table(pa.Table.from_batches([batch]).select(REJECTS_SCHEMA.names)
+                                           .cast(REJECTS_SCHEMA))
+        for name in names:
+            done = shard_done(out, name, fingerprint)
+            if done is None:
+                raise XvlmError(f"shard {name} did not finish (its task failed); re-run the same command to redo it")
+            shards.append(done["shard"])
+            parts.append({k: SourceCounts.from_json(v) for k, v in done["counts"].items()})
+            _, index_path, rejects_path = _work_paths(out, name)
+            index_writer.write_table(pq.read_table(pa.BufferReader(storage.read_bytes(index_path))))
+            rejects_writer.write_table(pq.read_table(pa.BufferReader(storage.read_bytes(rejects_path))))
+        index_writer.close()
+        rejects_writer.close()
+    totals = merge_counts(parts)
+    for source, acc in grouped.accounting.items():
+        staged = {k: v for k, v in acc["inputs"].items() if v}
+        counted = {k: v for k, v in totals.setdefault(source, SourceCounts()).inputs.items() if v}
+        if staged != counted:
+            raise RuntimeError(f"accounting error for {source}: {staged} records read but {counted} written + "
+                               f"rejected; the dataset is not committed (no manifest.json)")
+    manifest = Manifest(build={"command": config.command, "config": config.output_config()},
+                        sources=dict(sorted(totals.items())), shards=shards)
+    storage.write_bytes(storage.join(out, MANIFEST_NAME), manifest_bytes(manifest))
+    return manifest
+
+
+def summary_lines(manifest: Manifest) -> list[str]:
+    """The per-source summary printed at the end: inputs = written + rejected, per source."""
+    lines = [f"{'source':<8} {'inputs':>9} {'written':>9} {'rejected':>9}  check  rejected by reason"]
+    for name, counts in manifest.sources.items():
+        inputs, written = sum(counts.inputs.values()), sum(counts.written.values())
+        rejected = sum(sum(r.values()) for r in counts.rejected.values())
+        reasons = Counter()
+        for by_reason in counts.rejected.values():
+            reasons.update(by_reason)
+        ok = "ok" if counts.balanced() and inputs == written + rejected else "MISMATCH"
+        detail = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "-"
+        if counts.clipped_boxes:
+            detail += f"; {counts.clipped_boxes} boxes clipped"
+        lines.append(f"{name:<8} {inputs:>9} {written:>9} {rejected:>9}  {ok:<5}  {detail}")
+    total = manifest.to_json()["totals"]
+    lines.append(f"inputs = written + rejected for every source and record kind; "
+                 f"{total['samples']} samples in {total['shards']} shards ({total['bytes'] / 1e6:.1f} MB)")
+    return lines

@@ -1,0 +1,269 @@
+"""Image normalization for the shards: read the bytes, check them, pass a fitting JPEG through untouched or
+decode -> RGB -> resize -> re-encode, and map the annotation boxes into the stored image's pixel frame.
+
+Works with Pillow and pillow-simd (only APIs both have). Pillow's decompression-bomb and truncated-image
+protections stay on; on top, the header's width*height is checked against `max_pixels` before any decoding.
+EXIF orientation is never applied: annotations were made in the stored pixel frame (see shards/FORMAT.md).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import tarfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from shards import storage
+
+log = logging.getLogger(__name__)
+
+# Pillow >= 9.1 has Image.Resampling; pillow-simd (a 9.x fork) may not.
+_LANCZOS = getattr(getattr(Image, "Resampling", Image), "LANCZOS")
+EXIF_ORIENTATION = 0x0112
+ASPECT_TOLERANCE = 0.02      # relative aspect-ratio difference still treated as "same picture, other size"
+BOX_DECIMALS = 2             # stored boxes are rounded to 1/100 pixel
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How images are stored in the shards."""
+    max_side: int = 512                         # long side of a stored image, in pixels
+    jpeg_quality: int = 90                      # quality of re-encoded JPEGs
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485   # header width*height above this: decompression_bomb
+
+    def __post_init__(self) -> None:
+        if self.max_side < 16:
+            raise ValueError(f"max_side must be >= 16, got {self.max_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+
+
+class ImageReject(Exception):
+    """The image cannot be stored; `reason` is a code from pipeline.records.REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """The bytes that go into KEY.jpg, their size, and the size of the source image they came from."""
+    jpeg: bytes
+    width: int
+    height: int
+    source_width: int
+    source_height: int
+    passthrough: bool
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class ImageReader:
+    """Reads image bytes from local paths, s3:// and `TARPATH#MEMBER`. Tar members are read by streaming the
+    tar forward (works on S3 without random access); asking for members in tar order reads each tar once."""
+
+    def __init__(self) -> None:
+        self._tar_path: str | None = None
+        self._stream = None
+        self._tar: tarfile.TarFile | None = None
+
+    def read(self, path: str) -> bytes:
+        """The file's bytes; raises ImageReject(missing_image / unsafe_tar_member)."""
+        tar_path, hash_sign, member = path.partition("#")
+        if hash_sign and tar_path.endswith(".tar"):
+            return self._read_member(tar_path, member)
+        try:
+            return storage.read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+            raise ImageReject("missing_image", f"no such file ({type(err).__name__})") from None
+
+    def _open_tar(self, tar_path: str) -> None:
+        self.close()
+        try:
+            self._stream = storage.open_read(tar_path)
+        except FileNotFoundError:
+            raise ImageReject("missing_image", f"{tar_path}: no such tar") from None
+        self._tar = tarfile.open(fileobj=self._stream, mode="r|")
+        self._tar_path = tar_path
+
+    def _read_member(self, tar_path: str, member: str) -> bytes:
+        for attempt in range(2):   # continue forward in the open tar, else once more from its start
+            if attempt == 1 or self._tar_path != tar_path:
+                self._open_tar(tar_path)
+            try:
+                for info in self._tar:
+                    if info.name != member:
+                        continue
+                    if not info.isfile() or info.name.startswith("/") or ".." in info.name.split("/"):
+                        raise ImageReject("unsafe_tar_member", f"{tar_path}#{member}: not a safe regular file")
+                    return self._tar.extractfile(info).read()
+            except tarfile.ReadError as err:
+                self.close()
+                raise ImageReject("missing_image", f"{tar_path}: unreadable tar ({err})") from None
+        raise ImageReject("missing_image", f"{tar_path} has no member {member!r}")
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._tar_path = self._stream = self._tar = None
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Open the image lazily (header only) and check its declared size before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageReject("decompression_bomb", str(err)) from None
+    except UnidentifiedImageError:
+        head = data[:16]
+        raise ImageReject("not_an_image", f"{len(data)} bytes starting {head!r}") from None
+    except (OSError, SyntaxError, ValueError) as err:   # corrupt headers raise these from the plugins
+        raise ImageReject("not_an_image", f"unreadable header: {err}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageReject("not_an_image", f"header declares size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageReject("decompression_bomb", f"{width}x{height} = {width * height} pixels > max {max_pixels}")
+    return image
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether the JPEG ends with its EOI marker (a truncated download does not). Pass-through never decodes,
+    so this is what keeps a cut-off file out; anything else takes the decoding path, which checks fully."""
+    return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
+
+
+def _can_pass_through(image: Image.Image, data: bytes, max_side: int) -> bool:
+    if image.format != "JPEG" or image.mode != "RGB" or max(image.size) > max_side:
+        return False
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return False   # re-encoded in the stored frame without the tag, so no reader rotates it
+    return _jpeg_complete(data)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (or 32-bit int) grayscale: scale the full range to 8 bits; a plain convert would clip at 255.
+        values = np.asarray(image).astype(np.int64)
+        top = 65535 if values.max(initial=0) > 255 or mode.startswith("I;16") else 255
+        gray = (np.clip(values, 0, top) * 255 // top).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")   # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _decode(image: Image.Image, target: tuple[int, int] | None) -> Image.Image:
+    """Decode fully; JPEGs that will be shrunk are DCT-downscaled while decoding (never below `target`)."""
+    if target is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+        image.draft(image.mode, target)
+    try:
+        image.load()
+    except OSError as err:
+        if "truncated" in str(err).lower():
+            raise ImageReject("truncated_image", str(err)) from None
+        raise ImageReject("not_an_image", f"cannot decode: {err}") from None
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReject("not_an_image", f"cannot decode: {err}") from None
+    return image
+
+
+def stored_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size after shrinking so the long side is at most max_side (never enlarged)."""
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    scale = max_side / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def normalize_image(data: bytes, config: ImageConfig) -> StoredImage:
+    """Bytes of any image -> the JPEG stored in the shard. Raises ImageReject with the reason code."""
+    image = _open_header(data, config.max_pixels)
+    width, height = image.size
+    if _can_pass_through(image, data, config.max_side):
+        return StoredImage(data, width, height, width, height, passthrough=True)
+    new_size = stored_size(width, height, config.max_side)
+    image = _decode(image, new_size if new_size != (width, height) else None)
+    rgb = _to_rgb(image)
+    if rgb.size != new_size:
+        rgb = rgb.resize(new_size, _LANCZOS)
+    out = io.BytesIO()
+    # No exif=/icc_profile= arguments: the stored JPEG carries no orientation tag (pixels are in stored frame).
+    rgb.save(out, format="JPEG", quality=config.jpeg_quality)
+    return StoredImage(out.getvalue(), new_size[0], new_size[1], width, height, passthrough=False)
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+
+
+def annotation_scale(annotation_size: tuple[int | None, int | None], real_size: tuple[int, int]) -> tuple[float, float]:
+    """Factors from the annotation frame to the real image. Raises ImageReject(image_size_mismatch) when the
+    stated size and the real image disagree in aspect ratio (then the boxes cannot be trusted)."""
+    ann_w, ann_h = annotation_size
+    real_w, real_h = real_size
+    if not ann_w or not ann_h or (ann_w, ann_h) == (real_w, real_h):
+        return 1.0, 1.0
+    if ann_w <= 0 or ann_h <= 0:
+        raise ImageReject("image_size_mismatch", f"annotation size {ann_w}x{ann_h} is not positive")
+    ann_ratio, real_ratio = ann_w / ann_h, real_w / real_h
+    if abs(ann_ratio - real_ratio) / real_ratio > ASPECT_TOLERANCE:
+        raise ImageReject("image_size_mismatch",
+                          f"annotations are for {ann_w}x{ann_h}, the image is {real_w}x{real_h} (other aspect ratio)")
+    return real_w / ann_w, real_h / ann_h
+
+
+@dataclass(frozen=True)
+class BoxResult:
+    """A box in stored pixels, or why it was dropped; `clipped` when part of it lay outside the image."""
+    bbox: list[float] | None
+    reason: str | None = None
+    detail: str = ""
+    clipped: bool = False
+
+
+def map_box(bbox: list[float] | None, scale: tuple[float, float], size: tuple[int, int]) -> BoxResult:
+    """[x, y, w, h] in the annotation frame -> [x, y, w, h] in the stored image, clipped to it."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return BoxResult(None, "bad_box", f"bbox {bbox!r} is not 4 numbers")
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        return BoxResult(None, "bad_box", f"bbox {[x, y, w, h]} has a negative, zero or NaN size")
+    sx, sy = scale
+    width, height = size
+    x0, y0, x1, y1 = x * sx, y * sy, (x + w) * sx, (y + h) * sy
+    cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+    cx0, cy0 = round(cx0, BOX_DECIMALS), round(cy0, BOX_DECIMALS)
+    cw, ch = round(cx1 - cx0, BOX_DECIMALS), round(cy1 - cy0, BOX_DECIMALS)
+    if cw <= 0 or ch <= 0:
+        return BoxResult(None, "box_outside", f"bbox {[x, y, w, h]} lies outside the {width}x{height} image")
+    clipped = x0 < -1e-6 or y0 < -1e-6 or x1 > width + 1e-6 or y1 > height + 1e-6
+    return BoxResult([cx0, cy0, cw, ch], clipped=clipped)

@@ -1,0 +1,216 @@
+"""Conceptual Captions: (a) img2dataset webdataset output — NNNNN.tar + NNNNN.parquet, rows with status success,
+the image inside the tar — or (b) the caption TSV (caption TAB url, no header) + images/ROW.jpg.
+
+The mode follows the folder: .tar / .parquet files in it mean (a), a .tsv means (b). Tars are read as streams,
+member by member, never extracted: a member with an absolute or '..' path, or a link, is rejected as
+`unsafe_tar_member` and its bytes are never used; an image's ImageRef carries its byte range in the tar.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+from pipeline.records import Annotation, ImageRef, Reject, make_ref
+from pipeline.sources import safe_id
+from pipeline.textclean import decode_strict
+from shards import storage
+from shards.errors import XvlmError
+
+log = logging.getLogger(__name__)
+
+NAME = "cc"
+DESCRIPTION = "img2dataset webdataset output (NNNNN.tar + NNNNN.parquet) or Train_GCC-training.tsv + images/ROW.jpg"
+TRAIN_TSV = "Train_GCC-training.tsv"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def sample_key(source_id: str) -> str:
+    # img2dataset keys are 9 digits; TSV rows are padded the same so both sort by number.
+    return f"cc-{source_id.zfill(9)}" if source_id.isdigit() else f"cc-{source_id}"
+
+
+def _rel(path: str, root: str) -> str:
+    return path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
+
+
+# ---------------------------------------------------------------------------------------------- img2dataset
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int
+    size: int
+    unsafe: str | None   # why the member must not be used, or None
+
+
+def _unsafe(info: tarfile.TarInfo) -> str | None:
+    name = info.name
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "absolute path"
+    if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
+        return "'..' in the path"
+    if info.issym() or info.islnk():
+        return f"link to {info.linkname!r:.80}"
+    if not info.isreg():
+        return "not a regular file"
+    return None
+
+
+def scan_tar(path: str) -> tuple[dict[str, Member], list[Member], str | None]:
+    """Every member of a tar, read as a stream: (first member per name, unsafe members, error or None)."""
+    members: dict[str, Member] = {}
+    unsafe: list[Member] = []
+    try:
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if info.isdir() and _unsafe(info) == "not a regular file":
+                    continue  # a plain folder entry holds no data
+                member = Member(info.name, info.offset_data, info.size, _unsafe(info))
+                if member.unsafe:
+                    unsafe.append(member)
+                members.setdefault(info.name, member)
+                tar.members = []  # stream mode keeps every TarInfo otherwise
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return members, unsafe, f"{type(err).__name__}: {err}"
+    return members, unsafe, None
+
+
+def _text_column(table, name: str) -> list[bytes | None]:
+    import pyarrow as pa
+
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    column = table.column(name)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = column.cast(pa.binary() if pa.types.is_string(column.type) else pa.large_binary())
+    return column.to_pylist()
+
+
+def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> Iterator[ImageRef | Annotation | Reject]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rel = _rel(parquet_path, root)
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(parquet_path)))
+    except Exception as err:  # noqa: BLE001 - any unreadable parquet is one counted reject, the rest goes on
+        yield Reject(NAME, "line", rel, "whole file", "malformed_line", f"unreadable parquet: {err}"[:300])
+        return
+    for column in ("key", "status"):
+        if column not in table.column_names:
+            yield Reject(NAME, "line", rel, "whole file", "malformed_line", f"no {column!r} column (not img2dataset output?)")
+            return
+    members, unsafe, error = scan_tar(tar_path) if tar_path else ({}, [], "no tar beside the parquet")
+    tar_rel = _rel(tar_path, root) if tar_path else rel[:-len(".parquet")] + ".tar"
+    if error:
+        yield Reject(NAME, "line", tar_rel, "whole file" if not members else f"after member {len(members)}",
+                     "malformed_line", f"tar not readable to its end: {error}"[:300])
+    keys = _text_column(table, "key")
+    statuses = table.column("status").to_pylist()
+    captions = _text_column(table, "caption")
+    errors = table.column("error_message").to_pylist() if "error_message" in table.column_names else [None] * len(keys)
+    widths = table.column("width").to_pylist() if "width" in table.column_names else [None] * len(keys)
+    heights = table.column("height").to_pylist() if "height" in table.column_names else [None] * len(keys)
+    used: set[str] = set()
+    for row, (raw_key, status, caption, message, width, height) in enumerate(
+            zip(keys, statuses, captions, errors, widths, heights)):
+        key = decode_strict(raw_key) if raw_key is not None else None
+        where = f"row {row}" + (f" key {key}" if key else "")
+        if not key:
+            yield Reject(NAME, "image", rel, where, "malformed_line", "row without a key")
+            if caption is not None:
+                yield Reject(NAME, "caption", rel, where, "no_image_record", "row without a key")
+            continue
+        if status != "success":
+            detail = f"status {status!r}" + (f": {message}" if message else "")
+            yield Reject(NAME, "image", rel, where, "status_not_success", detail[:300])
+            if caption is not None:
+                yield Reject(NAME, "caption", rel, where, "status_not_success", detail[:300])
+            continue
+        source_id = safe_id(key)
+        member = next((members[f"{key}.{ext}"] for ext in IMAGE_EXTENSIONS if f"{key}.{ext}" in members), None)
+        if member is None:
+            yield Reject(NAME, "image", rel, where, "missing_image", f"no {key}.jpg/png/webp in {tar_rel}")
+        elif member.unsafe:
+            used.add(member.name)
+            yield Reject(NAME, "image", rel, where, "unsafe_tar_member", f"{tar_rel}: {member.name!r:.120} is a {member.unsafe}")
+        else:
+            used.add(member.name)
+            # img2dataset writes the stored image's size; pandas makes it float when a shard has failures.
+            ok_size = all(isinstance(v, (int, float)) and v == v and v > 0 and float(v).is_integer()
+                          for v in (width, height))
+            yield ImageRef(NAME, source_id, f"{tar_path}#{member.name}", int(width) if ok_size else None,
+                           int(height) if ok_size else None, ref=make_ref(rel, where),
+                           byte_offset=member.offset, byte_size=member.size)
+        if caption is None:
+            continue  # no caption: the image alone is rejected as no_annotations when grouped
+        text = decode_strict(caption)
+        if text is None:
+            yield Reject(NAME, "caption", rel, where, "invalid_utf8", f"{caption[:120]!r}")
+        else:
+            yield Annotation(NAME, source_id, "caption", text, ref=make_ref(rel, where))
+    # Unsafe members that are no sample's image: counted, never read.
+    for member in unsafe:
+        if member.name not in used:
+            yield Reject(NAME, "line", tar_rel, f"member {member.name}"[:200], "unsafe_tar_member",
+                         f"{member.unsafe}; not read")
+
+
+def _img2dataset(root: str, entries: list[storage.Entry]) -> Iterator[ImageRef | Annotation | Reject]:
+    parquets = {e.path[:-len(".parquet")]: e.path for e in entries if e.path.endswith(".parquet")}
+    tars = {e.path[:-len(".tar")]: e.path for e in entries if e.path.endswith(".tar")}
+    for stem in sorted(set(parquets) | set(tars)):
+        if stem not in parquets:
+            yield Reject(NAME, "line", _rel(tars[stem], root), "whole file", "malformed_line",
+                         "no .parquet beside this tar (img2dataset writes both); its samples are not read")
+            continue
+        yield from _img2dataset_shard(root, parquets[stem], tars.get(stem))
+
+
+# ---------------------------------------------------------------------------------------------- TSV
+
+
+def _tsv_file(entries: list[storage.Entry]) -> str:
+    tsvs = [e.path for e in entries if e.path.endswith(".tsv")]
+    for path in tsvs:
+        if path.rsplit("/", 1)[-1] == TRAIN_TSV:
+            return path
+    if len(tsvs) == 1:
+        return tsvs[0]
+    raise XvlmError(f"several caption TSVs and no {TRAIN_TSV}: {[t.rsplit('/', 1)[-1] for t in tsvs]}; "
+                    f"point cc=PATH at a folder with one TSV and its images/ folder")
+
+
+def _tsv(root: str, tsv_path: str) -> Iterator[ImageRef | Annotation | Reject]:
+    rel = _rel(tsv_path, root)
+    for number, raw in storage.iter_lines(tsv_path):
+        row = number - 1  # images/ROW.jpg counts data rows from 0 (no header)
+        where = f"line {number}"
+        fields = raw.split(b"\t")
+        url = decode_strict(fields[1]).strip() if len(fields) == 2 and decode_strict(fields[1]) is not None else None
+        if len(fields) != 2 or not url or not url.startswith(("http://", "https://")):
+            yield Reject(NAME, "line", rel, where, "malformed_line",
+                         f"expected 'caption<TAB>url', got {len(fields)} field(s): {raw[:120]!r}")
+            continue
+        source_id = str(row)
+        yield ImageRef(NAME, source_id, storage.join(root, "images", f"{row}.jpg"), ref=make_ref(rel, where))
+        text = decode_strict(fields[0])
+        if text is None:
+            yield Reject(NAME, "caption", rel, where, "invalid_utf8", f"{fields[0][:120]!r}")
+        else:
+            yield Annotation(NAME, source_id, "caption", text, ref=make_ref(rel, where))
+
+
+def iter_records(path: str) -> Iterator[ImageRef | Annotation | Reject]:
+    entries = storage.list_files(path, recursive=False)
+    if any(e.path.endswith((".tar", ".parquet")) for e in entries):
+        yield from _img2dataset(path, entries)
+    elif any(e.path.endswith(".tsv") for e in entries):
+        yield from _tsv(path, _tsv_file(entries))
+    else:
+        raise XvlmError(f"{path} holds neither img2dataset output (NNNNN.tar + NNNNN.parquet) nor a caption TSV: "
+                        f"point cc=PATH at one of them (sample data: cc/ for the TSV, cc/img2dataset for webdataset)")

@@ -1,0 +1,140 @@
+"""Image side of a training sample: decode (DCT-scaled when the output is much smaller), crop + resize, flip,
+X-VLM's RandAugment(2, 7), CLIP normalisation to a float32 CHW tensor. Every random draw comes from the numpy
+Generator passed in, so the same generator state gives the same output bytes.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from shards.boxes import Crop
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+FILL = [128, 128, 128]       # X-VLM's replace value for pixels that geometric ops uncover
+
+# X-VLM's op lists: regions get only photometric ops, since geometric ones would move the boxes.
+PHOTOMETRIC_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness")
+GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+IMAGE_TEXT_OPS = PHOTOMETRIC_OPS + GEOMETRIC_OPS
+MAX_LEVEL = 10.0
+
+
+def open_image(data: bytes | Image.Image) -> Image.Image:
+    """A lazily decoded image (header read only); Pillow's decompression-bomb and truncation checks stay on."""
+    if isinstance(data, Image.Image):
+        return data
+    return Image.open(io.BytesIO(data))
+
+
+def _draft_scale(image: Image.Image, crop: Crop, out_w: int, out_h: int) -> int:
+    """Ask the JPEG decoder for 1/2, 1/4 or 1/8 size when the crop still has at least the output size there;
+    returns the factor the decoder took (1 when none)."""
+    if getattr(image, "format", None) != "JPEG":
+        return 1      # draft() only helps JPEG; an already decoded JPEG ignores it (size unchanged -> k = 1)
+    factor = 1
+    while factor < 8 and crop[2] // (factor * 2) >= out_w and crop[3] // (factor * 2) >= out_h:
+        factor *= 2
+    if factor == 1:
+        return 1
+    width, height = image.size
+    image.draft(image.mode if image.mode in ("RGB", "L") else "RGB",
+                (math.ceil(width / factor), math.ceil(height / factor)))
+    # libjpeg scales by 1/k and rounds the size up; recover k from the size it actually produced
+    for k in (8, 4, 2, 1):
+        if image.size == (math.ceil(width / k), math.ceil(height / k)):
+            return k
+    raise RuntimeError(f"unexpected JPEG draft size {image.size} for {width}x{height}")
+
+
+def crop_resize(image: Image.Image, crop: Crop, out_w: int, out_h: int, use_draft: bool = True) -> Image.Image:
+    """The crop (x0, y0, w0, h0 in the image's full-size pixels) resized to out_w x out_h, bicubic, aspect not
+    kept, RGB. With use_draft a large JPEG is decoded at 1/k scale and the crop box mapped exactly by 1/k, so box
+    arithmetic done in full-size pixels stays valid."""
+    k = _draft_scale(image, crop, out_w, out_h) if use_draft else 1
+    rgb = image.convert("RGB")
+    x0, y0, w0, h0 = crop
+    box = (x0 / k, y0 / k, (x0 + w0) / k, (y0 + h0) / k)
+    return rgb.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
+
+
+def hflip(image: Image.Image) -> Image.Image:
+    return F.horizontal_flip(image)
+
+
+def _signed(level: float, rng: np.random.Generator) -> float:
+    return -level if rng.random() > 0.5 else level
+
+
+def _apply_op(image: Image.Image, name: str, magnitude: int, rng: np.random.Generator) -> Image.Image:
+    """One X-VLM RandomAugment op at level `magnitude` of 10 (ALBEF's level-to-argument mappings)."""
+    level = magnitude / MAX_LEVEL
+    if name == "Identity":
+        return image
+    if name == "AutoContrast":
+        return F.autocontrast(image)
+    if name == "Equalize":
+        return F.equalize(image)
+    if name == "Brightness":
+        return F.adjust_brightness(image, level * 1.8 + 0.1)
+    if name == "Sharpness":
+        return F.adjust_sharpness(image, level * 1.8 + 0.1)
+    if name in ("ShearX", "ShearY"):
+        degrees = math.degrees(math.atan(_signed(level * 0.3, rng)))
+        shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
+        return F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
+                        interpolation=InterpolationMode.BILINEAR, fill=FILL)
+    if name in ("TranslateX", "TranslateY"):
+        # X-VLM shifts by up to 10 px at 224; keep that fraction of the side at other resolutions
+        side = image.size[0] if name == "TranslateX" else image.size[1]
+        shift = int(round(_signed(level * 10.0 * side / 224.0, rng)))
+        translate = [shift, 0] if name == "TranslateX" else [0, shift]
+        return F.affine(image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
+                        interpolation=InterpolationMode.NEAREST, fill=FILL)
+    if name == "Rotate":
+        return F.rotate(image, _signed(level * 30.0, rng), interpolation=InterpolationMode.BILINEAR, fill=FILL)
+    raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def rand_augment(image: Image.Image, rng: np.random.Generator, n: int, magnitude: int,
+                 ops: tuple[str, ...] = PHOTOMETRIC_OPS) -> Image.Image:
+    """X-VLM's RandomAugment(N, M): N ops drawn with replacement, each applied with probability 0.5."""
+    if n <= 0:
+        return image
+    for index in rng.integers(0, len(ops), size=n).tolist():
+        if rng.random() > 0.5:
+            continue
+        image = _apply_op(image, ops[index], magnitude, rng)
+    return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """float32 [3, H, W], CLIP mean/std normalised."""
+    tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
+    return F.normalize(tensor, mean=list(CLIP_MEAN), std=list(CLIP_STD))
+
+
+def image_text_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config) -> torch.Tensor:
+    """Image-text pixels: the RandomResizedCrop box resized to R x R, optional mirror, RandAugment with the
+    geometric ops too, normalised."""
+    out = crop_resize(image, crop, config.image_res, config.image_res, config.use_draft)
+    if flipped:
+        out = hflip(out)
+    out = rand_augment(out, rng, config.randaug_n, config.randaug_m, IMAGE_TEXT_OPS)
+    return to_tensor(out)
+
+
+def region_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config) -> torch.Tensor:
+    """Region pixels: the anchor crop resized to R x R (aspect not kept), optional mirror, photometric
+    RandAugment only (boxes must stay where the arithmetic puts them), normalised."""
+    out = crop_resize(image, crop, config.image_res, config.image_res, config.use_draft)
+    if flipped:
+        out = hflip(out)
+    out = rand_augment(out, rng, config.randaug_n, config.randaug_m, PHOTOMETRIC_OPS)
+    return to_tensor(out)

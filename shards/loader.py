@@ -1,0 +1,283 @@
+"""MultiGrainedLoader: image-text and region batches streamed from built shards, split by rank and worker, with
+exact mid-epoch resume.
+
+Each (rank, worker) reads its slice of the epoch plan (shards/plan.py) as a chain of small stages: slots of the
+slice in block-shuffled order -> raw tar samples (shards/tar_stream.py, seeking by index byte offsets) -> one
+built sample per slot (shards/samples.py, randomness from (seed, epoch, global position) only) -> batches
+(shards/collate.py). A worker's whole position is (batches done, next slot, skip counters); every batch carries
+it back to the main process, so `state_dict()` holds exactly what was handed to the trainer, and a restored
+loader re-reads only the unconsumed samples of the current shuffle block — nothing already consumed is decoded.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards import collate, samples, text
+from shards.dataset import Dataset, ShardIndex, open_datasets
+from shards.errors import XvlmError
+from shards.loader_config import LoaderConfig
+from shards.plan import TAG_BLOCK, TAG_SAMPLE, EpochPlan, build_plan, rng_for
+from shards.tar_stream import RawSample, Skipped, iter_range
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+LOG_EVERY_S = 30.0        # skip counters are logged at most this often (plus the first skip at once)
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator of one sample: a function of (seed, epoch, global sample position) only."""
+    return rng_for(seed, epoch, TAG_SAMPLE, position & 0xFFFFFFFF, position >> 32)
+
+
+# ------------------------------------------------------------------------------------------ slot stream
+
+
+class SlotReader:
+    """The samples of one slice in block-shuffled order, from slot `start` on. Slot s lies in pass s // L of the
+    slice (a worker that skipped many samples wraps into a second pass rather than yield fewer batches); each
+    block of `shuffle_buffer` consecutive slice positions is read once, then emitted in a seeded permutation."""
+
+    def __init__(self, datasets: list[Dataset], plan: EpochPlan, slice_id: int, config: LoaderConfig):
+        self.datasets, self.plan, self.slice_id, self.config = datasets, plan, slice_id, config
+        self.block = max(1, config.shuffle_buffer)
+
+    def global_position(self, pass_: int, position: int) -> int:
+        return pass_ * self.plan.total + self.slice_id * self.plan.slice_len + position
+
+    def iter_from(self, slot: int) -> Iterator[tuple[int, int, RawSample | Skipped, ShardIndex]]:
+        """(slot, global position, raw sample or skip, its shard) for slots slot, slot+1, ... (endless)."""
+        length = self.plan.slice_len
+        while True:
+            pass_, q = divmod(slot, length)
+            begin = (q // self.block) * self.block
+            end = min(length, begin + self.block)
+            perm = begin + rng_for(self.config.seed, self.plan.epoch, TAG_BLOCK, self.slice_id, pass_,
+                                   begin // self.block).permutation(end - begin)
+            items = self._read(begin, end, set(perm[q - begin:].tolist()))
+            for k in range(q - begin, end - begin):
+                position = int(perm[k])
+                item, shard = items.pop(position)
+                yield slot, self.global_position(pass_, position), item, shard
+                slot += 1
+
+    def _read(self, begin: int, end: int, needed: set[int]) -> dict[int, tuple[RawSample | Skipped, ShardIndex]]:
+        """Raw samples at the needed slice positions in [begin, end), read in tar order."""
+        out = {}
+        for piece, first, count, position in self.plan.locate(self.slice_id, begin, end):
+            shard = self.datasets[piece.dataset].shards[piece.shard]
+            want = {first + p - position for p in needed if position <= p < position + count}
+            if not want:
+                continue
+            for item in iter_range(shard, first, count, needed=want):
+                out[position + item.index - first] = (item, shard)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPlan, rank: int, worker: int,
+                   workers: int, state: dict) -> Iterator[dict[str, Any]]:
+    """The batches of one logical worker from `state` to the end of the epoch; each carries the worker's state
+    after it under "_worker_state"."""
+    slice_id = rank * workers + worker
+    reader = SlotReader(datasets, plan, slice_id, config)
+    batch_index, slot = int(state["batch"]), int(state["slot"])
+    skips = Counter(state.get("skips", {}))
+    wrapped = int(state.get("wrapped", 0))
+    stream = reader.iter_from(slot)
+    for i in range(batch_index, plan.batches_per_worker):
+        region = bool(plan.kinds[i * workers + worker])
+        built: list[dict[str, Any]] = []
+        rows = 0
+        while True:
+            slot, position, item, shard = next(stream)
+            slot += 1
+            if slot > plan.slice_len:
+                wrapped += 1
+            if isinstance(item, Skipped):
+                skips[item.reason] += 1
+                continue
+            # The index says what a sample has: skip the ones unfit for this batch kind without decoding them.
+            if region and not shard.has_region[item.index]:
+                skips["no_region"] += 1
+                continue
+            if not region and not shard.has_caption[item.index]:
+                skips["no_caption"] += 1
+                continue
+            rng = sample_rng(config.seed, plan.epoch, position)
+            build = samples.region_sample if region else samples.image_text_sample
+            try:
+                sample = build(item.files["jpg"], item.files["json"], rng, config)
+            except samples.SkipSample as err:
+                skips[err.reason] += 1
+                continue
+            if not region:
+                built.append(sample)
+                if len(built) == config.image_text_batch_size:
+                    break
+                continue
+            take = min(collate.region_rows(sample), config.region_batch_size - rows)
+            if take < collate.region_rows(sample):
+                sample = collate.take_rows(sample, 0, take)
+            built.append(sample)
+            rows += take
+            if rows == config.region_batch_size or len(built) == config.region_max_images:
+                break
+        batch = collate.collate_region(built) if region else collate.collate_image_text(built)
+        batch["_worker_state"] = (worker, {"batch": i + 1, "slot": slot, "skips": dict(skips), "wrapped": wrapped})
+        yield batch
+
+
+class _EpochBatches(IterableDataset):
+    """What the DataLoader iterates: DataLoader worker k serves logical worker (k + rotation) % workers, so that a
+    resumed epoch continues the round-robin at the worker whose turn it is."""
+
+    def __init__(self, datasets: list[Dataset], config: LoaderConfig, plan: EpochPlan, rank: int, workers: int,
+                 states: list[dict], rotation: int):
+        self.datasets, self.config, self.plan, self.rank = datasets, config, plan, rank
+        self.workers, self.states, self.rotation = workers, states, rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None:
+            torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
+        worker = ((info.id if info is not None else 0) + self.rotation) % self.workers
+        return worker_batches(self.datasets, self.config, self.plan, self.rank, worker, self.workers,
+                              self.states[worker])
+
+
+# ------------------------------------------------------------------------------------------ the loader
+
+
+def _fresh_state() -> dict:
+    return {"batch": 0, "slot": 0, "skips": {}, "wrapped": 0}
+
+
+class MultiGrainedLoader:
+    """`for batch in loader:` yields one epoch of batches (dicts per docs/batches.md, plus batch["skips"]: skip
+    counters of this rank's epoch so far, summed over workers); the next `for` runs the next epoch.
+
+    Every rank yields exactly `len(loader)` batches per epoch, and batch j has the same kind on every rank.
+    `state_dict()` / `load_state_dict()` resume mid-epoch exactly (same world size and num_workers)."""
+
+    def __init__(self, datasets: Sequence[str | Dataset], config: LoaderConfig, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise XvlmError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
+        self.datasets = [d if isinstance(d, Dataset) else None for d in datasets]
+        paths = [d for d in datasets if not isinstance(d, Dataset)]
+        opened = iter(open_datasets(paths)) if paths else iter(())
+        self.datasets = [d if d is not None else next(opened) for d in self.datasets]
+        if not self.datasets:
+            raise XvlmError("MultiGrainedLoader needs at least one dataset")
+        text.load_vocab(config.tokenizer)  # a missing tokenizer fails here, not in a worker mid-epoch
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.workers = max(1, config.num_workers)
+        self.epoch = 0
+        self._states = [_fresh_state() for _ in range(self.workers)]
+        self._done = 0                   # batches of the current epoch handed out
+        self._plans: dict[int, EpochPlan] = {}
+        self._last_log = 0.0
+        self._logged_skips = 0
+
+    # -- plan and sizes
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._plans:
+            self._plans = {epoch: build_plan(self.datasets, self.config, epoch, self.world_size, self.workers)}
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self.plan().batches_per_worker * self.workers
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its beginning at the next iteration."""
+        self.epoch, self._done = int(epoch), 0
+        self._states = [_fresh_state() for _ in range(self.workers)]
+
+    # -- iteration
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._done >= len(self):       # the previous epoch was consumed to its last batch
+            self.set_epoch(self.epoch + 1)
+        plan = self.plan()
+        dataset = _EpochBatches(self.datasets, self.config, plan, self.rank, self.workers,
+                                [dict(s) for s in self._states], rotation=self._done % self.workers)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.config.num_workers,
+                            persistent_workers=False)
+        for batch in loader:
+            worker, state = batch.pop("_worker_state")
+            self._states[worker] = state
+            self._done += 1
+            batch["skips"] = self.skips()
+            self._log_skips(batch["skips"])
+            yield batch
+        if self._done >= len(self):
+            self.set_epoch(self.epoch + 1)
+
+    def skips(self) -> dict[str, int]:
+        """Skipped samples by reason in this rank's current epoch, summed over workers."""
+        total: Counter = Counter()
+        for state in self._states:
+            total.update(state["skips"])
+        return dict(sorted(total.items()))
+
+    def stats(self) -> dict[str, Any]:
+        plan = self.plan()
+        return {"epoch": self.epoch, "batches_done": self._done, "batches_per_epoch": len(self),
+                "skips": self.skips(), "wrapped_samples": sum(s["wrapped"] for s in self._states),
+                "samples_per_worker": plan.slice_len, "dropped_per_epoch": plan.dropped}
+
+    def _log_skips(self, skips: dict[str, int]) -> None:
+        n = sum(skips.values())
+        now = time.monotonic()
+        if n > self._logged_skips and (self._logged_skips == 0 or now - self._last_log >= LOG_EVERY_S):
+            log.warning("rank %d epoch %d: %d samples skipped so far (%s)", self.rank, self.epoch, n,
+                        ", ".join(f"{k}={v}" for k, v in skips.items()))
+            self._last_log, self._logged_skips = now, n
+
+    # -- resume
+
+    def _fingerprints(self) -> list[str]:
+        return [d.fingerprint for d in self.datasets]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out: plain ints, strings and dicts (JSON-able)."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self._done,
+                "world_size": self.world_size, "rank": self.rank, "num_workers": self.workers,
+                "seed": self.config.seed, "datasets": self._fingerprints(),
+                "workers": [dict(s) for s in self._states]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise XvlmError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state["world_size"] != self.world_size:
+            raise XvlmError(
+                f"the loader state was saved with world_size {state['world_size']}, this run has "
+                f"{self.world_size}: exact resume needs the same world size (each rank's slice of the epoch "
+                f"depends on it). Resume with {state['world_size']} ranks, or call set_epoch(epoch + 1) to start "
+                f"the next epoch fresh with the new world size.")
+        if state["num_workers"] != self.workers:
+            raise XvlmError(f"the loader state was saved with {state['num_workers']} worker slice(s) per rank, this "
+                            f"loader has {self.workers}: resume with num_workers={state['num_workers']}")
+        if state["seed"] != self.config.seed:
+            raise XvlmError(f"the loader state was saved with seed {state['seed']}, the config has "
+                            f"{self.config.seed}")
+        if state["datasets"] != self._fingerprints():
+            raise XvlmError("the loader state was saved for other datasets (shard lists or contents differ); "
+                            "resume with the same datasets in the same order")
+        if state["rank"] != self.rank:
+            log.warning("loader state of rank %d loaded on rank %d; positions are per rank", state["rank"], self.rank)
+        self.epoch = int(state["epoch"])
+        self._done = int(state["batches_done"])
+        self._states = [dict(s) for s in state["workers"]]

@@ -1,0 +1,211 @@
+"""Build one training sample from a shard sample (image + KEY.json): an image-text sample (one caption drawn), or a
+region sample (anchor crop, whole-image caption row + box rows with targets and patch masks). Pure functions of
+(image, json, rng, config): the same generator state gives the same tensors.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shards import augment, boxes, text
+from shards.loader_config import LoaderConfig
+
+# Errors Pillow raises for bytes it cannot decode (truncated, not an image, too many pixels).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+TEXT_FIELDS = ("text_ids", "text_atts", "text_ids_masked", "masked_pos", "masked_ids")
+
+
+class SkipSample(Exception):
+    """This shard sample cannot give a training sample; `reason` is a short code for the skip counters:
+    no_caption, no_region, corrupt_image, size_mismatch, bad_json."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Row:
+    """One text of a region sample, before tokenizing: its pre_caption'd text and its box in the source image
+    (None for the whole-image caption)."""
+    text: str
+    box: boxes.Box | None
+
+
+# ---------------------------------------------------------------- shard json
+
+def parse_meta(meta: dict | bytes | str) -> dict:
+    """The KEY.json of a shard sample as a dict."""
+    if isinstance(meta, dict):
+        return meta
+    try:
+        parsed = json.loads(meta)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SkipSample("bad_json", str(exc)) from exc
+    if not isinstance(parsed, dict):
+        raise SkipSample("bad_json", f"expected an object, got {type(parsed).__name__}")
+    return parsed
+
+
+def region_text(region: dict) -> str:
+    """A region's raw text; objects get their attributes in front ("white backpack"), once each."""
+    name = str(region.get("text") or "")
+    if region.get("kind") != "object":
+        return name
+    present = set(name.lower().split())
+    attributes: list[str] = []
+    for attr in region.get("attributes") or []:
+        attr = str(attr).strip()
+        if attr and attr.lower() not in present:
+            attributes.append(attr)
+            present.add(attr.lower())
+    return " ".join(attributes + [name])
+
+
+def usable_box(bbox: Any, width: int, height: int) -> boxes.Box | None:
+    """The bbox clipped to the image; None when malformed, empty or outside."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        return None
+    return boxes.intersection((x, y, w, h), (0, 0, width, height))
+
+
+def _captions(meta: dict, config: LoaderConfig) -> list[str]:
+    out = []
+    for caption in meta.get("captions") or []:
+        try:
+            out.append(text.pre_caption(str(caption), config.max_words))
+        except text.EmptyText:
+            continue
+    return out
+
+
+def _open_checked(image: bytes | Image.Image, meta: dict) -> Image.Image:
+    try:
+        opened = augment.open_image(image)
+    except DECODE_ERRORS as exc:
+        raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+    want = (meta.get("width"), meta.get("height"))
+    if None not in want and tuple(opened.size) != (int(want[0]), int(want[1])):
+        raise SkipSample("size_mismatch", f"image is {opened.size[0]}x{opened.size[1]}, json says {want[0]}x{want[1]}")
+    return opened
+
+
+def _pixels(view, opened: Image.Image, crop: boxes.Crop, flipped: bool, rng: np.random.Generator,
+            config: LoaderConfig) -> torch.Tensor:
+    try:
+        return view(opened, crop, flipped, rng, config)
+    except DECODE_ERRORS as exc:
+        raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _encode_rows(texts: list[str], rng: np.random.Generator, config: LoaderConfig) -> dict[str, torch.Tensor]:
+    vocab = text.load_vocab(config.tokenizer)
+    encoded = [text.encode_with(t, vocab, rng, config) for t in texts]
+    return {name: torch.from_numpy(np.stack([getattr(e, name) for e in encoded])) for name in TEXT_FIELDS}
+
+
+# ---------------------------------------------------------------- image-text
+
+def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.random.Generator,
+                      config: LoaderConfig) -> dict[str, Any]:
+    """One image-text sample: a caption drawn at random, RandomResizedCrop + flip (left/right words swapped) +
+    RandAugment. Text fields are 1-D ([T], [M]); `image` is float32 [3, R, R]. Raises SkipSample."""
+    meta = parse_meta(meta)
+    captions = _captions(meta, config)
+    if not captions:
+        raise SkipSample("no_caption", f"sample {meta.get('key')!r} has no caption left after pre_caption")
+    caption = captions[int(rng.integers(len(captions)))]
+    opened = _open_checked(image, meta)
+    width, height = opened.size
+    crop = boxes.random_resized_crop(width, height, rng, config.crop_scale, config.crop_ratio)
+    flipped = bool(rng.random() < config.hflip_prob)
+    if flipped and config.swap_left_right:
+        caption = text.swap_left_right(caption)
+    pixels = _pixels(augment.image_text_view, opened, crop, flipped, rng, config)
+    rows = _encode_rows([caption], rng, config)
+    return {"kind": "image_text", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
+            "image": pixels, **{name: value[0] for name, value in rows.items()},
+            "text": caption, "crop": crop, "flipped": flipped}
+
+
+# ---------------------------------------------------------------- region-text
+
+def _region_rows(meta: dict, width: int, height: int, config: LoaderConfig) -> tuple[list[Row], int]:
+    """Usable box rows (text pre_caption'd, box clipped to the image) and the count of unusable ones."""
+    rows, unusable = [], 0
+    for region in meta.get("regions") or []:
+        box = usable_box(region.get("bbox"), width, height)
+        try:
+            phrase = text.pre_caption(region_text(region), config.max_words)
+        except text.EmptyText:
+            phrase = None
+        if box is None or phrase is None:
+            unusable += 1
+            continue
+        rows.append(Row(phrase, box))
+    return rows, unusable
+
+
+def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.random.Generator,
+                  config: LoaderConfig) -> dict[str, Any]:
+    """One region sample: a random anchor box, a random crop containing it, flip, resize to R x R; rows = the
+    whole-image caption first (when there is one), then the anchor, then other boxes more than
+    min_region_inside inside the crop, in random order, up to max_regions rows. Row fields are [K, ...];
+    `image` is float32 [3, R, R]. Raises SkipSample."""
+    meta = parse_meta(meta)
+    opened = _open_checked(image, meta)
+    width, height = opened.size
+    candidates, unusable = _region_rows(meta, width, height, config)
+    if not candidates:
+        raise SkipSample("no_region", f"sample {meta.get('key')!r} has no usable box with text")
+    captions = _captions(meta, config)
+
+    anchor_index = int(rng.integers(len(candidates)))
+    crop = boxes.anchor_crop(candidates[anchor_index].box, width, height, rng)
+    flipped = bool(rng.random() < config.hflip_prob)
+
+    rows: list[Row] = []
+    if captions:
+        rows.append(Row(captions[int(rng.integers(len(captions)))], None))
+    others = [i for i in rng.permutation(len(candidates)).tolist() if i != anchor_index]
+    for index in [anchor_index] + others:
+        if len(rows) >= config.max_regions:
+            break
+        row = candidates[index]
+        if index == anchor_index or boxes.inside_fraction(row.box, crop) > config.min_region_inside:
+            rows.append(row)
+
+    res, grid = config.image_res, config.grid
+    targets, masks, is_image, texts = [], [], [], []
+    for row in rows:
+        phrase = text.swap_left_right(row.text) if flipped and config.swap_left_right else row.text
+        texts.append(phrase)
+        if row.box is None:
+            targets.append([0.5, 0.5, 1.0, 1.0])
+            masks.append(np.ones(grid * grid, np.float32))
+            is_image.append(True)
+            continue
+        out_box = boxes.box_in_output(row.box, crop, flipped, res, res)
+        targets.append(boxes.target_bbox(out_box, res))
+        masks.append(boxes.patch_mask(out_box, res, grid))
+        is_image.append(False)
+
+    pixels = _pixels(augment.region_view, opened, crop, flipped, rng, config)
+    encoded = _encode_rows(texts, rng, config)
+    return {"kind": "region", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
+            "image": pixels, **encoded,
+            "patch_mask": torch.from_numpy(np.stack(masks)),
+            "target_bbox": torch.tensor(targets, dtype=torch.float32),
+            "is_image": torch.tensor(is_image, dtype=torch.bool),
+            "texts": texts, "crop": crop, "flipped": flipped, "unusable_regions": unusable}

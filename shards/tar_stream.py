@@ -1,0 +1,167 @@
+"""Read a range of samples of one tar shard from a byte stream, one result per planned sample.
+
+The stream starts at the first sample's byte offset from index.parquet and stops at the end of the last one, so
+resuming mid-shard reads nothing before it. Every planned sample yields exactly one `RawSample` or one `Skipped`
+(corrupt or unsafe members, a truncated shard): damage never stops the stream, because the reader reopens at
+the next sample's indexed offset, and the loader's bookkeeping stays one-to-one with the plan.
+"""
+from __future__ import annotations
+
+import logging
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+from shards import storage
+from shards.dataset import ShardIndex
+from shards.format import MEMBER_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+# Skip reasons (stable strings; the loader's counters use them).
+CORRUPT = "corrupt_sample"        # bad tar header / member data, missing jpg or json, unreadable content
+TRUNCATED = "truncated_shard"     # the shard ends before this sample
+UNSAFE = "unsafe_member"          # absolute or '..' member name, a link or another non-regular member
+READ_ERROR = "read_error"         # storage kept failing after its retries
+
+
+@dataclass
+class RawSample:
+    """The undecoded members of one sample: files maps extension ('jpg', 'json', 'txt') to bytes."""
+    index: int                    # sample number within the shard
+    key: str
+    files: dict[str, bytes]
+
+
+@dataclass
+class Skipped:
+    index: int
+    key: str
+    reason: str
+    detail: str = ""
+
+
+def _unsafe(info: tarfile.TarInfo) -> str:
+    """Why a member must not be read, or '' when it is a plain file with a safe relative name."""
+    name = info.name
+    if not info.isreg():
+        return f"{name!r} is not a regular file (type {info.type!r})"
+    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
+        return f"member name {name!r} is absolute or contains '..'"
+    return ""
+
+
+def iter_range(shard: ShardIndex, start: int, count: int, needed: set[int] | None = None,
+               open_read=storage.open_read) -> Iterator[RawSample | Skipped]:
+    """Samples start .. start+count-1 of `shard`, in tar order. With `needed`, only those sample numbers are
+    yielded (others are read past without being returned). Never raises for damaged data."""
+    stop = start + count
+    pos = start
+    size_checked = False
+    while pos < stop:
+        if needed is not None:
+            while pos < stop and pos not in needed:
+                pos += 1
+            if pos >= stop:
+                return
+        last = stop - 1
+        if needed is not None:
+            last = max(i for i in needed if pos <= i < stop)
+        failure = ""
+        try:
+            with open_read(shard.path, start=int(shard.offsets[pos]), end=shard.end_offset(last)) as stream:
+                for item in _iter_stream(shard, stream, pos, last + 1):
+                    if isinstance(item, int):  # the stream broke inside sample `item`
+                        pos = item
+                        break
+                    if needed is None or item.index in needed:
+                        yield item
+                    pos = item.index + 1
+                else:
+                    pos = last + 1
+                    continue
+        except FileNotFoundError as err:
+            for i in range(pos, stop):
+                if needed is None or i in needed:
+                    yield Skipped(i, shard.keys[i], TRUNCATED, f"shard missing: {err}")
+            return
+        except Exception as err:  # noqa: BLE001 - storage errors after retries: skip, counted, go on
+            failure = f"{type(err).__name__}: {err}"
+        if pos >= stop:
+            return
+        # The stream broke at sample `pos`: is the shard shorter than the manifest says (truncated)?
+        if not size_checked:
+            size_checked = True
+            try:
+                actual = storage.size(shard.path)
+            except Exception:  # noqa: BLE001 - cannot tell; treat as one corrupt sample
+                actual = shard.bytes
+            if actual < shard.bytes:
+                for i in range(pos, stop):
+                    if shard.end_offset(i) > actual and (needed is None or i in needed):
+                        yield Skipped(i, shard.keys[i], TRUNCATED,
+                                      f"{shard.name} has {actual} of {shard.bytes} bytes")
+                stop = min(stop, next((i for i in range(pos, stop) if shard.end_offset(i) > actual), stop))
+                if pos >= stop:
+                    return
+        if needed is None or pos in needed:
+            yield Skipped(pos, shard.keys[pos], READ_ERROR if failure else CORRUPT,
+                          failure or f"unreadable tar data at byte {int(shard.offsets[pos])} of {shard.name}")
+        pos += 1  # reopen at the next sample's indexed offset
+
+
+def _iter_stream(shard: ShardIndex, stream, first: int, stop: int) -> Iterator[RawSample | Skipped | int]:
+    """Samples first..stop-1 from a stream positioned at sample `first`. Yields an int, the number of the
+    damaged sample, when the tar data breaks; the caller skips it and reopens at the next one."""
+    pos = first
+    files: dict[str, bytes] = {}
+    unsafe = ""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")
+    except (tarfile.TarError, EOFError, OSError):
+        yield pos
+        return
+
+    def finish() -> RawSample | Skipped:
+        key = shard.keys[pos]
+        if unsafe:
+            return Skipped(pos, key, UNSAFE, unsafe)
+        if "jpg" not in files or "json" not in files:
+            return Skipped(pos, key, CORRUPT, f"members {sorted(files)} (need jpg and json)")
+        return RawSample(pos, key, dict(files))
+
+    try:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if key != shard.keys[pos]:
+                if not files and not unsafe:
+                    # a member of an unexpected sample before any of the expected one: the data is off
+                    yield pos
+                    return
+                yield finish()
+                pos += 1
+                files, unsafe = {}, ""
+                if pos >= stop or key != shard.keys[pos]:
+                    if pos < stop:
+                        yield pos
+                    return
+            why = _unsafe(info)
+            if why:
+                unsafe = unsafe or why
+                continue
+            member = tar.extractfile(info)
+            files[ext] = member.read() if member is not None else b""
+            if len(files[ext]) != info.size:
+                raise EOFError(f"member {info.name} cut short")
+        # The archive ended: a sample is complete only with all its members (the last one of the range ends
+        # the stream normally; anything else means the data broke at `pos`).
+        if pos < stop and not unsafe and set(MEMBER_EXTENSIONS) <= set(files):
+            yield finish()
+            pos += 1
+        elif pos < stop and unsafe:
+            yield finish()
+            pos += 1
+        if pos < stop:
+            yield pos
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        yield pos

@@ -1,0 +1,201 @@
+"""Text side of a training sample, as X-VLM does it: pre_caption, left/right swap for flips, WordPiece ids with
+[CLS] and padding, and whole-word MLM masking with 2-3 token spans — every random draw from a numpy Generator.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from shards.errors import XvlmError
+
+IGNORE_INDEX = -100          # masked_ids padding, ignored by cross-entropy
+PAD_ID = 0                   # BERT's [PAD]; docs/batches.md fixes padding to 0
+
+
+class EmptyText(ValueError):
+    """pre_caption left nothing of a text (X-VLM drops such samples; our callers count a skip)."""
+
+
+# ---------------------------------------------------------------- pre_caption
+
+_PUNCT = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACES = re.compile(r"\s+")
+
+
+def pre_caption(text: str, max_words: int) -> str:
+    """X-VLM's pre_caption: lowercase, punctuation , . ' ! ? " ( ) * # : ; ~ and - / become spaces, whitespace
+    collapsed, at most `max_words` words. Raises EmptyText when nothing is left."""
+    caption = _PUNCT.sub(" ", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    words = _SPACES.sub(" ", caption).strip().split(" ")
+    caption = " ".join(words[:max_words])
+    if not caption:
+        raise EmptyText(f"text is empty after pre_caption: {text[:80]!r}")
+    return caption
+
+
+# ---------------------------------------------------------------- left/right swap
+
+_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost",
+         "lefthand": "righthand", "righthand": "lefthand"}
+_SWAP_RE = re.compile(r"\b(" + "|".join(sorted(_SWAP, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+
+
+def _swap_word(match: re.Match) -> str:
+    word = match.group(0)
+    out = _SWAP[word.lower()]
+    if word.isupper():
+        return out.upper()
+    return out.capitalize() if word[0].isupper() else out
+
+
+def swap_left_right(text: str) -> str:
+    """The text as seen in the mirrored image: whole words left<->right, leftmost<->rightmost ("left-hand" and
+    "top-left" follow, since '-' is a word boundary). Words merely containing them ("leftover") are kept."""
+    return _SWAP_RE.sub(_swap_word, text)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+@dataclass(frozen=True)
+class Vocab:
+    """The tokenizer plus the per-id tables masking needs."""
+    tokenizer: object
+    cls_id: int
+    mask_id: int
+    continuation: np.ndarray     # bool [vocab]: the piece is a "##" continuation of the previous word
+    random_ids: np.ndarray       # ids the 10% "random token" case draws from (no special tokens)
+
+
+@functools.lru_cache(maxsize=4)
+def load_vocab(folder: str) -> Vocab:
+    """Load a local BERT WordPiece tokenizer folder (never the network) and its masking tables; cached."""
+    if not folder or not os.path.isdir(folder):
+        raise XvlmError(f"tokenizer folder {folder!r} does not exist; set the loader's `tokenizer` to a local "
+                        "BERT tokenizer folder (vocab.txt or tokenizer.json), e.g. OUT/tokenizer of xvlm sample-data")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.txt", "tokenizer.json")):
+        raise XvlmError(f"tokenizer folder {folder!r} holds neither vocab.txt nor tokenizer.json; point the "
+                        "loader's `tokenizer` at a BERT WordPiece tokenizer folder")
+    from transformers import BertTokenizerFast
+    try:
+        tok = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise XvlmError(f"cannot load a BERT tokenizer from {folder!r}: {exc}") from exc
+    if tok.cls_token_id is None or tok.mask_token_id is None:
+        raise XvlmError(f"tokenizer in {folder!r} has no [CLS] or [MASK] token")
+    if tok.pad_token_id not in (None, PAD_ID):
+        raise XvlmError(f"tokenizer in {folder!r} pads with id {tok.pad_token_id}; the batch layout needs 0")
+    size = len(tok)
+    pieces = tok.convert_ids_to_tokens(list(range(size)))
+    continuation = np.array([p is not None and p.startswith("##") for p in pieces], dtype=bool)
+    special = set(tok.all_special_ids)
+    random_ids = np.array([i for i in range(size) if i not in special], dtype=np.int64)
+    return Vocab(tok, int(tok.cls_token_id), int(tok.mask_token_id), continuation, random_ids)
+
+
+def token_ids(text: str, vocab: Vocab, max_tokens: int) -> list[int]:
+    """[CLS] + the first max_tokens-1 WordPiece ids of an already pre_caption'd text (no [SEP])."""
+    ids = vocab.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise EmptyText(f"text has no WordPiece tokens: {text[:80]!r}")
+    return [vocab.cls_id] + list(ids[: max_tokens - 1])
+
+
+# ---------------------------------------------------------------- masking
+
+def choose_masked_positions(ids: list[int], vocab: Vocab, rng: np.random.Generator, *, mask_prob: float,
+                            max_masks: int, skipgram_prb: float, skipgram_size: int) -> list[int]:
+    """X-VLM's TextMaskingGenerator position choice: n = min(max_masks, max(1, round(mask_prob * len))) with len
+    counting [CLS]; candidates in random order; with probability skipgram_prb a span of 2..skipgram_size tokens,
+    widened to whole words. Unlike the official code (which overshoots n, then cuts at random and so can split a
+    word), a span is shortened to the whole words that still fit; only a text whose every word is longer than n
+    gets a partial word (its first n pieces). Returns sorted positions; [CLS] (position 0) never."""
+    length = len(ids)
+    n_pred = min(max_masks, max(1, int(round(length * mask_prob))))
+    cont = vocab.continuation[np.asarray(ids)]
+    last = length - 1
+
+    def word_start(pos: int) -> int:
+        while pos > 1 and cont[pos]:
+            pos -= 1
+        return pos
+
+    def word_end(pos: int) -> int:          # exclusive end of the word that contains pos
+        pos += 1
+        while pos <= last and cont[pos]:
+            pos += 1
+        return pos
+
+    masked: set[int] = set()
+    for pos in (rng.permutation(last) + 1).tolist():
+        if len(masked) >= n_pred:
+            break
+        if pos in masked:
+            continue
+        span = 1
+        if skipgram_prb > 0 and skipgram_size >= 2 and rng.random() < skipgram_prb:
+            span = int(rng.integers(2, skipgram_size + 1))
+        start = word_start(pos)
+        end = word_end(min(pos + span, length) - 1)
+        # whole words in [start, end) that fit the remaining budget, from the left
+        words: list[tuple[int, int]] = []
+        p = start
+        while p < end:
+            q = word_end(p)
+            words.append((p, q))
+            p = q
+        for a, b in words:
+            fresh = [i for i in range(a, b) if i not in masked]
+            if len(masked) + len(fresh) > n_pred:
+                break
+            masked.update(fresh)
+    if not masked:
+        # every word is longer than n_pred pieces: mask the first n_pred pieces of a random word
+        heads = [i for i in range(1, length) if not cont[i]] or [1]
+        head = heads[int(rng.integers(len(heads)))]
+        masked.update(range(head, min(head + n_pred, length)))
+    return sorted(masked)
+
+
+@dataclass
+class EncodedText:
+    """One text row of docs/batches.md, as numpy arrays."""
+    text_ids: np.ndarray          # int64 [T]
+    text_atts: np.ndarray         # int64 [T]
+    text_ids_masked: np.ndarray   # int64 [T]
+    masked_pos: np.ndarray        # int64 [M], padded 0
+    masked_ids: np.ndarray        # int64 [M], padded -100
+
+
+def encode(text: str, vocab: Vocab, rng: np.random.Generator, *, max_tokens: int, max_masks: int,
+           mask_prob: float, skipgram_prb: float, skipgram_size: int) -> EncodedText:
+    """Token ids, attention mask and MLM masking of one pre_caption'd text: each chosen position becomes [MASK]
+    with p=0.8, a random non-special id with p=0.1, stays with p=0.1 (X-VLM's draw order)."""
+    ids = token_ids(text, vocab, max_tokens)
+    positions = choose_masked_positions(ids, vocab, rng, mask_prob=mask_prob, max_masks=max_masks,
+                                        skipgram_prb=skipgram_prb, skipgram_size=skipgram_size)
+    masked = list(ids)
+    for pos in positions:
+        if rng.random() < 0.8:
+            masked[pos] = vocab.mask_id
+        elif rng.random() < 0.5:
+            masked[pos] = int(vocab.random_ids[rng.integers(len(vocab.random_ids))])
+    n, m = len(ids), len(positions)
+    out = EncodedText(np.full(max_tokens, PAD_ID, np.int64), np.zeros(max_tokens, np.int64),
+                      np.full(max_tokens, PAD_ID, np.int64), np.zeros(max_masks, np.int64),
+                      np.full(max_masks, IGNORE_INDEX, np.int64))
+    out.text_ids[:n] = ids
+    out.text_atts[:n] = 1
+    out.text_ids_masked[:n] = masked
+    out.masked_pos[:m] = positions
+    out.masked_ids[:m] = [ids[p] for p in positions]
+    return out
+
+
+def encode_with(text: str, vocab: Vocab, rng: np.random.Generator, config) -> EncodedText:
+    """encode() with the sizes of a LoaderConfig."""
+    return encode(text, vocab, rng, max_tokens=config.max_tokens, max_masks=config.max_masks,
+                  mask_prob=config.mask_prob, skipgram_prb=config.skipgram_prb, skipgram_size=config.skipgram_size)

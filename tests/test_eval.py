@@ -1,0 +1,130 @@
+"""Evaluation: retrieval recall, ITM re-ranking and grounding IoU on hand-built cases with known answers, then an
+end-to-end `evaluate` call on a tiny model over built held-out shards."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import box_convert, box_iou
+
+from shards.errors import XvlmError
+from train.evaluate import (best_positive_rank, box_iou_pairs, grounding_accuracy, recall_at_k, rerank_top_k,
+                            retrieval_metrics)
+
+
+def scores_with_ranks(ranks: list[int], n_cand: int) -> torch.Tensor:
+    """[Q, n_cand] scores where query q's positive (candidate q) is beaten by exactly ranks[q] negatives."""
+    scores = torch.full((len(ranks), n_cand), -1.0)
+    for q, rank in enumerate(ranks):
+        scores[q, q] = 0.0
+        negatives = [c for c in range(n_cand) if c != q][:rank]
+        scores[q, negatives] = 1.0 + torch.arange(len(negatives), dtype=torch.float32)
+    return scores
+
+
+def test_recall_at_k_on_known_ranks():
+    ranks = list(range(12))                    # query q is ranked at position q: R@k = k / 12
+    scores = scores_with_ranks(ranks, 12)
+    positives = torch.eye(12, dtype=torch.bool)
+    assert best_positive_rank(scores, positives).tolist() == ranks
+    assert recall_at_k(scores, positives) == pytest.approx({1: 1 / 12, 5: 5 / 12, 10: 10 / 12})
+
+
+def test_retrieval_metrics_with_several_texts_per_image():
+    # 3 images, 6 texts: texts 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2.
+    text_image = torch.tensor([0, 0, 1, 1, 2, 2])
+    i2t = torch.tensor([
+        [0.1, 0.9, 0.8, 0.0, 0.0, 0.0],    # best positive (text 1) first            -> rank 0
+        [0.9, 0.0, 0.1, 0.2, 0.0, 0.0],    # best positive (text 3, 0.2) after text 0 -> rank 1
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.1],    # best positive (text 4, 0.5) after 4      -> rank 4
+    ])
+    t2i = torch.tensor([
+        [0.9, 0.1, 0.0],   # text 0 -> image 0 first      rank 0
+        [0.1, 0.9, 0.0],   # text 1 -> image 0 second     rank 1
+        [0.0, 0.9, 0.1],   # rank 0
+        [0.0, 0.1, 0.9],   # rank 1
+        [0.5, 0.4, 0.1],   # rank 2
+        [0.0, 0.0, 0.9],   # rank 0
+    ])
+    m = retrieval_metrics(i2t, t2i, text_image)
+    assert m["i2t_r1"] == pytest.approx(1 / 3)
+    assert m["i2t_r5"] == pytest.approx(1.0)
+    assert m["t2i_r1"] == pytest.approx(3 / 6)
+    assert m["t2i_r5"] == pytest.approx(1.0)
+    assert m["i2t_r10"] == m["t2i_r10"] == 1.0
+    assert m["r_mean"] == pytest.approx((1 / 3 + 1 + 1 + 0.5 + 1 + 1) / 6)
+
+
+def test_ties_count_against_the_model():
+    # A model that scores every candidate alike must not look perfect.
+    scores = torch.zeros(20, 20)
+    positives = torch.eye(20, dtype=torch.bool)
+    assert recall_at_k(scores, positives) == {1: 0.0, 5: 0.0, 10: 0.0}
+    assert best_positive_rank(scores, positives).tolist() == [19] * 20
+
+
+def test_metric_input_errors():
+    with pytest.raises(XvlmError, match="no positive"):
+        recall_at_k(torch.zeros(2, 3), torch.tensor([[True, False, False], [False, False, False]]))
+    with pytest.raises(XvlmError, match="shape"):
+        recall_at_k(torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.bool))
+    with pytest.raises(XvlmError, match="scores_t2i"):
+        retrieval_metrics(torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([0, 0, 1, 1]))
+
+
+def test_rerank_top_k_reorders_only_the_top_k():
+    itc = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5],
+                        [0.1, 0.2, 0.3, 0.4, 0.5]])
+    # The finer score prefers higher candidate index for row 0 and lower index for row 1.
+    fine = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0],
+                         [4.0, 3.0, 2.0, 1.0, 0.0]])
+    calls: list[tuple[int, int]] = []
+
+    def score_pairs(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        calls.extend(zip(q.tolist(), c.tolist()))
+        return fine[q, c]
+
+    out = rerank_top_k(itc, 3, score_pairs)
+    assert sorted(calls) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3), (1, 4)]   # only the ITC top-3 are scored
+    order = out.argsort(dim=1, descending=True).tolist()
+    assert order[0] == [2, 1, 0, 3, 4]    # top-3 by the finer score, the rest in ITC order
+    assert order[1] == [2, 3, 4, 1, 0]
+    # A correct answer outside the ITC top-k cannot be rescued by the re-ranker, one inside can.
+    positives = torch.zeros(2, 5, dtype=torch.bool)
+    positives[0, 2] = positives[1, 0] = True
+    assert best_positive_rank(out, positives).tolist() == [0, 4]
+
+
+def test_rerank_k_larger_than_candidates_and_nan_guard():
+    itc = torch.tensor([[0.2, 0.1]])
+    out = rerank_top_k(itc, 10, lambda q, c: c.float())
+    assert out.argsort(dim=1, descending=True).tolist() == [[1, 0]]
+    with pytest.raises(XvlmError, match="NaN"):
+        rerank_top_k(itc, 2, lambda q, c: torch.full((len(q),), float("nan")))
+
+
+def test_box_iou_known_values():
+    pred = torch.tensor([[0.5, 0.5, 0.4, 0.4],      # identical                     -> 1
+                         [0.25, 0.5, 0.5, 1.0],     # [0, 0, .5, 1] vs [.25, 0, .75, 1] -> 0.25 / 0.75
+                         [0.2, 0.2, 0.2, 0.2],      # disjoint                      -> 0
+                         [0.5, 0.5, 0.5, 0.5]])     # inside a box 4x its area      -> 0.25
+    target = torch.tensor([[0.5, 0.5, 0.4, 0.4],
+                           [0.5, 0.5, 0.5, 1.0],
+                           [0.8, 0.8, 0.2, 0.2],
+                           [0.5, 0.5, 1.0, 1.0]])
+    assert box_iou_pairs(pred, target).tolist() == pytest.approx([1.0, 1 / 3, 0.0, 0.25])
+    # threshold is inclusive: IoU 0.5 exactly counts
+    half = torch.tensor([[0.5, 0.5, 1.0, 0.5]]), torch.tensor([[0.5, 0.5, 1.0, 1.0]])
+    assert box_iou_pairs(*half).item() == pytest.approx(0.5)
+    assert grounding_accuracy(*half, threshold=0.5) == 1.0
+    assert grounding_accuracy(pred, target, threshold=0.5) == 0.25
+    assert grounding_accuracy(pred, target, threshold=0.2) == 0.75
+
+
+def test_box_iou_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.cat([torch.rand(64, 2, generator=g), torch.rand(64, 2, generator=g) * 0.5 + 0.01], dim=1)
+    target = torch.cat([torch.rand(64, 2, generator=g), torch.rand(64, 2, generator=g) * 0.5 + 0.01], dim=1)
+    expected = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy")).diagonal()
+    assert torch.allclose(box_iou_pairs(pred, target), expected, atol=1e-6)
+    with pytest.raises(XvlmError, match="zero region"):
+        grounding_accuracy(torch.zeros(0, 4), torch.zeros(0, 4))

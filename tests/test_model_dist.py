@@ -1,0 +1,66 @@
+"""Gathered ITC across 2 gloo processes equals the single-process loss on the same global batch, gradients too."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from model.losses import itc_loss
+
+WORLD = 2
+PER_RANK = 3
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear, torch.nn.Linear]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(WORLD * PER_RANK, 5, generator=g)
+    texts = torch.randn(WORLD * PER_RANK, 7, generator=g)
+    torch.manual_seed(1)
+    return images, texts, torch.nn.Linear(5, 4), torch.nn.Linear(7, 4)
+
+
+def _loss(images, texts, image_proj, text_proj) -> torch.Tensor:
+    return itc_loss(F.normalize(image_proj(images), dim=-1), F.normalize(text_proj(texts), dim=-1),
+                    torch.tensor(0.1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        images, texts, image_proj, text_proj = _global_batch()
+        local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        loss = _loss(images[local], texts[local], image_proj, text_proj)
+        loss.backward()
+        grads = [p.grad.clone() for p in (*image_proj.parameters(), *text_proj.parameters())]
+        for grad in grads:             # what DDP does: average parameter gradients over ranks
+            dist.all_reduce(grad)
+            grad /= WORLD
+        torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_gathered_itc_equals_single_process_loss_and_gradients(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    images, texts, image_proj, text_proj = _global_batch()
+    loss = _loss(images, texts, image_proj, text_proj)
+    loss.backward()
+    expected = [p.grad for p in (*image_proj.parameters(), *text_proj.parameters())]
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(result["loss"], loss, atol=1e-6), (rank, result["loss"], loss)
+        for got, want in zip(result["grads"], expected):
+            assert torch.allclose(got, want, atol=1e-6), (rank, got, want)

@@ -1,0 +1,168 @@
+"""Model shapes for the tiny and base presets, bidirectional text/fusion layers, and concept masks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.concept import concept_embeds
+from model.config import ModelConfig, preset
+from model.synthetic import image_text_batch, patch_mask_for_boxes, region_batch
+from model.xvlm import XVLM, build_model
+from shards.errors import XvlmError
+
+
+@pytest.fixture(scope="module")
+def tiny() -> XVLM:
+    torch.manual_seed(0)
+    return build_model(preset("tiny", vocab_size=1200))
+
+
+def test_tiny_losses_are_scalars_with_the_right_keys(tiny):
+    grid = tiny.grid_size
+    assert (grid, tiny.grid_stride) == (8, 8)
+    losses = tiny(kind="image_text", **image_text_batch(4, 64, 1200), keys=["a"] * 4, sources=["coco"] * 4)
+    assert sorted(losses) == ["itc", "itm", "mlm"]
+    losses = tiny(kind="region", **region_batch(2, 3, 64, grid, 1200))
+    assert sorted(losses) == ["bbox", "giou", "itc", "itm", "mlm"]
+    assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
+
+
+def test_tiny_encoder_shapes(tiny):
+    batch = region_batch(2, 3, 64, tiny.grid_size, 1200)
+    embeds, feat = tiny.encode_image(batch["image"])
+    assert embeds.shape == (2, 1 + 64, 64) and feat.shape == (2, 32)
+    text, text_feat = tiny.encode_text(batch["text_ids"], batch["text_atts"])
+    assert text.shape == (6, 12, 64) and text_feat.shape == (6, 32)
+    assert torch.allclose(feat.norm(dim=-1), torch.ones(2)) and torch.allclose(text_feat.norm(dim=-1), torch.ones(6))
+    concepts, atts, concept_feat = tiny.encode_concepts(embeds, batch["image_idx"], batch["patch_mask"])
+    assert concepts.shape == (6, 65, 64) and atts.shape == (6, 65) and concept_feat.shape == (6, 32)
+    assert tiny.itm_scores(concepts, atts, text, batch["text_atts"]).shape == (6,)
+    boxes = tiny.predict_boxes(embeds[batch["image_idx"]], text, batch["text_atts"])
+    assert boxes.shape == (6, 4) and bool(((boxes >= 0) & (boxes <= 1)).all())
+
+
+def test_swin_tower_pools_its_cls_and_uses_the_final_stride():
+    config = preset("tiny", vision_name="swin_tiny_patch4_window7_224", image_res=64,
+                    vision_kwargs={"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2),
+                                   "window_size": 2})
+    model = build_model(config).eval()
+    assert (model.grid_size, model.grid_stride) == (2, 32)
+    embeds = model.vision(torch.randn(2, 3, 64, 64))
+    assert embeds.shape == (2, 5, 128)
+    assert torch.allclose(embeds[:, 0], embeds[:, 1:].mean(dim=1), atol=1e-6)
+    losses = model(**region_batch(2, 2, 64, 2, config.vocab_size))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_base_preset_shapes_and_parameter_count_on_meta():
+    with torch.device("meta"):
+        model = build_model(preset("base"))
+    count = sum(p.numel() for p in model.parameters())
+    assert 210e6 < count < 222e6, count      # the paper's ~216M
+    assert (model.grid_size, model.grid_stride, model.vision.width) == (7, 32, 1024)
+    assert model.fusion.layer[0].crossattention.self.key.in_features == 1024
+    assert len(model.text.layer) == 6 and len(model.fusion.layer) == 6
+    batch = {k: v.to("meta") for k, v in region_batch(2, 2, 224, 7, 30522).items()}
+    with torch.no_grad():
+        embeds, feat = model.encode_image(batch["image"])
+        text, text_feat = model.encode_text(batch["text_ids"], batch["text_atts"])
+        concepts, atts, _ = model.encode_concepts(embeds, batch["image_idx"], batch["patch_mask"])
+        scores = model.itm_scores(concepts, atts, text, batch["text_atts"])
+        boxes = model.predict_boxes(embeds[batch["image_idx"]], text, batch["text_atts"])
+    assert embeds.shape == (2, 50, 1024) and feat.shape == (2, 256)
+    assert text.shape == (4, 12, 768) and text_feat.shape == (4, 256)
+    assert concepts.shape == (4, 50, 1024) and scores.shape == (4,) and boxes.shape == (4, 4)
+
+
+def _changed_positions(encode, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
+    """Which positions' outputs change when only the LAST real token changes."""
+    other = ids.clone()
+    last = int(atts.sum()) - 1
+    other[0, last] = ids[0, last] + 1
+    with torch.no_grad():
+        diff = (encode(ids, atts) - encode(other, atts)).abs().amax(dim=-1)[0]
+    return diff > 1e-6
+
+
+def test_text_and_fusion_layers_are_bidirectional(tiny):
+    tiny.eval()
+    ids = torch.tensor([[101, 1100, 1101, 1102, 1103, 1104, 0, 0]])
+    atts = (ids != 0).long()
+    text_changed = _changed_positions(tiny.text, ids, atts)
+    assert bool(text_changed[:5].all()), "an earlier token must see a later one in the text encoder"
+
+    # Fusion alone: feed identical text-encoder states except at the last token.
+    vision = torch.randn(1, 65, 64)
+    vision_atts = torch.ones(1, 65)
+    hidden = torch.randn(1, 8, 64)
+
+    def fusion_only(ids_: torch.Tensor, atts_: torch.Tensor) -> torch.Tensor:
+        h = hidden.clone()
+        h[0, 5] += (ids_[0, 5] - 1104).float()       # the last real token differs between the two calls
+        return tiny.fusion(h, atts_, vision, vision_atts)
+
+    fusion_changed = _changed_positions(fusion_only, ids, atts)
+    assert bool(fusion_changed[:5].all()), "an earlier token must see a later one in the fusion encoder"
+    # Padding keys are masked: changing a padded position's state changes no real token.
+    h2 = hidden.clone()
+    h2[0, 7] += 5.0
+    with torch.no_grad():
+        same = tiny.fusion(hidden, atts, vision, vision_atts)[0, :6] - tiny.fusion(h2, atts, vision, vision_atts)[0, :6]
+    assert float(same.abs().max()) < 1e-5
+    tiny.train()
+
+
+def test_concept_mask_hides_exactly_the_out_of_box_patches():
+    grid, res = 8, 64
+    boxes = torch.tensor([[8.0, 16.0, 20.0, 10.0],     # x 1..4 (ceil(28/8)=4), y 2..4 (ceil(26/8)=4)
+                          [0.0, 0.0, 64.0, 64.0],      # the whole image
+                          [60.0, 60.0, 1.0, 1.0]])     # a tiny box still covers one patch
+    mask = patch_mask_for_boxes(boxes, res, grid)
+    image = torch.randn(1, 1 + grid * grid, 5)
+    embeds, atts = concept_embeds(image, torch.zeros(3, dtype=torch.long), mask)
+    expected = torch.zeros(grid, grid)
+    expected[2:4, 1:4] = 1
+    assert torch.equal(atts[0, 1:].reshape(grid, grid), expected)
+    assert atts[:, 0].eq(1).all()                                # the concept [CLS] is always visible
+    assert atts[1, 1:].eq(1).all() and atts[2, 1:].sum() == 1
+    patches = image[0, 1:]
+    assert torch.allclose(embeds[0, 0], patches[expected.flatten().bool()].mean(dim=0))
+    assert torch.allclose(embeds[1, 0], patches.mean(dim=0))
+    assert torch.equal(embeds[:, 1:], patches.expand(3, -1, -1))
+    # Masked patches get no attention: changing an out-of-box patch leaves row 0's fusion output unchanged.
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=1200)).eval()
+    image_embeds = torch.randn(1, 65, 64)
+    text = torch.randn(1, 6, 64)
+    text_atts = torch.ones(1, 6)
+    concept, concept_atts = concept_embeds(image_embeds, torch.zeros(1, dtype=torch.long), mask[:1])
+    changed = image_embeds.clone()
+    changed[0, 1 + 0] += 3.0                                     # patch (0, 0) lies outside box 0
+    concept2, _ = concept_embeds(changed, torch.zeros(1, dtype=torch.long), mask[:1])
+    with torch.no_grad():
+        a = model.fusion(text, text_atts, concept, concept_atts)
+        b = model.fusion(text, text_atts, concept2, concept_atts)
+    assert float((a - b).abs().max()) < 1e-5
+    inside = image_embeds.clone()
+    inside[0, 1 + 2 * grid + 1] += 3.0                           # patch (2, 1) lies inside box 0
+    concept3, _ = concept_embeds(inside, torch.zeros(1, dtype=torch.long), mask[:1])
+    with torch.no_grad():
+        c = model.fusion(text, text_atts, concept3, concept_atts)
+    assert float((a - c).abs().max()) > 1e-4
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    with pytest.raises(XvlmError, match="empty patch_mask"):
+        concept_embeds(torch.randn(1, 65, 4), torch.zeros(1, dtype=torch.long), torch.zeros(1, 64))
+    with pytest.raises(XvlmError, match="grid stride"):
+        concept_embeds(torch.randn(1, 65, 4), torch.zeros(1, dtype=torch.long), torch.ones(1, 49))
+    with pytest.raises(XvlmError, match="unknown vision tower"):
+        ModelConfig(vision_name="resnet50")
+    with pytest.raises(XvlmError, match="unknown model config keys"):
+        preset("tiny", hiden_size=3)
+    with pytest.raises(XvlmError, match="box_head"):
+        preset("tiny", box_head="detr")
+    with pytest.raises(XvlmError, match="does not match"):
+        tiny(kind="region", **image_text_batch(2, 64, 1200))
+    with pytest.raises(XvlmError, match="unexpected batch keys"):
+        tiny(**image_text_batch(2, 64, 1200), captions=["x"])

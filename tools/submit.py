@@ -1,0 +1,256 @@
+"""`xvlm submit`: submit a Ray Train job to a Ray cluster through the Ray Jobs API, stream its logs, and
+inspect / stop / list jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from shards import storage
+from shards.errors import XvlmError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Never uploaded with the working dir: environments, build outputs, data and runs (Ray caps the upload at 500 MiB).
+WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "build", "dist", "runs",
+                        "data", "xvlm-quickstart", ".whl", "*.tar", "*.parquet", "*.safetensors", "*.pt"]
+# The job carries the config's text in this variable when the file does not travel with the working dir.
+CONFIG_ENV = "XVLM_SUBMIT_CONFIG_YAML"
+# Variables the workers need for loopback-only CPU clusters and quiet, deterministic runs; set when not given.
+DEFAULT_JOB_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+DESCRIPTION = (
+    "Submit a training run to a Ray cluster as a Ray job: the job runs train/ray_train.py, whose Ray Train\n"
+    "TorchTrainer starts --num-workers training processes that each run the project's trainer. Checkpoints go to\n"
+    "the config's checkpoint folder (shared storage: a folder every node sees, or s3://); when a worker fails,\n"
+    "Ray restarts the worker group (up to --max-failures times) and the trainer resumes from the last committed\n"
+    "checkpoint. The job's logs stream back until it ends (Ctrl-C detaches; the job keeps running).\n\n"
+    "Authentication: when the cluster uses Ray token auth (RAY_AUTH_MODE=token), the token is read from\n"
+    "RAY_AUTH_TOKEN, or the file in RAY_AUTH_TOKEN_PATH / --auth-token-file, or ~/.ray/auth_token."
+)
+EPILOG = (
+    "examples:\n"
+    "  xvlm submit --address http://HEAD:8265 --config train/configs/xvlm_base_4m.yaml \\\n"
+    "      data.train=s3://bucket/shards checkpoint.dir=s3://bucket/runs/base4m --num-workers 16 --gpus-per-worker 1\n"
+    "  xvlm submit --address http://127.0.0.1:8265 --config train/configs/tiny_cpu.yaml --num-workers 2   # CPU\n"
+    "  xvlm submit --address http://HEAD:8265 --status JOB_ID\n"
+    "  xvlm submit --address http://HEAD:8265 --logs JOB_ID [--follow]\n"
+    "  xvlm submit --address http://HEAD:8265 --stop JOB_ID\n"
+    "  xvlm submit --address http://HEAD:8265 --list\n\n"
+    "The address defaults to $RAY_ADDRESS, else http://127.0.0.1:8265. The project folder is uploaded as the job's\n"
+    "working_dir (without .venv, .git, data and runs); the cluster's Python must have the project's dependencies\n"
+    "(or pass --pip 'xvlm-pipeline==VERSION' to install them into the job's environment)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265",
+                        help="Ray dashboard address of the cluster's head, http://HEAD:8265 "
+                             "(default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--status", metavar="JOB", help="print the status of job JOB and exit")
+    action.add_argument("--logs", metavar="JOB", help="print the logs of job JOB (with --follow: until it ends)")
+    action.add_argument("--stop", metavar="JOB", help="ask job JOB to stop")
+    action.add_argument("--list", action="store_true", help="list the cluster's jobs")
+    parser.add_argument("--config", help="training config YAML (local path inside or outside the project, or s3://)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as `xvlm train`")
+    parser.add_argument("--num-workers", type=int, default=1, help="training processes (Ray Train workers); default 1")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="GPUs per worker (0: train on CPU with gloo); default 0")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker; default 1")
+    parser.add_argument("--max-failures", type=int, default=3,
+                        help="worker-group restarts after failures before the job fails (-1: unlimited); default 3")
+    parser.add_argument("--storage-path",
+                        help="Ray Train's own run folder (shared storage); default: <checkpoint dir>/ray")
+    parser.add_argument("--job-id", help="submission id to use (default: xvlm-<random>)")
+    parser.add_argument("--working-dir", default=str(PROJECT_ROOT),
+                        help=f"folder uploaded as the job's working_dir (default: this project, {PROJECT_ROOT})")
+    parser.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                        help="pip requirement installed into the job's environment (repeatable)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for the job and its workers (repeatable)")
+    parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
+                        help="pass this variable of the submitting shell to the job (repeatable)")
+    parser.add_argument("--forward-aws", action="store_true",
+                        help="pass the AWS_* credential and endpoint variables of this shell to the job "
+                             "(for s3:// data and checkpoints on clusters without an instance role)")
+    parser.add_argument("--auth-token-file", help="file holding the cluster's Ray auth token")
+    parser.add_argument("--no-wait", action="store_true", help="submit and print the job id; do not stream logs")
+    parser.add_argument("--follow", action="store_true", help="with --logs: keep streaming until the job ends")
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+def auth_headers(token_file: str | None = None) -> dict[str, str]:
+    """The Authorization header for a token-auth cluster, or {} when no token is configured."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = token_file or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as err:
+            raise XvlmError(f"cannot read the Ray auth token file {path}: {err.strerror}") from None
+        if not token:
+            raise XvlmError(f"the Ray auth token file {path} is empty")
+    if not token:
+        default = Path.home() / ".ray" / "auth_token"
+        token = default.read_text().strip() if default.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def client(address: str, token_file: str | None = None):
+    """A JobSubmissionClient for the cluster at `address` (errors become XvlmError with what to check)."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not address.startswith(("http://", "https://")):
+        raise XvlmError(f"--address must be the dashboard URL, http://HEAD:8265; got {address!r}")
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(token_file))
+    except (ConnectionError, RuntimeError) as err:
+        raise XvlmError(f"cannot reach the Ray cluster at {address}: {err}. Is the head running "
+                        "(`ray start --head --dashboard-host ...`) and the address its dashboard URL?") from None
+
+
+def job_environment(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(DEFAULT_JOB_ENV)
+    names = list(args.forward_env) + (list(AWS_VARIABLES) if args.forward_aws else [])
+    for name in names:
+        if name in os.environ:
+            env[name] = os.environ[name]
+        elif name not in AWS_VARIABLES:
+            raise XvlmError(f"--forward-env {name}: the variable is not set in this shell")
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise XvlmError(f"--env expects NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
+def entrypoint_and_config_env(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """The job's shell command, and env vars that carry the config when its file does not travel."""
+    if not args.config:
+        raise XvlmError("submitting a job needs --config CONFIG.yaml (or use --status / --logs / --stop / --list)")
+    extra_env: dict[str, str] = {}
+    if storage.is_s3(args.config):
+        config_arg = args.config
+    else:
+        path = Path(args.config).resolve()
+        if not path.is_file():
+            raise XvlmError(f"config file {args.config} does not exist")
+        working_dir = Path(args.working_dir).resolve()
+        if path.is_relative_to(working_dir) and not any(part in (".venv", ".git") for part in path.parts):
+            config_arg = str(path.relative_to(working_dir))
+        else:
+            # A config outside the uploaded folder travels inline in the job's environment.
+            config_arg = f"env:{CONFIG_ENV}"
+            extra_env[CONFIG_ENV] = path.read_text()
+    for item in args.overrides:
+        if "=" not in item:
+            raise XvlmError(f"override {item!r} is not key=value")
+    if args.num_workers < 1:
+        raise XvlmError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if args.gpus_per_worker < 0 or args.cpus_per_worker < 0:
+        raise XvlmError("--gpus-per-worker and --cpus-per-worker must be >= 0")
+    command = ["python", "-m", "train.ray_train", "--config", config_arg,
+               "--num-workers", str(args.num_workers), "--gpus-per-worker", str(args.gpus_per_worker),
+               "--cpus-per-worker", str(args.cpus_per_worker), "--max-failures", str(args.max_failures)]
+    if args.storage_path:
+        command += ["--storage-path", args.storage_path]
+    command += list(args.overrides)
+    return shlex.join(command), extra_env
+
+
+def submit(args: argparse.Namespace) -> str:
+    """Submit the job; returns its submission id."""
+    entrypoint, config_env = entrypoint_and_config_env(args)
+    working_dir = Path(args.working_dir).resolve()
+    if not (working_dir / "train" / "ray_train.py").is_file():
+        raise XvlmError(f"--working-dir {working_dir} is not the xvlm-pipeline project (no train/ray_train.py)")
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(working_dir),
+        "excludes": WORKING_DIR_EXCLUDES,
+        "env_vars": {**job_environment(args), **config_env},
+    }
+    if args.pip:
+        runtime_env["pip"] = list(args.pip)
+    job_id = args.job_id or f"xvlm-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    jobs = client(args.address, args.auth_token_file)
+    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
+                             metadata={"tool": "xvlm submit", "config": str(args.config)})
+    print(f"submitted job {job_id} to {args.address}")
+    print(f"  entrypoint: {entrypoint}")
+    print(f"  follow it:  xvlm submit --address {args.address} --logs {job_id} --follow")
+    return job_id
+
+
+async def _tail(jobs, job_id: str) -> None:
+    async for lines in jobs.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def follow(jobs, job_id: str) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    try:
+        asyncio.run(_tail(jobs, job_id))
+    except KeyboardInterrupt:
+        print(f"\ndetached; job {job_id} keeps running (xvlm submit --stop {job_id} stops it)", file=sys.stderr)
+        raise
+    # The log stream closes when the job ends; the status may lag a moment behind it.
+    deadline = time.monotonic() + 60
+    status = str(jobs.get_job_status(job_id))
+    while status.rsplit(".", 1)[-1] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(1)
+        status = str(jobs.get_job_status(job_id))
+    return status.rsplit(".", 1)[-1]
+
+
+def _job_row(job) -> dict[str, Any]:
+    return {"job": job.submission_id or job.job_id, "status": str(job.status).rsplit(".", 1)[-1],
+            "entrypoint": job.entrypoint, "message": job.message, "start_time": job.start_time,
+            "end_time": job.end_time}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.status or args.logs or args.stop or args.list:
+        jobs = client(args.address, args.auth_token_file)
+        try:
+            if args.status:
+                print(json.dumps(_job_row(jobs.get_job_info(args.status)), indent=2))
+            elif args.logs:
+                if args.follow:
+                    status = follow(jobs, args.logs)
+                    print(f"job {args.logs}: {status}")
+                    return 0 if status == "SUCCEEDED" else 1
+                sys.stdout.write(jobs.get_job_logs(args.logs))
+            elif args.stop:
+                stopped = jobs.stop_job(args.stop)
+                print(f"job {args.stop}: {'stop requested' if stopped else 'already finished'}")
+            else:
+                for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
+                    row = _job_row(job)
+                    print(f"{row['job']}\t{row['status']}\t{row['entrypoint']}")
+        except RuntimeError as err:   # the Jobs API reports unknown ids and HTTP errors as RuntimeError
+            raise XvlmError(str(err)) from None
+        return 0
+    job_id = submit(args)
+    if args.no_wait:
+        return 0
+    status = follow(client(args.address, args.auth_token_file), job_id)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1

@@ -1,0 +1,240 @@
+"""Checkpoints in a local folder or under s3://bucket/prefix, through the storage layer; committed by a marker.
+
+Layout of one checkpoint (`{out}/checkpoints/ckpt-{step:08d}/`):
+  model.safetensors   the weights with the model config (model.io), written by rank 0
+  trainer.pt          optimizer, scheduler, grad scaler, step (tensors + plain values; torch.load weights_only)
+  rank-{r:05d}.pt     rank r's torch / CUDA / numpy / python RNG states and its loader state
+  config.yaml         the resolved run config
+  COMMITTED           JSON (step, world size, files), written LAST by rank 0 with a create-if-absent put;
+                      without it the folder is a partial checkpoint that resume ignores.
+Nothing is ever unpickled: tensors load with safetensors or `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from shards import storage
+from shards.errors import XvlmError
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMMITTED"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.pt"
+CONFIG_FILE = "config.yaml"
+FORMAT_VERSION = 1
+CKPT_NAME = re.compile(r"^ckpt-(\d{8})$")
+# Tests set this to seconds to sleep after each file of a checkpoint, to kill a run in the middle of a save.
+SLOW_ENV = "XVLM_TEST_SLOW_CHECKPOINT"
+
+
+def checkpoints_root(out: str) -> str:
+    return storage.join(out, "checkpoints")
+
+
+def checkpoint_path(out: str, step: int) -> str:
+    return storage.join(checkpoints_root(out), f"ckpt-{step:08d}")
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------- finding
+
+
+def committed_checkpoints(out: str) -> list[tuple[int, str]]:
+    """(step, path) of every committed checkpoint under the run folder, oldest first."""
+    found = []
+    root = checkpoints_root(out)
+    for entry in storage.list_files(root):
+        rel = entry.path[len(root):].strip("/")
+        name, _, leaf = rel.partition("/")
+        match = CKPT_NAME.match(name)
+        if match and leaf == MARKER:
+            found.append((int(match.group(1)), storage.join(root, name)))
+    return sorted(found)
+
+
+def resolve_resume(out: str, resume: str) -> str | None:
+    """`auto` -> the newest committed checkpoint of the run (or None), `none` -> None, else a checkpoint path
+    which must be committed."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = committed_checkpoints(out)
+        return found[-1][1] if found else None
+    path = resume.rstrip("/")
+    if not storage.exists(storage.join(path, MARKER)):
+        raise XvlmError(f"--resume {resume}: no committed checkpoint there (its {MARKER} marker is missing); "
+                        f"give a ckpt-XXXXXXXX folder that has one, or --resume auto / none")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and python RNG states as weights-only-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _pause_for_tests() -> None:
+    delay = float(os.environ.get(SLOW_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _write(path: str, data: bytes) -> None:
+    storage.write_bytes(path, data)
+    _pause_for_tests()
+
+
+def prepare_folder(path: str) -> None:
+    """Make room for a new checkpoint at `path`: drop a marker first (so a crash never leaves an old marker over
+    new files), then whatever a killed run left there."""
+    storage.delete(storage.join(path, MARKER))
+    storage.delete_prefix(path)
+
+
+def write_rank_state(path: str, rank: int, loader_state: Any) -> None:
+    """Every rank: its RNG states and loader state."""
+    _write(storage.join(path, rank_file(rank)),
+           _to_bytes({"format_version": FORMAT_VERSION, "rank": rank, "rng": rng_state(), "loader": loader_state}))
+
+
+def write_main_state(path: str, *, model_bytes: bytes, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: Any, step: int, extra: dict[str, Any], config_yaml: str) -> None:
+    """Rank 0: weights, optimizer / scheduler / scaler and the config."""
+    _write(storage.join(path, MODEL_FILE), model_bytes)
+    trainer = {"format_version": FORMAT_VERSION, "step": step, "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
+               "extra": extra}
+    _write(storage.join(path, TRAINER_FILE), _to_bytes(trainer))
+    _write(storage.join(path, CONFIG_FILE), config_yaml.encode("utf-8"))
+
+
+def commit(path: str, step: int, world_size: int) -> None:
+    """Rank 0, after every rank wrote its part: the marker that makes the checkpoint count. Written last."""
+    files = sorted(e.path[len(path):].strip("/") for e in storage.list_files(path))
+    expected = {MODEL_FILE, TRAINER_FILE, CONFIG_FILE, *(rank_file(r) for r in range(world_size))}
+    missing = sorted(expected - set(files))
+    if missing:
+        raise XvlmError(f"checkpoint {path} is incomplete before commit: missing {missing}")
+    body = json.dumps({"step": step, "world_size": world_size, "files": files,
+                       "format_version": FORMAT_VERSION, "time": time.time()}).encode()
+    if not storage.put_if_absent(storage.join(path, MARKER), body):
+        raise XvlmError(f"checkpoint {path} was committed by another writer: are two runs using one --out?")
+    log.info("checkpoint step %d committed: %s", step, path)
+
+
+def prune(out: str, keep: int) -> list[str]:
+    """Delete committed checkpoints beyond the newest `keep` (marker first, so a half-deleted one is partial),
+    and partial ones older than the newest committed (left by killed runs). Returns the deleted paths."""
+    committed = committed_checkpoints(out)
+    removed = []
+    for _step, path in committed[:-keep] if keep > 0 else committed:
+        storage.delete(storage.join(path, MARKER))
+        storage.delete_prefix(path)
+        removed.append(path)
+    if committed:
+        newest = committed[-1][0]
+        root = checkpoints_root(out)
+        partial = set()
+        for entry in storage.list_files(root):
+            name = entry.path[len(root):].strip("/").partition("/")[0]
+            match = CKPT_NAME.match(name)
+            if match and int(match.group(1)) < newest and (int(match.group(1)), storage.join(root, name)) not in committed:
+                partial.add(storage.join(root, name))
+        for path in sorted(partial):
+            storage.delete_prefix(path)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _load_pt(path: str) -> Any:
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError as err:
+        raise XvlmError(f"checkpoint file {path} is missing") from err
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for non-weights pickles and corrupt files
+        raise XvlmError(f"cannot read {path} as a weights-only torch file: {err}") from err
+
+
+@dataclass
+class Checkpoint:
+    """What one rank needs to resume."""
+
+    path: str
+    step: int
+    world_size: int
+    model_bytes: bytes
+    trainer: dict[str, Any]
+    rank_state: dict[str, Any]
+
+
+def load(path: str, rank: int, world_size: int) -> Checkpoint:
+    """Read a committed checkpoint for `rank`; the world size must match the one that wrote it."""
+    try:
+        meta = json.loads(storage.read_text(storage.join(path, MARKER)))
+    except FileNotFoundError as err:
+        raise XvlmError(f"{path} is not a committed checkpoint (no {MARKER} marker)") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise XvlmError(f"checkpoint {path} has format version {meta.get('format_version')}; this code reads "
+                        f"{FORMAT_VERSION}")
+    if meta["world_size"] != world_size:
+        raise XvlmError(f"checkpoint {path} was written by {meta['world_size']} processes but this run has "
+                        f"{world_size}: exact resume needs the same world size (the loader's shard split and every "
+                        f"rank's RNG depend on it); relaunch with {meta['world_size']} processes or start a new run "
+                        f"from its weights with model.init={storage.join(path, MODEL_FILE)}")
+    trainer = _load_pt(storage.join(path, TRAINER_FILE))
+    rank_state = _load_pt(storage.join(path, rank_file(rank)))
+    return Checkpoint(path=path, step=int(meta["step"]), world_size=world_size,
+                      model_bytes=storage.read_bytes(storage.join(path, MODEL_FILE)), trainer=trainer,
+                      rank_state=rank_state)

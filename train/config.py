@@ -1,0 +1,335 @@
+"""The trainer's typed configuration: nested dataclasses loaded from YAML with dotted `key=value` overrides.
+
+One `TrainConfig` holds everything a run needs; `load_config(path, overrides)` reads, overrides, validates and
+returns it, and `to_yaml()` writes the resolved config that is saved with the run. Unknown keys are errors that
+name the valid ones. The `model` and `data` sections hold a preset name plus field overrides that are checked
+against the model's `ModelConfig` and the loader's `LoaderConfig`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from shards.errors import XvlmError
+
+StepMode = Literal["summed", "alternating"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass
+class ModelSection:
+    """A model preset (`model.config.PRESETS`) plus `ModelConfig` field overrides, e.g. `box_head: softargmax`."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None          # safetensors weights (local or s3://) to start from instead of random init
+
+    def build(self):
+        """The validated `ModelConfig`."""
+        from model.config import preset
+
+        return preset(self.preset, **self.overrides)
+
+
+@dataclass
+class DataSection:
+    """Built datasets (folders or s3:// prefixes from `xvlm build-shards`), a loader preset
+    (`shards.loader_config`) and `LoaderConfig` field overrides (batch sizes, tokenizer, workers...).
+    `synthetic: true` trains on random in-memory batches instead (benchmarks, smoke tests)."""
+
+    datasets: list[str] = field(default_factory=list)
+    preset: str = "tiny"
+    synthetic: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **extra: Any):
+        """The validated `LoaderConfig` (extra fields, e.g. seed, win over the overrides)."""
+        from shards.loader_config import preset
+
+        return preset(self.preset, **{**self.overrides, **extra})
+
+
+@dataclass
+class OptimSection:
+    """AdamW as X-VLM: betas (0.9, 0.98), eps 1e-8, weight decay 0.01 (none on biases / norms), new params lr x 2."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    new_param_lr_mult: float = 2.0
+    grad_clip: float = 1.0           # max global grad norm; 0 turns clipping off
+
+
+@dataclass
+class ScheduleSection:
+    """Steps, warmup then linear decay, how region and image-text batches share steps, accumulation."""
+
+    steps: int = 200_000
+    warmup_steps: int = 2_500
+    min_lr_ratio: float = 0.0        # the decay ends at lr x min_lr_ratio
+    mode: StepMode = "alternating"   # alternating: one kind per step; summed: both kinds' losses in one step
+    iter_perc: float = 0.5           # region batches per image-text batch (X-VLM's iter_perc)
+    grad_accum: int = 1              # micro-batches (per kind) per optimizer step
+    seed: int = 42
+
+
+@dataclass
+class CheckpointSection:
+    """Where and how often checkpoints go; the run folder's `--out` decides the location (local or s3://)."""
+
+    every: int = 1000                # steps between checkpoints (and one at the end)
+    keep: int = 3                    # keep the newest K committed checkpoints
+    resume: str = "auto"             # auto | none | a checkpoint path
+
+
+@dataclass
+class EvalSection:
+    """Periodic evaluation on held-out shards (train/evaluate.py); off while `every` is 0 or no shards are set."""
+
+    every: int = 0
+    datasets: list[str] = field(default_factory=list)
+    max_samples: int = 0             # 0: the whole held-out split
+    options: dict[str, Any] = field(default_factory=dict)   # passed through to train.evaluate
+
+
+@dataclass
+class LoggingSection:
+    """Console progress bar, metrics.jsonl, TensorBoard."""
+
+    every: int = 1                   # steps between progress-bar postfix updates (metrics.jsonl gets every step)
+    tensorboard: bool = True         # used when the tensorboard package is importable
+    progress: bool = True
+    local_dir: str = ""              # where metrics live while the run writes to s3:// (default: a temp folder)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. `out` is the run folder (local or s3://bucket/prefix)."""
+
+    out: str = "runs/xvlm"
+    precision: Precision = "auto"    # auto: bf16 autocast on GPU, fp32 on CPU
+    deterministic: bool = True       # torch.use_deterministic_algorithms on CPU (exact resume)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def validate(self) -> TrainConfig:
+        """Check values and the model / loader sections; raise XvlmError naming the key and what to do."""
+        s, o, c = self.schedule, self.optim, self.checkpoint
+        _check(s.steps >= 1, "schedule.steps", s.steps, "must be >= 1")
+        _check(0 <= s.warmup_steps <= s.steps, "schedule.warmup_steps", s.warmup_steps,
+               f"must lie in [0, schedule.steps={s.steps}]")
+        _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", s.min_lr_ratio, "must lie in [0, 1]")
+        _check(s.mode in ("summed", "alternating"), "schedule.mode", s.mode, "must be 'summed' or 'alternating'")
+        _check(0.0 <= s.iter_perc <= 1.0, "schedule.iter_perc", s.iter_perc, "must lie in [0, 1]")
+        _check(s.grad_accum >= 1, "schedule.grad_accum", s.grad_accum, "must be >= 1")
+        _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+        _check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", o.betas,
+               "must be two numbers in [0, 1)")
+        _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+        _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+        _check(o.new_param_lr_mult > 0, "optim.new_param_lr_mult", o.new_param_lr_mult, "must be > 0")
+        _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 turns clipping off)")
+        _check(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
+        _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+        _check(bool(c.resume), "checkpoint.resume", c.resume, "must be 'auto', 'none' or a checkpoint path")
+        _check(self.eval.every >= 0, "eval.every", self.eval.every, "must be >= 0 (0 turns evaluation off)")
+        _check(self.logging.every >= 1, "logging.every", self.logging.every, "must be >= 1")
+        _check(bool(self.out), "out", self.out, "must name a run folder (local path or s3://bucket/prefix)")
+        _check(bool(self.data.datasets) or self.data.synthetic, "data.datasets", self.data.datasets,
+               "must list at least one built dataset (a folder or s3:// prefix from `xvlm build-shards`)")
+        self.model.build()  # raises XvlmError on unknown presets / keys / bad values
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        for section in ("model", "data"):  # flatten: `model: {preset: tiny, box_head: ...}` as written by users
+            values = out[section]
+            values.update(values.pop("overrides"))
+        if out["model"]["init"] is None:
+            del out["model"]["init"]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return _build(cls, values, "").validate()
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise XvlmError(f"config {key}={value!r} {rule}")
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and converting scalar types."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise XvlmError(f"config section {where or 'top level'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls in (ModelSection, DataSection):
+        # Any key besides the section's own fields is an override of the model / loader config (checked there).
+        own = {k: v for k, v in values.items() if k in fields and k != "overrides"}
+        extra = {k: v for k, v in values.items() if k not in fields}
+        extra.update(values.get("overrides") or {})
+        own["overrides"] = extra
+        values = own
+        if cls is DataSection:
+            _check_loader_keys(extra, where)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        name = f"{where}." if where else ""
+        raise XvlmError(f"unknown config key {name}{unknown[0]}; valid keys{' in ' + where if where else ''}: "
+                        f"{sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _convert(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type hint; ints become floats where a float is wanted."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except XvlmError:
+                continue
+        raise XvlmError(f"config {key}={value!r}: expected {_describe(hint)}")
+    if origin is Literal:
+        if value not in args:
+            raise XvlmError(f"config {key}={value!r}: choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise XvlmError(f"config {key}={value!r}: expected a list of {len(args)} values")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if isinstance(value, str):  # a single shard path given on the command line
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise XvlmError(f"config {key}={value!r}: expected a list")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise XvlmError(f"config {key}={value!r}: expected a mapping")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise XvlmError(f"config {key}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise XvlmError(f"config {key}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise XvlmError(f"config {key}={value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise XvlmError(f"config {key}={value!r}: expected a string")
+        return value
+    return value
+
+
+def _describe(hint: Any) -> str:
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
+
+
+def _check_loader_keys(overrides: dict[str, Any], where: str) -> None:
+    """Name the valid loader keys early (the loader module validates values when the run builds it)."""
+    try:
+        from shards.loader_config import LoaderConfig
+    except ImportError:  # the loader is optional for config-only work; keys are checked when training starts
+        return
+    known = {f.name for f in dataclasses.fields(LoaderConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise XvlmError(f"unknown config key {where}.{unknown[0]}; valid keys in {where}: "
+                        f"{sorted(known | {'preset'})}")
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`schedule.steps=20` -> (["schedule", "steps"], 20); the value is parsed as a YAML scalar / flow value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise XvlmError(f"override {text!r} is not of the form dotted.key=value (e.g. schedule.steps=20)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise XvlmError(f"override {text!r}: the value is not valid YAML ({err})") from err
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the nested mapping `values` with each `a.b.c=value` applied in order."""
+    out = copy.deepcopy(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise XvlmError(f"override {text!r}: {'.'.join(path[:i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (local or s3://; None = the defaults), apply `key=value` overrides, validate."""
+    values: dict[str, Any] = {}
+    if path:
+        from shards import storage
+
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError as err:
+            raise XvlmError(f"config file {path} does not exist") from err
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise XvlmError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise XvlmError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return TrainConfig.from_dict(apply_overrides(values, list(overrides)))

@@ -1,0 +1,388 @@
+"""The training loop: `train(cfg)` runs X-VLM pretraining in one process, under torchrun, or in a Ray Train worker.
+
+Each optimizer step takes its batches from the loader's deterministic plan (the same on every rank, checked each
+step): `alternating` trains one batch (of whichever kind comes next) per micro-step; `summed` sums the losses of
+the region batches that precede an image-text batch with that batch's losses, as X2-VLM does. Gradient
+accumulation, clipping, bf16 autocast on GPU, DDP. A checkpoint holds everything that decides the next steps
+(weights, optimizer, scheduler, scaler, every rank's RNG states and loader position), so a killed run resumed with
+`checkpoint.resume=auto` repeats an uninterrupted run's losses bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model.io import model_from_bytes, model_to_bytes, load_model
+from model.xvlm import XVLM, build_model
+from shards import storage
+from shards.errors import XvlmError
+from train import checkpoint as ckpt
+from train import distributed
+from train.config import TrainConfig
+from train.metrics import MetricsLogger
+from train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+KINDS = ("region", "image_text")
+LOSS_NAMES = {"region": ("itc", "itm", "mlm", "bbox", "giou"), "image_text": ("itc", "itm", "mlm")}
+METRIC_KEYS = [f"{kind}/{name}" for kind in KINDS for name in LOSS_NAMES[kind]]
+MAX_REGION_BATCHES_PER_GROUP = 8   # summed mode: a group closes after this many region batches without image-text
+EvaluateFn = Callable[..., dict]
+
+
+# ---------------------------------------------------------------------------------------------- setup helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(cfg: TrainConfig, ctx: distributed.DistContext) -> None:
+    """Deterministic kernels on CPU (exact resume); one intra-op thread pool share per local process."""
+    if ctx.device.type == "cpu":
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size if ctx.distributed else 1))
+        if local > 1:  # several ranks on one machine must not oversubscribe its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU (precision auto or bf16), none on CPU."""
+    if device.type != "cuda":
+        if cfg.precision == "bf16":
+            raise XvlmError("precision=bf16 needs a GPU; use precision=auto or fp32 on CPU")
+        return None
+    return None if cfg.precision == "fp32" else torch.bfloat16
+
+
+def build_stream(cfg: TrainConfig, ctx: distributed.DistContext, model: XVLM):
+    """The batch source for this rank: the shards loader, or random in-memory batches (`data.synthetic`)."""
+    forced = {"image_res": model.config.image_res, "grid_stride": model.grid_stride,
+              "seed": cfg.schedule.seed, "iter_perc": cfg.schedule.iter_perc}
+    clash = sorted(k for k in forced if k in cfg.data.overrides and cfg.data.overrides[k] != forced[k])
+    if clash:
+        raise XvlmError(f"data.{clash[0]} is set by the trainer (image_res / grid_stride from the model, seed and "
+                        f"iter_perc from the schedule section); remove it from the data section")
+    loader_cfg = cfg.data.build(**forced)
+    if cfg.data.synthetic:
+        from train.synthetic_stream import SyntheticStream
+
+        return SyntheticStream(image_res=loader_cfg.image_res, grid=model.grid_size,
+                               vocab_size=model.config.vocab_size, max_tokens=loader_cfg.max_tokens,
+                               max_masks=loader_cfg.max_masks, image_text_batch_size=loader_cfg.image_text_batch_size,
+                               region_batch_size=loader_cfg.region_batch_size,
+                               region_max_images=loader_cfg.region_max_images, iter_perc=cfg.schedule.iter_perc,
+                               seed=cfg.schedule.seed, rank=ctx.rank)
+    from shards.loader import MultiGrainedLoader
+
+    return MultiGrainedLoader(cfg.data.datasets, loader_cfg, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def tensors_to(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (keys, sources and kind stay behind)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _skip_counts(stream: Any) -> dict[str, int]:
+    """The loader's counters of skipped samples by reason (empty when it keeps none)."""
+    for name in ("skip_counts", "skips"):
+        counts = getattr(stream, name, None)
+        if callable(counts):
+            counts = counts()
+        if isinstance(counts, dict):
+            return {str(k): int(v) for k, v in counts.items()}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule, loader and sinks of one run on one rank."""
+
+    def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext, stream: Any = None,
+                 evaluate: EvaluateFn | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        configure_determinism(cfg, ctx)
+        seed_everything(cfg.schedule.seed)  # the same initial weights on every rank
+        self.model = self._build_model().to(ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        self.amp_dtype = autocast_dtype(cfg, ctx.device)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)  # bf16 needs no loss scaling
+        self.stream = stream if stream is not None else build_stream(cfg, ctx, self.model)
+        self.evaluate = evaluate
+        self.step = 0
+        self.eval_results: dict[str, Any] = {}
+        # Dropout and ITM negatives differ per rank from here on; resume restores these states exactly.
+        seed_everything(cfg.schedule.seed + 1000 * (ctx.rank + 1))
+        resumed = self._resume()
+        self.ddp: nn.Module = self.model
+        if ctx.distributed:
+            # Region and image-text steps use different heads: unused parameters must be found each step.
+            self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                               find_unused_parameters=True)
+        self.batches = iter(self.stream)  # may draw from the global RNG (DataLoader): before the states are set
+        if resumed is not None:
+            ckpt.set_rng_state(resumed.rank_state["rng"])
+        self.metrics = MetricsLogger(cfg.out, cfg.schedule.steps, self.step, local_dir=cfg.logging.local_dir,
+                                     progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard,
+                                     enabled=ctx.is_main)
+
+    def _build_model(self) -> XVLM:
+        model_cfg = self.cfg.model.build()
+        if self.cfg.model.init:
+            model = load_model(self.cfg.model.init)
+            if model.config != model_cfg:
+                raise XvlmError(f"model.init {self.cfg.model.init} was saved with another model config than the "
+                                "model section describes; make them agree")
+            return model
+        return build_model(model_cfg)
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> ckpt.Checkpoint | None:
+        path = None
+        if self.ctx.is_main:
+            path = ckpt.resolve_resume(self.cfg.out, self.cfg.checkpoint.resume)
+            storage.abort_stale_uploads(ckpt.checkpoints_root(self.cfg.out))
+        path = distributed.broadcast_object(self.ctx, path)
+        if path is None:
+            if self.ctx.is_main:
+                log.info("starting a new run in %s", self.cfg.out)
+            return None
+        state = ckpt.load(path, self.ctx.rank, self.ctx.world_size)
+        saved = model_from_bytes(state.model_bytes, source=path)
+        if saved.config != self.model.config:
+            raise XvlmError(f"checkpoint {path} holds a model with another config than this run's model section; "
+                            "resume with the run's own config (its config.yaml) or start a new --out")
+        self.model.load_state_dict(saved.state_dict())
+        del saved
+        trainer = state.trainer
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        scheduler_state = dict(trainer["scheduler"])
+        scheduler_state.pop("lr_lambdas", None)  # the schedule's numbers come from this run's config
+        self.scheduler.load_state_dict(scheduler_state)
+        if trainer["scaler"]:
+            self.scaler.load_state_dict(trainer["scaler"])
+        self.stream.load_state_dict(state.rank_state["loader"])
+        self.step = state.step
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return state
+
+    # ------------------------------------------------------------------ one step
+    def _step_batches(self) -> list[dict[str, Any]]:
+        """The batches of the next optimizer step, from the loader's plan."""
+        out: list[dict[str, Any]] = []
+        for _ in range(self.cfg.schedule.grad_accum):
+            if self.cfg.schedule.mode == "alternating":
+                out.append(next(self.batches))
+                continue
+            regions = 0
+            while True:  # summed: region batches up to and including the next image-text batch
+                batch = next(self.batches)
+                out.append(batch)
+                if batch["kind"] == "image_text":
+                    break
+                regions += 1
+                if regions >= MAX_REGION_BATCHES_PER_GROUP:
+                    break
+        return out
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """Forward/backward over the step's batches, clip, optimizer and scheduler step. Returns local values."""
+        scale = 1.0 / self.cfg.schedule.grad_accum
+        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        counts = {kind: 0 for kind in KINDS}
+        total = 0.0
+        images = 0
+        self.ddp.train()
+        for i, batch in enumerate(batches):
+            kind = batch["kind"]
+            if kind not in LOSS_NAMES:
+                raise XvlmError(f"the loader yielded a batch of unknown kind {kind!r}")
+            last = i == len(batches) - 1
+            sync = self.ddp.no_sync() if (self.ctx.distributed and not last) else contextlib.nullcontext()
+            tensors = tensors_to(batch, self.ctx.device)
+            with sync:
+                with self._autocast():
+                    losses = self.ddp(kind, **tensors)
+                loss = sum(losses.values()) * scale
+                loss.backward()
+            values = {name: float(v.detach()) for name, v in losses.items()}
+            for name, value in values.items():
+                sums[METRIC_KEYS.index(f"{kind}/{name}")] += value
+            total += float(loss.detach())
+            counts[kind] += 1
+            images += int(tensors["image"].shape[0])
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else None
+        base_groups = [g for g in self.optimizer.param_groups if g.get("lr_scale", 1.0) == 1.0]
+        lr = (base_groups or self.optimizer.param_groups)[0]["lr"]  # the lr of pretrained-able parameters
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"sums": sums, "counts": counts, "loss": total, "images": images, "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None}
+
+    def _reduce(self, local: dict[str, Any]) -> dict[str, Any]:
+        """Means over ranks; fails when ranks disagree on the step's kinds (the plan must be shared)."""
+        counts = [local["counts"][k] for k in KINDS]
+        vec = torch.cat([local["sums"], torch.tensor(counts + [local["loss"], local["images"]], dtype=torch.float64)])
+        if self.ctx.distributed:
+            dev = self.ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            kinds = torch.tensor(counts + [-c for c in counts], dtype=torch.int64, device=dev)
+            dist.all_reduce(kinds, op=dist.ReduceOp.MAX)
+            if kinds[:2].tolist() != [-v for v in kinds[2:].tolist()]:
+                raise XvlmError(f"ranks disagree on the kinds of step {self.step + 1}: the loader's plan must be the "
+                                "same on every rank (same seed and iter_perc everywhere)")
+            vec = vec.to(dev)
+            dist.all_reduce(vec)
+            vec = vec.cpu()
+        world = self.ctx.world_size
+        n = len(METRIC_KEYS)
+        losses = {}
+        for kind_i, kind in enumerate(KINDS):
+            c = counts[kind_i]
+            if c == 0:
+                continue
+            for name in LOSS_NAMES[kind]:
+                j = METRIC_KEYS.index(f"{kind}/{name}")
+                losses[f"{kind}/{name}"] = float(vec[j]) / (c * world)
+        return {"losses": losses, "loss": float(vec[n + 2]) / world, "images": int(vec[n + 3]),
+                "kinds": {k: counts[i] for i, k in enumerate(KINDS)}}
+
+    # ------------------------------------------------------------------ checkpoints and evaluation
+    def save_checkpoint(self) -> str:
+        path = ckpt.checkpoint_path(self.cfg.out, self.step)
+        if self.ctx.is_main:
+            ckpt.prepare_folder(path)
+        distributed.barrier(self.ctx)
+        error = None
+        try:
+            ckpt.write_rank_state(path, self.ctx.rank, self.stream.state_dict())
+            if self.ctx.is_main:
+                ckpt.write_main_state(path, model_bytes=model_to_bytes(self.model), optimizer=self.optimizer,
+                                      scheduler=self.scheduler, scaler=self.scaler, step=self.step,
+                                      extra={"eval": self.eval_results}, config_yaml=self.cfg.to_yaml())
+        except Exception as err:  # noqa: BLE001 - every rank must learn that the checkpoint failed
+            error = err
+        if not distributed.all_ok(self.ctx, error is None):
+            raise XvlmError(f"checkpoint step {self.step} failed on at least one rank"
+                            + (f": {error}" if error else "")) from error
+        if self.ctx.is_main:
+            self.metrics.sync()
+            ckpt.commit(path, self.step, self.ctx.world_size)
+            for removed in ckpt.prune(self.cfg.out, self.cfg.checkpoint.keep):
+                log.info("removed old checkpoint %s", removed)
+        return path
+
+    def maybe_evaluate(self) -> dict[str, Any] | None:
+        every = self.cfg.eval.every
+        if not every or self.step % every or not self.cfg.eval.datasets:
+            return None
+        fn = self.evaluate
+        if fn is None:
+            try:
+                from train.evaluate import evaluate as fn
+            except ImportError:
+                log.warning("eval.every is set but train.evaluate is not available; skipping evaluation")
+                return None
+        saved = ckpt.rng_state()  # evaluation must not shift the training RNG streams
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                result = fn(self.model, self.cfg, self.ctx.device)
+        finally:
+            self.model.train()
+            ckpt.set_rng_state(saved)
+        self.eval_results = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float))}
+        return self.eval_results
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        total_steps = cfg.schedule.steps
+        if self.ctx.is_main:
+            storage.write_text(storage.join(cfg.out, "config.yaml"), cfg.to_yaml())
+        start_step = self.step
+        start = time.perf_counter()
+        data_wait_total = 0.0
+        last = {}
+        tick = time.perf_counter()
+        while self.step < total_steps:
+            t0 = time.perf_counter()
+            batches = self._step_batches()
+            waited = time.perf_counter() - t0
+            local = self.train_step(batches)
+            reduced = self._reduce(local)
+            self.step += 1
+            now = time.perf_counter()
+            elapsed, tick = now - tick, now
+            data_wait_total += waited
+            if not all(math.isfinite(v) for v in reduced["losses"].values()):
+                raise XvlmError(f"a loss is not finite at step {self.step}: {reduced['losses']} "
+                                "(lower optim.lr or check the data)")
+            entry = {"step": self.step, "loss": reduced["loss"], "losses": reduced["losses"], "lr": local["lr"],
+                     "kinds": reduced["kinds"], "grad_norm": local["grad_norm"],
+                     "samples_per_s": reduced["images"] / elapsed if elapsed > 0 else None,
+                     "data_wait_frac": waited / elapsed if elapsed > 0 else None,
+                     "skips": _skip_counts(self.stream), "time": time.time()}
+            evaluated = self.maybe_evaluate()
+            if evaluated is not None:
+                entry["eval"] = evaluated
+            if self.step % cfg.logging.every == 0 or self.step == total_steps:
+                postfix = {"loss": f"{reduced['loss']:.3f}", "lr": f"{local['lr']:.2e}",
+                           "img/s": f"{entry['samples_per_s'] or 0:.1f}", "wait": f"{entry['data_wait_frac'] or 0:.0%}"}
+            else:
+                postfix = None
+            self.metrics.log(entry, postfix)
+            last = entry
+            if self.step % cfg.checkpoint.every == 0 or self.step == total_steps:
+                self.save_checkpoint()
+        wall = time.perf_counter() - start
+        self.metrics.close()
+        steps_run = self.step - start_step
+        return {"steps": self.step, "steps_run": steps_run, "start_step": start_step, "wall_s": wall,
+                "data_wait_frac": data_wait_total / wall if wall > 0 else 0.0, "last": last,
+                "eval": self.eval_results, "out": cfg.out,
+                "checkpoint": ckpt.checkpoint_path(cfg.out, self.step) if steps_run or start_step else None}
+
+
+def train(cfg: TrainConfig, *, device: torch.device | str | None = None, stream: Any = None,
+          evaluate: EvaluateFn | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary (steps, wall time, last metrics, eval results, out).
+
+    Works in one process, under torchrun (RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU) and in a Ray
+    Train worker whose process group is already set up. `stream` replaces the loader (anything with __iter__,
+    state_dict and load_state_dict yielding batches per docs/batches.md); `evaluate(model, cfg, device) -> dict`
+    replaces train.evaluate.evaluate for the periodic evaluation (`eval.every`).
+    """
+    cfg.validate()
+    ctx = distributed.setup(device)
+    try:
+        trainer = Trainer(cfg, ctx, stream=stream, evaluate=evaluate)
+        return trainer.run()
+    finally:
+        distributed.teardown(ctx)
