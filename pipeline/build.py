@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.group import count_groups, group_images, iter_groups, load_accounting, reject_files
+from pipeline.group import GroupConfig, count_groups, group_images, iter_groups, load_accounting, reject_files
 from pipeline.images import ImageConfig, ImageReader, ImageReject, annotation_scale, map_box, normalize_image
 from pipeline.records import ImageGroup, RecordRef, Reject
-from pipeline.stage import stage_sources
+from pipeline.stage import StageConfig, stage_sources
 from shards import storage
 from shards.errors import XvlmError
 from shards.format import DEFAULT_SHARD_PREFIX, FORMAT_VERSION, shard_name, valid_key
@@ -279,9 +279,9 @@ class Grouped:
 
 
 def _stage_and_group(config: BuildConfig, work_dir: str) -> Grouped:
-    stage = stage_sources(config.sources, work_dir)
+    stage = stage_sources(config.sources, work_dir, StageConfig(progress=config.progress))
     rows = sum(sum(kinds.values()) for kinds in stage.inputs.values())
-    partitions = group_images(work_dir, max(1, -(-rows // GROUP_TARGET_ROWS)))
+    partitions = group_images(work_dir, max(1, -(-rows // GROUP_TARGET_ROWS)), GroupConfig(progress=config.progress))
     return Grouped(partitions, sum(count_groups(p) for p in partitions), load_accounting(work_dir),
                    reject_files(work_dir))
 

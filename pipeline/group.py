@@ -249,8 +249,8 @@ def _frame_scale(primary: tuple, other: tuple, tolerance: float) -> tuple[float,
 
 
 def _group_images(images: pa.Table, tolerance: float):
-    """Decide the sample of every key: its primary listing, merged listings, and which (key, source) annotation
-    sets are accepted (with their box scale). Returns (group rows, status table, image reject rows)."""
+    """Decide the sample of every key: its primary listing, merged listings, and which (key, source, source_id)
+    annotation sets are accepted (with their box scale). Returns (group rows, status table, image reject rows)."""
     images = images.sort_by([("key", "ascending"), ("source", "ascending"), ("seq", "ascending")])
     col = {name: images.column(name).to_pylist() for name in images.column_names}
     keys = col["key"]
@@ -264,16 +264,19 @@ def _group_images(images: pa.Table, tolerance: float):
         while j < n and keys[j] == keys[i]:
             j += 1
         p = i
-        accepted = {col["source"][p]: p}
-        refused: set[str] = set()
+        # Listings are told apart by (source, source_id): the same id again is a repeat; another id under the same
+        # key (a VG image of a COCO image) is another listing of the picture, merged with its own box scale.
+        accepted = {(col["source"][p], col["source_id"][p]): p}
+        refused: set[tuple[str, str]] = set()
         records = [(col["source"][p], "image", col["file"][p], col["where"][p])]
         frame = (col["width"][p], col["height"][p])
-        scales = {col["source"][p]: (1.0, 1.0)}
+        scales = {(col["source"][p], col["source_id"][p]): (1.0, 1.0)}
         for r in range(i + 1, j):
             source = col["source"][r]
+            ident = (source, col["source_id"][r])
             ref = (source, "image", col["file"][r], col["where"][r])
-            if source in accepted:
-                first = accepted[source]
+            if ident in accepted:
+                first = accepted[ident]
                 same = all(col[c][r] == col[c][first] for c in ("image_path", "width", "height", "byte_offset"))
                 if same:
                     records.append(ref)  # the same image listed twice: one sample, both listings written
@@ -281,32 +284,32 @@ def _group_images(images: pa.Table, tolerance: float):
                     rejects.append((*ref, "duplicate_record",
                                     f"image id {col['source_id'][r]} is listed again with another file or size; "
                                     f"the listing at {col['file'][first]}#{col['where'][first]} is used"))
-            elif source in refused:
+            elif ident in refused:
                 rejects.append((*ref, "image_size_mismatch", "another listing of this image was refused already"))
             else:
                 scale = _frame_scale(frame, (col["width"][r], col["height"][r]), tolerance)
                 if scale is None:
-                    refused.add(source)
+                    refused.add(ident)
                     rejects.append((*ref, "image_size_mismatch",
                                     f"{source} frame {col['width'][r]}x{col['height'][r]} vs "
                                     f"{col['source'][p]} frame {frame[0]}x{frame[1]}: aspect ratios disagree"))
                 else:
-                    accepted[source] = r
-                    scales[source] = scale
+                    accepted[ident] = r
+                    scales[ident] = scale
                     records.append(ref)
-        for source, (sx, sy) in scales.items():
-            status_keys.append(f"{keys[i]}\x00{source}")
+        for (source, source_id), (sx, sy) in scales.items():
+            status_keys.append(f"{keys[i]}\x00{source}\x00{source_id}")
             status_state.append("ok")
             status_sx.append(sx)
             status_sy.append(sy)
-        for source in refused:
-            status_keys.append(f"{keys[i]}\x00{source}")
+        for source, source_id in sorted(refused):
+            status_keys.append(f"{keys[i]}\x00{source}\x00{source_id}")
             status_state.append("mismatch")
             status_sx.append(1.0)
             status_sy.append(1.0)
         coco_id = next((col["coco_id"][r] for r in accepted.values() if col["coco_id"][r] is not None), None)
         groups.append({
-            "key": keys[i], "source": "+".join(sorted(accepted)), "source_id": col["source_id"][p],
+            "key": keys[i], "source": "+".join(sorted({source for source, _ in accepted})), "source_id": col["source_id"][p],
             "coco_id": coco_id, "image_path": col["image_path"][p], "byte_offset": col["byte_offset"][p],
             "byte_size": col["byte_size"][p], "ann_width": frame[0], "ann_height": frame[1],
             "images": [dict(zip(("source", "kind", "file", "where"), rec)) for rec in records],
@@ -345,14 +348,15 @@ def _group_annotations(anns: pa.Table, status: pa.Table, rejects: _Rejects) -> p
     """Accepted, deduplicated, rescaled annotations sorted by (key, source, seq); rejects the others."""
     if anns.num_rows == 0:
         return anns.append_column("status_index", pa.array([], pa.int32()))
-    composite = pc.binary_join_element_wise(anns.column("key"), anns.column("source"), "\x00")
+    composite = pc.binary_join_element_wise(anns.column("key"), anns.column("source"), anns.column("source_id"),
+                                            "\x00")
     index = pc.index_in(composite, value_set=status.column("status_key"))
     anns = anns.append_column("status_index", index)
     unknown = pc.is_null(index)
     if pc.any(unknown).as_py():
         missing = anns.filter(unknown)
         rejects.add_table(_reject_table(missing, "no_image_record", pc.binary_join_element_wise(
-            "image id ", missing.column("source_id"), " is not in the release's image list", "")))
+            "image id ", missing.column("source_id"), " is not in the release's image list (or its listing was rejected)", "")))
         anns = anns.filter(pc.invert(unknown))
     state = pc.take(status.column("state"), anns.column("status_index"))
     refused = pc.equal(state, "mismatch")
@@ -362,7 +366,7 @@ def _group_annotations(anns: pa.Table, status: pa.Table, rejects: _Rejects) -> p
         anns = anns.filter(pc.invert(refused))
     # Exact repeats of a record of the same image (same source, kind, text, box, attributes) are duplicates.
     anns = anns.append_column("attributes_text", pc.binary_join(anns.column("attributes"), "\x1f"))
-    identity = ["key", "source", "kind", "text", "x", "y", "w", "h", "attributes_text"]
+    identity = ["key", "source", "source_id", "kind", "text", "x", "y", "w", "h", "attributes_text"]
     anns = anns.sort_by([(c, "ascending") for c in identity] + [("seq", "ascending")])
     duplicate = _previous_equal(anns, identity)
     if duplicate.any():

@@ -100,7 +100,9 @@ class ImageReader:
             if attempt == 1 or self._tar_path != tar_path:
                 self._open_tar(tar_path)
             try:
-                for info in self._tar:
+                # next() rather than `for info in tar`: a new for-loop would restart at the first member.
+                while (info := self._tar.next()) is not None:
+                    self._tar.members.clear()   # stream mode keeps every header otherwise
                     if info.name != member:
                         continue
                     if not info.isfile() or info.name.startswith("/") or ".." in info.name.split("/"):

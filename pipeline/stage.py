@@ -90,21 +90,18 @@ class _TableWriter:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.tmp = path + ".tmp"
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
-        self.columns: dict[str, list] = {name: [] for name in schema.names}
-        self.rows = 0
+        self.rows: list[tuple] = []
 
     def add(self, row: tuple) -> None:
-        for column, value in zip(self.columns.values(), row):
-            column.append(value)
-        self.rows += 1
-        if len(self.columns["source"]) >= self.batch_rows:
+        self.rows.append(row)
+        if len(self.rows) >= self.batch_rows:
             self.flush()
 
     def flush(self) -> None:
-        if self.columns["source"]:
-            self.writer.write_table(pa.table(self.columns, schema=self.schema))
-            for column in self.columns.values():
-                column.clear()
+        if self.rows:
+            columns = [pa.array(values, type=f.type) for values, f in zip(zip(*self.rows), self.schema)]
+            self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+            self.rows = []
 
     def close(self) -> None:
         self.flush()

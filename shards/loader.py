@@ -222,8 +222,7 @@ class MultiGrainedLoader:
             batch["skips"] = self.skips()
             self._log_skips(batch["skips"])
             yield batch
-        if self._done >= len(self):
-            self.set_epoch(self.epoch + 1)
+        # The finished epoch's counters stay readable (stats(), state_dict()) until the next iteration starts.
 
     def skips(self) -> dict[str, int]:
         """Skipped samples by reason in this rank's current epoch, summed over workers."""
@@ -277,7 +276,8 @@ class MultiGrainedLoader:
             raise XvlmError("the loader state was saved for other datasets (shard lists or contents differ); "
                             "resume with the same datasets in the same order")
         if state["rank"] != self.rank:
-            log.warning("loader state of rank %d loaded on rank %d; positions are per rank", state["rank"], self.rank)
+            raise XvlmError(f"the loader state belongs to rank {state['rank']}, this loader is rank {self.rank}: "
+                            f"every rank saves and restores its own loader state")
         self.epoch = int(state["epoch"])
         self._done = int(state["batches_done"])
         self._states = [dict(s) for s in state["workers"]]

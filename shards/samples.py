@@ -101,10 +101,12 @@ def _open_checked(image: bytes | Image.Image, meta: dict) -> Image.Image:
     return opened
 
 
-def _pixels(view, opened: Image.Image, crop: boxes.Crop, flipped: bool, rng: np.random.Generator,
-            config: LoaderConfig) -> torch.Tensor:
+def _pixels(view, image: bytes | Image.Image, opened: Image.Image, crop: boxes.Crop, flipped: bool,
+            rng: np.random.Generator, config: LoaderConfig) -> torch.Tensor:
+    # draft() shrinks the image object in place: only use it on an image we opened ourselves from bytes
+    own = not isinstance(image, Image.Image)
     try:
-        return view(opened, crop, flipped, rng, config)
+        return view(opened, crop, flipped, rng, config, use_draft=own)
     except DECODE_ERRORS as exc:
         raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
 
@@ -132,7 +134,7 @@ def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng:
     flipped = bool(rng.random() < config.hflip_prob)
     if flipped and config.swap_left_right:
         caption = text.swap_left_right(caption)
-    pixels = _pixels(augment.image_text_view, opened, crop, flipped, rng, config)
+    pixels = _pixels(augment.image_text_view, image, opened, crop, flipped, rng, config)
     rows = _encode_rows([caption], rng, config)
     return {"kind": "image_text", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
             "image": pixels, **{name: value[0] for name, value in rows.items()},
@@ -201,7 +203,7 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
         masks.append(boxes.patch_mask(out_box, res, grid))
         is_image.append(False)
 
-    pixels = _pixels(augment.region_view, opened, crop, flipped, rng, config)
+    pixels = _pixels(augment.region_view, image, opened, crop, flipped, rng, config)
     encoded = _encode_rows(texts, rng, config)
     return {"kind": "region", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
             "image": pixels, **encoded,

@@ -52,9 +52,10 @@ def _unsafe(info: tarfile.TarInfo) -> str:
 
 
 def iter_range(shard: ShardIndex, start: int, count: int, needed: set[int] | None = None,
-               open_read=storage.open_read) -> Iterator[RawSample | Skipped]:
+               open_read=None) -> Iterator[RawSample | Skipped]:
     """Samples start .. start+count-1 of `shard`, in tar order. With `needed`, only those sample numbers are
     yielded (others are read past without being returned). Never raises for damaged data."""
+    open_read = open_read or storage.open_read
     stop = start + count
     pos = start
     size_checked = False

@@ -79,6 +79,9 @@ def load_vocab(folder: str) -> Vocab:
     if not any(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.txt", "tokenizer.json")):
         raise XvlmError(f"tokenizer folder {folder!r} holds neither vocab.txt nor tokenizer.json; point the "
                         "loader's `tokenizer` at a BERT WordPiece tokenizer folder")
+    # One short text per call gains nothing from the Rust thread pool, and a pool used before DataLoader
+    # workers fork makes `tokenizers` disable itself with a warning in every worker.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import BertTokenizerFast
     try:
         tok = BertTokenizerFast.from_pretrained(folder, local_files_only=True)

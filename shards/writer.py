@@ -95,6 +95,11 @@ class ShardWriter:
             except BaseException as err:
                 self._atomic.__exit__(type(err), err, err.__traceback__)
                 raise
+        else:
+            # Abandon the tar without writing its end blocks into the aborted upload (tarfile would try on close
+            # or garbage collection).
+            self._tar.fileobj.closed = True
+            self._tar.closed = True
         self._atomic.__exit__(exc_type, exc, tb)
         if exc_type is None:
             name = self.path.rstrip("/").rsplit("/", 1)[-1]

@@ -19,10 +19,14 @@ SHAPES = ["circle", "square", "triangle"]
 
 
 def make_sample(key: str, source: str, rng: np.random.Generator, size: tuple[int, int] = (96, 72),
-                captions: bool = True, regions: int = 2) -> tuple[bytes, dict]:
-    """A JPEG with coloured boxes and its sample JSON (captions and region/object boxes inside the image)."""
+                captions: bool = True, regions: int = 2, noise: bool = False) -> tuple[bytes, dict]:
+    """A JPEG with coloured boxes and its sample JSON (captions and region/object boxes inside the image);
+    `noise` fills the background with noise, which makes large (slow to stream) JPEGs."""
     width, height = size
-    image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 255, 3)))
+    if noise:
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    else:
+        image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 255, 3)))
     draw = ImageDraw.Draw(image)
     meta_regions = []
     for i in range(regions):
@@ -35,14 +39,15 @@ def make_sample(key: str, source: str, rng: np.random.Generator, size: tuple[int
         meta_regions.append({"bbox": [x, y, w, h], "text": text, "kind": kind,
                              "attributes": [color] if kind == "object" else []})
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
+    image.save(buf, format="JPEG", quality=95 if noise else 85)
     meta = {"key": key, "source": source, "source_id": key.split("-", 1)[1], "width": width, "height": height,
             "captions": [f"{key} a picture of shapes on the right"] if captions else [], "regions": meta_regions}
     return buf.getvalue(), meta
 
 
 def make_dataset(out: str, samples: int = 40, per_shard: int = 10, sources: tuple[str, ...] = ("coco",),
-                 seed: int = 0, size: tuple[int, int] = (96, 72), format_version: str | None = None) -> str:
+                 seed: int = 0, size: tuple[int, int] = (96, 72), format_version: str | None = None,
+                 noise: bool = False) -> str:
     """Write `samples` samples (keys SOURCE-000000..., sorted) into shards of `per_shard`; returns `out`."""
     rng = np.random.default_rng(seed)
     storage.makedirs(out)
@@ -53,7 +58,7 @@ def make_dataset(out: str, samples: int = 40, per_shard: int = 10, sources: tupl
         with ShardWriter(storage.join(out, name)) as writer:
             for key in keys[first:first + per_shard]:
                 source = key.split("-", 1)[0]
-                jpeg, meta = make_sample(key, source, rng, size=size)
+                jpeg, meta = make_sample(key, source, rng, size=size, noise=noise)
                 offset = writer.write(key, jpeg, meta)
                 counts[source].add_written("image")
                 rows.append({"key": key, "shard": name, "offset": offset, "source": source, "width": size[0],
@@ -103,3 +108,12 @@ def truncate_shard(dataset_dir: str, shard: str, keep_fraction: float = 0.5) -> 
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(int(size * keep_fraction))
+
+
+def upload(local_dir: str, prefix: str) -> str:
+    """Copy a dataset folder to an s3:// prefix (manifest last, as the builder does); returns the prefix."""
+    names = sorted(os.listdir(local_dir), key=lambda n: n == "manifest.json")
+    for name in names:
+        with open(os.path.join(local_dir, name), "rb") as f:
+            storage.write_bytes(storage.join(prefix, name), f.read())
+    return prefix

@@ -128,3 +128,92 @@ def test_box_iou_matches_torchvision():
     assert torch.allclose(box_iou_pairs(pred, target), expected, atol=1e-6)
     with pytest.raises(XvlmError, match="zero region"):
         grounding_accuracy(torch.zeros(0, 4), torch.zeros(0, 4))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """A 12-image held-out dataset (2 shards) with one damaged image, and a tokenizer folder."""
+    from pathlib import Path
+
+    from shardkit import corrupt_member, make_dataset
+    from tools.sample_data import write_tokenizer
+
+    root = tmp_path_factory.mktemp("heldout")
+    dataset = make_dataset(str(root / "val"), samples=12, per_shard=6, size=(96, 72))
+    corrupt_member(dataset, "shard-000001.tar", "coco-000007", "jpg")
+    write_tokenizer(Path(root / "tokenizer"))
+    return dataset, str(root / "tokenizer")
+
+
+def tiny_model(box_head: str = "xvlm"):
+    from model.config import preset
+    from model.xvlm import build_model
+
+    torch.manual_seed(0)
+    return build_model(preset("tiny", box_head=box_head))
+
+
+def test_load_eval_set_counts_and_skips(held_out):
+    from train.evaluate import load_eval_set
+
+    dataset, tokenizer = held_out
+    data = load_eval_set(dataset, image_res=64, tokenizer=tokenizer, max_words=16, max_tokens=16, progress=False)
+    assert len(data.keys) == 11 and "coco-000007" not in data.keys
+    assert data.skipped == {"corrupt_image": 1}
+    assert data.images.shape == (11, 3, 64, 64) and data.images.dtype == torch.uint8
+    assert data.caption_ids.shape == (11, 16) and data.caption_image.tolist() == list(range(11))
+    assert data.region_ids.shape[0] == 22 and data.region_boxes.shape == (22, 4)
+    assert bool((data.region_boxes > 0).all() and (data.region_boxes <= 1).all())
+    # objects carry their attributes in front of the name, as in training
+    assert any(len(t.split()) == 2 for t in data.region_texts)
+    limited = load_eval_set(dataset, image_res=64, tokenizer=tokenizer, max_images=4, progress=False)
+    assert len(limited.keys) == 4
+
+
+def test_evaluate_tiny_model_end_to_end(held_out):
+    from train.evaluate import EvalConfig, evaluate
+
+    dataset, tokenizer = held_out
+    cfg = EvalConfig(k_test=4, batch_size=5, tokenizer=tokenizer, max_words=16, max_tokens=16, progress=False)
+    for box_head in ("xvlm", "softargmax"):
+        model = tiny_model(box_head)
+        model.train()
+        first = evaluate(model, [dataset], cfg)
+        assert model.training, "evaluate must restore the model's mode"
+        assert first["images"] == 11 and first["captions"] == 11 and first["regions"] == 22
+        for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "itc_i2t_r1", "grounding_acc",
+                    "grounding_miou", "grounding_acc_constant_box"):
+            assert 0.0 <= first[key] <= 1.0, key
+        assert first["i2t_r1"] <= first["i2t_r5"] <= first["i2t_r10"]
+        assert first["skipped"] == {"corrupt_image": 1}
+        # deterministic: no augmentation, dropout off
+        assert evaluate(model, [dataset], cfg) == first
+
+
+def test_evaluate_from_a_train_config(held_out):
+    """The trainer's periodic evaluation passes its TrainConfig: eval.datasets and the data section's tokenizer."""
+    from train.config import load_config
+    from train.evaluate import evaluate
+
+    dataset, tokenizer = held_out
+    cfg = load_config(None, ["data.synthetic=true", f"data.tokenizer={tokenizer}", f"eval.datasets=[{dataset}]",
+                             "eval.every=1", "eval.max_samples=6", "eval.options={k_test: 3}"])
+    result = evaluate(tiny_model(), cfg, "cpu")
+    assert result["images"] == 6 and result["k_test"] == 3
+
+
+def test_evaluate_errors(held_out, tmp_path):
+    from train.evaluate import EvalConfig, evaluate
+
+    dataset, tokenizer = held_out
+    with pytest.raises(XvlmError, match="tokenizer"):
+        evaluate(tiny_model(), [dataset], EvalConfig())
+    with pytest.raises(XvlmError, match="does not exist"):
+        evaluate(tiny_model(), [str(tmp_path / "missing")], EvalConfig(tokenizer=tokenizer))
+    with pytest.raises(XvlmError, match="unknown eval option"):
+        evaluate(tiny_model(), [dataset], {"k": 3})
+    with pytest.raises(XvlmError, match="k_test"):
+        EvalConfig(k_test=0)

@@ -119,7 +119,8 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------- masking statistics
 
 SINGLE_PIECE_WORDS = ("a man in a red shirt rides a brown horse across the green field near the old barn while "
-                      "two dogs run beside him under a blue sky with white clouds and the sun sets behind hills").split()
+                      "two dogs run beside him under a blue sky with white clouds and the sun sets behind the hills of the "
+                      "quiet little town").split()
 
 
 def _encode_many(vocab, texts, seeds, **kw):

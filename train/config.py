@@ -149,7 +149,16 @@ class TrainConfig:
         _check(bool(self.out), "out", self.out, "must name a run folder (local path or s3://bucket/prefix)")
         _check(bool(self.data.datasets) or self.data.synthetic, "data.datasets", self.data.datasets,
                "must list at least one built dataset (a folder or s3:// prefix from `xvlm build-shards`)")
-        self.model.build()  # raises XvlmError on unknown presets / keys / bad values
+        try:
+            self.model.build()
+        except XvlmError as err:
+            raise XvlmError(f"config model section: {err}") from err
+        try:
+            self.data.build()
+        except ImportError:  # the loader is optional for config-only work; checked again when training starts
+            pass
+        except XvlmError as err:
+            raise XvlmError(f"config data section: {err}") from err
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -279,8 +288,8 @@ def _check_loader_keys(overrides: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(LoaderConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise XvlmError(f"unknown config key {where}.{unknown[0]}; valid keys in {where}: "
-                        f"{sorted(known | {'preset'})}")
+        own = {f.name for f in dataclasses.fields(DataSection)} - {"overrides"}
+        raise XvlmError(f"unknown config key {where}.{unknown[0]}; valid keys in {where}: {sorted(known | own)}")
 
 
 # ---------------------------------------------------------------------------------------------- overrides

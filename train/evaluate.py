@@ -5,11 +5,13 @@ The metric functions take plain tensors and are tested on known answers; `evalua
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torchvision.ops import box_convert
 
@@ -29,6 +31,10 @@ class EvalConfig:
     iou_threshold: float = 0.5       # a grounding counts when IoU >= this
     max_images: int | None = None    # evaluate on the first N held-out images only (None: all)
     progress: bool = True            # tqdm bars
+    # Text handling when evaluating dataset paths (the run's loader settings; the trainer passes its own).
+    tokenizer: str = ""              # local BERT WordPiece tokenizer folder
+    max_words: int = 40
+    max_tokens: int = 40
 
     def __post_init__(self) -> None:
         if self.k_test < 1:
@@ -127,3 +133,314 @@ def grounding_accuracy(pred: torch.Tensor, target: torch.Tensor, threshold: floa
     if pred.shape[0] == 0:
         raise XvlmError("grounding accuracy over zero region texts: the held-out split has no boxes")
     return float((box_iou_pairs(pred, target) >= threshold).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- held-out data
+
+
+@dataclass
+class EvalSet:
+    """A held-out split in memory: every image plainly resized to R x R (no augmentation), every caption and every
+    box text tokenised. Retrieval uses the images with captions; grounding uses every usable box text."""
+
+    keys: list[str]
+    images: torch.Tensor             # uint8 [N, 3, R, R]
+    caption_ids: torch.Tensor        # int64 [Nc, T]
+    caption_atts: torch.Tensor       # int64 [Nc, T]
+    caption_image: torch.Tensor      # int64 [Nc]: the image each caption describes
+    region_ids: torch.Tensor         # int64 [Nr, T]
+    region_atts: torch.Tensor        # int64 [Nr, T]
+    region_image: torch.Tensor       # int64 [Nr]
+    region_boxes: torch.Tensor       # float32 [Nr, 4]: (cx, cy, w, h) / image size, in [0, 1]
+    captions: list[str]
+    region_texts: list[str]
+    skipped: dict[str, int]          # reason -> count of shard samples / texts / boxes left out
+
+    @property
+    def retrieval_images(self) -> torch.Tensor:
+        """Indices of the images that have at least one caption (the retrieval gallery)."""
+        return torch.unique(self.caption_image)
+
+
+@dataclass
+class _TextRows:
+    """Texts of one kind (captions or box texts) as they are read: clean text, token ids, image index."""
+
+    texts: list[str] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+    image: list[int] = field(default_factory=list)
+
+    def add(self, clean: str, ids: list[int], image: int) -> None:
+        self.texts.append(clean)
+        self.ids.append(ids)
+        self.image.append(image)
+
+    def tensors(self, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, atts) int64 [n, max_tokens], padded with 0."""
+        ids = torch.zeros(len(self.ids), max_tokens, dtype=torch.int64)
+        atts = torch.zeros(len(self.ids), max_tokens, dtype=torch.int64)
+        for i, row in enumerate(self.ids):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+            atts[i, :len(row)] = 1
+        return ids, atts
+
+
+def _held_out_samples(datasets: list) -> Iterator:
+    """Every planned sample of the datasets' shards in index order: RawSample or Skipped (damage never stops it)."""
+    from shards.tar_stream import iter_range
+
+    for dataset in datasets:
+        for shard in dataset.shards:
+            yield from iter_range(shard, 0, shard.samples)
+
+
+def load_eval_set(datasets: str | Sequence[str], *, image_res: int, tokenizer: str, max_words: int = 40,
+                  max_tokens: int = 40, max_images: int | None = None, progress: bool = True) -> EvalSet:
+    """Read held-out shards (built datasets: folders or s3:// prefixes) in index order, deterministically.
+
+    Damaged samples, images whose size disagrees with their JSON, texts that pre_caption empties and boxes outside
+    the image are left out and counted in `skipped` by reason (and logged), never dropped silently. `max_images`
+    limits how many shard samples are read.
+    """
+    from tqdm import tqdm
+
+    from shards import augment, text
+    from shards.dataset import open_datasets
+    from shards.samples import DECODE_ERRORS, SkipSample, parse_meta, region_text, usable_box
+
+    paths = [datasets] if isinstance(datasets, str) else list(datasets)
+    opened = open_datasets(paths)
+    vocab = text.load_vocab(tokenizer)
+    total = sum(d.samples for d in opened) if max_images is None else min(max_images, sum(d.samples for d in opened))
+    keys: list[str] = []
+    images: list[torch.Tensor] = []
+    captions = _TextRows()
+    regions = _TextRows()
+    region_boxes: list[list[float]] = []
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str, key: str = "", detail: object = "") -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if key:
+            log.warning("eval data: leaving out %s (%s): %s", key, reason, detail)
+
+    def encode(raw: str) -> tuple[str, list[int]] | None:
+        try:
+            clean = text.pre_caption(raw, max_words)
+            return clean, text.token_ids(clean, vocab, max_tokens)
+        except text.EmptyText:
+            return None
+
+    for item in tqdm(itertools.islice(_held_out_samples(opened), total), total=total, desc="eval data",
+                     unit="img", disable=not progress, leave=False):
+        if not hasattr(item, "files"):       # Skipped: a damaged member or a truncated shard
+            skip(item.reason, item.key, item.detail)
+            continue
+        try:
+            if "jpg" not in item.files or "json" not in item.files:
+                raise SkipSample("missing_member", "the sample lacks its jpg or json member")
+            meta = parse_meta(item.files["json"])
+            image = augment.open_image(item.files["jpg"])
+            width, height = image.size
+            if (meta.get("width"), meta.get("height")) != (width, height):
+                raise SkipSample("size_mismatch", f"image is {width}x{height}, its json says "
+                                                  f"{meta.get('width')}x{meta.get('height')}")
+            # Deterministic: the whole image, resized to R x R (aspect not kept, as the region crops in training).
+            pixels = augment.crop_resize(image, (0, 0, width, height), image_res, image_res)
+        except SkipSample as err:
+            skip(err.reason, item.key, err.detail)
+            continue
+        except DECODE_ERRORS as err:
+            skip("corrupt_image", item.key, err)
+            continue
+        index = len(keys)
+        keys.append(item.key)
+        images.append(torch.from_numpy(np.asarray(pixels, dtype=np.uint8).copy()).permute(2, 0, 1))
+        for raw in meta.get("captions") or []:
+            encoded = encode(str(raw))
+            if encoded is None:
+                skip("empty_caption")
+                continue
+            captions.add(*encoded, index)
+        for region in meta.get("regions") or []:
+            box = usable_box(region.get("bbox"), width, height)
+            encoded = encode(region_text(region))
+            if box is None or encoded is None:
+                skip("unusable_box" if box is None else "empty_region_text")
+                continue
+            x, y, w, h = box
+            region_boxes.append([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height])
+            regions.add(*encoded, index)
+    if not keys:
+        raise XvlmError(f"no usable held-out images in {paths} (left out: {skipped or 'none'})")
+    if skipped:
+        log.warning("eval data: left out %s", ", ".join(f"{n} x {r}" for r, n in sorted(skipped.items())))
+    caption_ids, caption_atts = captions.tensors(max_tokens)
+    region_ids, region_atts = regions.tensors(max_tokens)
+    return EvalSet(keys=keys, images=torch.stack(images), caption_ids=caption_ids, caption_atts=caption_atts,
+                   caption_image=torch.tensor(captions.image, dtype=torch.int64), region_ids=region_ids,
+                   region_atts=region_atts, region_image=torch.tensor(regions.image, dtype=torch.int64),
+                   region_boxes=torch.tensor(region_boxes, dtype=torch.float32).reshape(-1, 4),
+                   captions=captions.texts, region_texts=regions.texts, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------- model calls
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, R, R] -> float32, CLIP mean/std normalised (the loader's normalisation)."""
+    from shards.augment import CLIP_MEAN, CLIP_STD
+
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+@dataclass
+class _Encoded:
+    image_embeds: torch.Tensor       # [N, 1 + P, C] float32 on the device
+    image_feat: torch.Tensor         # [N, D]
+    caption_hidden: torch.Tensor     # [Nc, T, H]
+    caption_feat: torch.Tensor       # [Nc, D]
+    region_hidden: torch.Tensor      # [Nr, T, H]
+
+
+def _encode_all(model, data: EvalSet, cfg: EvalConfig, device: torch.device) -> _Encoded:
+    from tqdm import tqdm
+
+    image_embeds, image_feat = [], []
+    for part in tqdm(list(_chunks(len(data.keys), cfg.batch_size)), desc="eval images", disable=not cfg.progress,
+                     leave=False):
+        embeds, feat = model.encode_image(normalise(data.images[part].to(device)))
+        image_embeds.append(embeds.float())
+        image_feat.append(feat.float())
+
+    def texts(ids: torch.Tensor, atts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, feat = [], []
+        for part in _chunks(ids.shape[0], cfg.batch_size):
+            h, f = model.encode_text(ids[part].to(device), atts[part].to(device))
+            hidden.append(h.float())
+            feat.append(f.float())
+        if not hidden:
+            return torch.zeros(0, ids.shape[1], 1, device=device), torch.zeros(0, 1, device=device)
+        return torch.cat(hidden), torch.cat(feat)
+
+    caption_hidden, caption_feat = texts(data.caption_ids, data.caption_atts)
+    region_hidden, _ = texts(data.region_ids, data.region_atts)
+    return _Encoded(torch.cat(image_embeds), torch.cat(image_feat), caption_hidden, caption_feat, region_hidden)
+
+
+def _itm_pairs(model, enc: _Encoded, data: EvalSet, gallery: torch.Tensor, device: torch.device,
+               batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """score(image_row, caption_row) -> ITM match logits, image_row indexing `gallery` (the retrieval images)."""
+    from model.concept import whole_image_atts
+
+    def score(image_rows: torch.Tensor, caption_rows: torch.Tensor) -> torch.Tensor:
+        out = []
+        for part in _chunks(len(image_rows), batch_size):
+            images = enc.image_embeds[gallery[image_rows[part]].to(device)]
+            rows = caption_rows[part].to(device)
+            out.append(model.itm_scores(images, whole_image_atts(images), enc.caption_hidden[rows],
+                                        data.caption_atts[rows.cpu()].to(device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    return score
+
+
+def _as_eval_inputs(data: Any, cfg: EvalConfig | dict | None, model) -> tuple[EvalSet, EvalConfig]:
+    """Accept an EvalSet, dataset path(s) (with cfg's tokenizer settings), or a TrainConfig (its eval section)."""
+    if hasattr(data, "eval") and hasattr(data, "data"):     # a TrainConfig: the trainer's periodic evaluation
+        train_cfg = data
+        options = dict(train_cfg.eval.options)
+        if train_cfg.eval.max_samples:
+            options.setdefault("max_images", train_cfg.eval.max_samples)
+        loader = train_cfg.data.build(image_res=model.config.image_res, grid_stride=model.grid_stride)
+        options.setdefault("tokenizer", loader.tokenizer)
+        options.setdefault("max_words", loader.max_words)
+        options.setdefault("max_tokens", loader.max_tokens)
+        options.setdefault("progress", False)
+        return _as_eval_inputs(list(train_cfg.eval.datasets), options, model)
+    if cfg is None:
+        cfg = EvalConfig()
+    elif isinstance(cfg, dict):
+        known = {f for f in EvalConfig.__dataclass_fields__}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise XvlmError(f"unknown eval option(s) {unknown}; valid: {sorted(known)}")
+        cfg = EvalConfig(**cfg)
+    if isinstance(data, EvalSet):
+        return data, cfg
+    if not data:
+        raise XvlmError("evaluation needs held-out datasets (folders or s3:// prefixes built by xvlm build-shards)")
+    if not cfg.tokenizer:
+        raise XvlmError("evaluating dataset paths needs the tokenizer folder (EvalConfig.tokenizer / --tokenizer)")
+    key = (tuple([data] if isinstance(data, str) else data), model.config.image_res, cfg.tokenizer, cfg.max_words,
+           cfg.max_tokens, cfg.max_images)
+    if key not in _EVAL_SET_CACHE:
+        _EVAL_SET_CACHE.clear()          # keep one split in memory: periodic evaluation reuses it
+        _EVAL_SET_CACHE[key] = load_eval_set(list(key[0]), image_res=model.config.image_res, tokenizer=cfg.tokenizer,
+                                             max_words=cfg.max_words, max_tokens=cfg.max_tokens,
+                                             max_images=cfg.max_images, progress=cfg.progress)
+    return _EVAL_SET_CACHE[key], cfg
+
+
+_EVAL_SET_CACHE: dict[tuple, EvalSet] = {}
+
+
+@torch.no_grad()
+def evaluate(model, data: Any, cfg: EvalConfig | dict | None = None,
+             device: torch.device | str | None = None) -> dict[str, Any]:
+    """Zero-shot retrieval and grounding of `model` (an XVLM) on held-out data.
+
+    data: an EvalSet, held-out dataset path(s) (cfg names the tokenizer), or a TrainConfig (its `eval` section:
+    datasets, max_samples, options; the tokenizer from its `data` section) as the trainer passes it.
+    Returns i2t_r1/5/10, t2i_r1/5/10, r_mean (ITC top-k re-ranked by ITM), the same from ITC alone (itc_*),
+    grounding_acc (IoU >= iou_threshold), grounding_miou, and the counts of images, captions and box texts.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    data, cfg = _as_eval_inputs(data, cfg, model)
+    was_training = model.training
+    model.eval()
+    try:
+        enc = _encode_all(model, data, cfg, device)
+        out: dict[str, Any] = {"images": len(data.keys), "captions": len(data.captions),
+                               "regions": len(data.region_texts), "k_test": cfg.k_test,
+                               "skipped": dict(data.skipped)}
+        gallery = data.retrieval_images
+        if len(data.captions):
+            # Captions index the gallery by position (images without captions are not retrieval candidates).
+            position = torch.full((len(data.keys),), -1, dtype=torch.int64)
+            position[gallery] = torch.arange(len(gallery))
+            text_image = position[data.caption_image]
+            sim_i2t = (enc.image_feat[gallery.to(device)] @ enc.caption_feat.t()).float().cpu()
+            itc = retrieval_metrics(sim_i2t, sim_i2t.t(), text_image)
+            out.update({f"itc_{k}": v for k, v in itc.items()})
+            score = _itm_pairs(model, enc, data, gallery, device, cfg.batch_size)
+            i2t = rerank_top_k(sim_i2t, cfg.k_test, score)
+            t2i = rerank_top_k(sim_i2t.t().contiguous(), cfg.k_test, lambda t, i: score(i, t))
+            out.update(retrieval_metrics(i2t, t2i, text_image))
+        else:
+            log.warning("eval: the held-out split has no captions; retrieval skipped")
+        if len(data.region_texts):
+            boxes = []
+            for part in _chunks(len(data.region_texts), cfg.batch_size):
+                images = enc.image_embeds[data.region_image[part].to(device)]
+                boxes.append(model.predict_boxes(images, enc.region_hidden[part],
+                                                 data.region_atts[part].to(device)).float().cpu())
+            pred = torch.cat(boxes)
+            iou = box_iou_pairs(pred, data.region_boxes)
+            out["grounding_acc"] = float((iou >= cfg.iou_threshold).float().mean())
+            out["grounding_miou"] = float(iou.mean())
+            # A constant box at the mean target: what grounding scores without looking at the image.
+            constant = data.region_boxes.mean(dim=0, keepdim=True).expand_as(data.region_boxes)
+            out["grounding_acc_constant_box"] = grounding_accuracy(constant, data.region_boxes, cfg.iou_threshold)
+        else:
+            log.warning("eval: the held-out split has no box texts; grounding skipped")
+        return out
+    finally:
+        model.train(was_training)

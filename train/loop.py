@@ -98,15 +98,16 @@ def tensors_to(batch: dict[str, Any], device: torch.device) -> dict[str, torch.T
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def _skip_counts(stream: Any) -> dict[str, int]:
-    """The loader's counters of skipped samples by reason (empty when it keeps none)."""
-    for name in ("skip_counts", "skips"):
-        counts = getattr(stream, name, None)
-        if callable(counts):
-            counts = counts()
-        if isinstance(counts, dict):
-            return {str(k): int(v) for k, v in counts.items()}
-    return {}
+def endless(stream: Any) -> Iterator[dict[str, Any]]:
+    """Epoch after epoch of `stream` (the loader yields one epoch per `for`)."""
+    while True:
+        count = 0
+        for batch in stream:
+            count += 1
+            yield batch
+        if count == 0:
+            raise XvlmError("the loader yielded no batch for a whole epoch: the datasets are too small for the batch "
+                            "sizes and world size (see the loader's warnings), or hold no usable sample")
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -138,7 +139,7 @@ class Trainer:
             # Region and image-text steps use different heads: unused parameters must be found each step.
             self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                                find_unused_parameters=True)
-        self.batches = iter(self.stream)  # may draw from the global RNG (DataLoader): before the states are set
+        self.batches = endless(self.stream)
         if resumed is not None:
             ckpt.set_rng_state(resumed.rank_state["rng"])
         self.metrics = MetricsLogger(cfg.out, cfg.schedule.steps, self.step, local_dir=cfg.logging.local_dir,
@@ -187,16 +188,22 @@ class Trainer:
         return state
 
     # ------------------------------------------------------------------ one step
+    def _next_batch(self) -> dict[str, Any]:
+        # The loader must not move the trainer's RNG: a DataLoader draws a seed from the global torch RNG each
+        # time it starts iterating (each epoch, and once more after a resume), which would shift dropout.
+        with torch.random.fork_rng(devices=[]):
+            return next(self.batches)
+
     def _step_batches(self) -> list[dict[str, Any]]:
         """The batches of the next optimizer step, from the loader's plan."""
         out: list[dict[str, Any]] = []
         for _ in range(self.cfg.schedule.grad_accum):
             if self.cfg.schedule.mode == "alternating":
-                out.append(next(self.batches))
+                out.append(self._next_batch())
                 continue
             regions = 0
             while True:  # summed: region batches up to and including the next image-text batch
-                batch = next(self.batches)
+                batch = self._next_batch()
                 out.append(batch)
                 if batch["kind"] == "image_text":
                     break
@@ -244,6 +251,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"sums": sums, "counts": counts, "loss": total, "images": images, "lr": lr,
+                "skips": batches[-1].get("skips") or {},
                 "grad_norm": float(grad_norm) if grad_norm is not None else None}
 
     def _reduce(self, local: dict[str, Any]) -> dict[str, Any]:
@@ -348,7 +356,7 @@ class Trainer:
                      "kinds": reduced["kinds"], "grad_norm": local["grad_norm"],
                      "samples_per_s": reduced["images"] / elapsed if elapsed > 0 else None,
                      "data_wait_frac": waited / elapsed if elapsed > 0 else None,
-                     "skips": _skip_counts(self.stream), "time": time.time()}
+                     "skips": local["skips"], "time": time.time()}
             evaluated = self.maybe_evaluate()
             if evaluated is not None:
                 entry["eval"] = evaluated
@@ -364,7 +372,7 @@ class Trainer:
         wall = time.perf_counter() - start
         self.metrics.close()
         steps_run = self.step - start_step
-        return {"steps": self.step, "steps_run": steps_run, "start_step": start_step, "wall_s": wall,
+        return {"rank": self.ctx.rank, "world_size": self.ctx.world_size, "steps": self.step, "steps_run": steps_run, "start_step": start_step, "wall_s": wall,
                 "data_wait_frac": data_wait_total / wall if wall > 0 else 0.0, "last": last,
                 "eval": self.eval_results, "out": cfg.out,
                 "checkpoint": ckpt.checkpoint_path(cfg.out, self.step) if steps_run or start_step else None}

@@ -133,19 +133,22 @@ def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> It
             continue
         source_id = safe_id(key)
         member = next((members[f"{key}.{ext}"] for ext in IMAGE_EXTENSIONS if f"{key}.{ext}" in members), None)
-        if member is None:
-            yield Reject(NAME, "image", rel, where, "missing_image", f"no {key}.jpg/png/webp in {tar_rel}")
-        elif member.unsafe:
-            used.add(member.name)
-            yield Reject(NAME, "image", rel, where, "unsafe_tar_member", f"{tar_rel}: {member.name!r:.120} is a {member.unsafe}")
-        else:
-            used.add(member.name)
-            # img2dataset writes the stored image's size; pandas makes it float when a shard has failures.
-            ok_size = all(isinstance(v, (int, float)) and v == v and v > 0 and float(v).is_integer()
-                          for v in (width, height))
-            yield ImageRef(NAME, source_id, f"{tar_path}#{member.name}", int(width) if ok_size else None,
-                           int(height) if ok_size else None, ref=make_ref(rel, where),
-                           byte_offset=member.offset, byte_size=member.size)
+        if member is None or member.unsafe:
+            reason, detail = ("missing_image", f"no {key}.jpg/png/webp in {tar_rel}") if member is None else \
+                ("unsafe_tar_member", f"{tar_rel}: {member.name!r:.120} is a {member.unsafe}")
+            if member is not None:
+                used.add(member.name)
+            yield Reject(NAME, "image", rel, where, reason, detail)
+            if caption is not None:  # the row's caption goes with its image
+                yield Reject(NAME, "caption", rel, where, reason, detail)
+            continue
+        used.add(member.name)
+        # img2dataset writes the stored image's size; pandas makes it float when a shard has failures.
+        ok_size = all(isinstance(v, (int, float)) and v == v and v > 0 and float(v).is_integer()
+                      for v in (width, height))
+        yield ImageRef(NAME, source_id, f"{tar_path}#{member.name}", int(width) if ok_size else None,
+                       int(height) if ok_size else None, ref=make_ref(rel, where),
+                       byte_offset=member.offset, byte_size=member.size)
         if caption is None:
             continue  # no caption: the image alone is rejected as no_annotations when grouped
         text = decode_strict(caption)

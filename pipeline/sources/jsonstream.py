@@ -14,9 +14,9 @@ from pipeline.textclean import Utf8MarkingReader
 from shards import storage
 
 
-def iter_items(path: str, prefix: str, source: str, file: str) -> Iterator[tuple[int, object] | Reject]:
+def iter_items(path: str, prefix: str, source: str, file: str) -> Iterator[tuple[int, object]]:
     """(index, item) for each item under `prefix` ("item" for a top-level array, "annotations.item" ...) of the
-    JSON file at `path`; a Reject (kind "line", reason malformed_line) if the file stops parsing. Floats come back
+    JSON file at `path`; last (index, Reject) (kind "line", reason malformed_line) if the file stops parsing. Floats come back
     as float; text holding invalid UTF-8 comes back with textclean.INVALID_MARK in it."""
     with storage.open_read(path) as raw:
         reader = Utf8MarkingReader(raw)
@@ -29,5 +29,5 @@ def iter_items(path: str, prefix: str, source: str, file: str) -> Iterator[tuple
             if isinstance(message, bytes):
                 message = message.decode("utf-8", "replace")
             detail = " ".join(str(message).split())[:300]
-            yield Reject(source, "line", file, f"{prefix}: parse stopped after item {index + 1} at {reader.position()}",
+            yield index + 1, Reject(source, "line", file, f"{prefix}: parse stopped after item {index + 1} at {reader.position()}",
                          "malformed_line", f"the rest of this file is not read: {detail}")

