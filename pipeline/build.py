@@ -239,8 +239,17 @@ def init_ray(address: str | None, workers: int | None) -> int:
         if address:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=False, configure_logging=False)
+            for attempt in range(1, 4):
+                try:
+                    ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+                             log_to_driver=False, configure_logging=False)
+                    break
+                except Exception as err:  # noqa: BLE001 - Ray's node start has a fixed 30 s limit
+                    # On a busy machine the local raylet can miss Ray's fixed startup deadline; try again.
+                    ray.shutdown()
+                    if attempt == 3:
+                        raise XvlmError(f"could not start a local Ray ({err}); is the machine overloaded?") from err
+                    log.warning("local Ray did not start (%s); retrying (%d/3)", err, attempt + 1)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -278,6 +287,17 @@ class Grouped:
     reject_files: list[str]     # stage + group rejects (parquet)
 
 
+def _remove_local_temp_files(out: str) -> None:
+    """Temp files of atomic writes that a killed run left behind (storage names them `.NAME.XXXX.tmp`)."""
+    if storage.is_s3(out):
+        return
+    for folder in (out, os.path.join(out, WORK_NAME)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(".") and name.endswith(".tmp"):
+                    os.remove(os.path.join(folder, name))
+
+
 def _stage_and_group(config: BuildConfig, work_dir: str) -> Grouped:
     stage = stage_sources(config.sources, work_dir, StageConfig(progress=config.progress))
     rows = sum(sum(kinds.values()) for kinds in stage.inputs.values())
@@ -298,6 +318,7 @@ def run_build(config: BuildConfig) -> BuildResult:
     if aborted:
         log.info("aborted %d unfinished multipart uploads under %s (left by an interrupted run)", aborted, out)
     _check_work_state(config)
+    _remove_local_temp_files(out)
     temp_work = None
     if config.work_dir:
         work_dir = config.work_dir

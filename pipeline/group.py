@@ -33,6 +33,9 @@ listing is rejected (duplicate_record); a VG image whose coco_id is a staged COC
 (image_size_mismatch) when the aspect ratios disagree; an image with no annotation left is rejected
 (no_annotations).
 
+Files: WORK_DIR/groups/part-NNNNN.parquet, rejects.parquet, and accounting.json, written last (the commit marker
+of this step; it also lists each partition's group count). A rerun starts the step over.
+
 Memory: rows are spilled into key-range buckets of at most `max_rows_per_bucket` rows and each bucket is grouped
 alone, so peak memory follows the bucket size, not the dataset size.
 """
@@ -553,8 +556,10 @@ def iter_groups(partition_path: str, start: int = 0, stop: int | None = None) ->
         lo, hi = max(start, first_row), min(stop, first_row + rows)
         if lo < hi:
             table = f.read_row_group(rg).slice(lo - first_row, hi - lo)
-            for row in table.to_pylist():
-                yield _to_group(row)
+            # Small batches: a row group of VG images holds ~100k regions, too many Python dicts at once.
+            for batch in table.to_batches(max_chunksize=64):
+                for row in batch.to_pylist():
+                    yield _to_group(row)
         first_row += rows
         if first_row >= stop:
             break

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import sources as source_registry
-from pipeline.records import Annotation, ImageRef, Reject, split_ref
+from pipeline.records import ImageRef, Reject
 from pipeline.textclean import clean_text
 from shards import storage
 from shards.errors import XvlmError
@@ -93,8 +93,9 @@ class _TableWriter:
         self.rows: list[tuple] = []
 
     def add(self, row: tuple) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.batch_rows:
+        rows = self.rows
+        rows.append(row)
+        if len(rows) >= self.batch_rows:
             self.flush()
 
     def flush(self) -> None:
@@ -114,7 +115,8 @@ def _check_box(bbox: list[float] | None) -> str | None:
     if bbox is None or len(bbox) != 4:
         return "malformed_line"
     x, y, w, h = bbox
-    if not all(math.isfinite(v) for v in bbox) or w <= 0 or h <= 0:
+    isfinite = math.isfinite
+    if not (isfinite(x) and isfinite(y) and isfinite(w) and isfinite(h)) or w <= 0 or h <= 0:
         return "bad_box"
     return None
 
@@ -151,39 +153,42 @@ def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tu
 
     seq = 0
     bar = tqdm(desc=f"staging {name}", unit=" records", disable=not config.progress, mininterval=1.0)
+    add_image, add_annotation = writers["images"].add, writers["annotations"].add
+    no_box = (None, None, None, None)
     try:
+        # The hot loop (millions of records): exact type checks and local names keep it lean.
         for record in module.iter_records(path):
             seq += 1
             if seq % 10_000 == 0:
                 bar.update(10_000)
-            if isinstance(record, Reject):
+            cls = type(record)
+            if cls is Reject:
                 inputs[record.kind] += 1
                 if record.source != name:
                     raise RuntimeError(f"source {name} yielded a reject of source {record.source}")
                 reject(record.kind, record.file, record.where, record.reason, record.detail)
                 continue
-            kind = "image" if isinstance(record, ImageRef) else record.kind
+            kind = "image" if cls is ImageRef else record.kind
             inputs[kind] += 1
-            file, where = split_ref(record.ref)
-            key = key_of(record.source_id)
+            file, _, where = record.ref.rpartition("#")
+            source_id = record.source_id
+            key = keys.get(source_id) or key_of(source_id)
             if key is None:
-                reject(kind, file, where, "malformed_line", f"id {record.source_id!r:.80} gives no tar-safe sample key")
+                reject(kind, file, where, "malformed_line", f"id {source_id!r:.80} gives no tar-safe sample key")
                 continue
-            if isinstance(record, ImageRef):
-                writers["images"].add((key, name, record.source_id, record.image_path, record.width, record.height,
-                                       record.coco_id, record.byte_offset, record.byte_size, file, where, seq))
+            if cls is ImageRef:
+                add_image((key, name, source_id, record.image_path, record.width, record.height,
+                           record.coco_id, record.byte_offset, record.byte_size, file, where, seq))
                 continue
-            assert isinstance(record, Annotation)
             text, problem = clean_text(record.text)
+            bbox = record.bbox
             if problem is None and kind != "caption":
-                problem = _check_box(record.bbox)
+                problem = _check_box(bbox)
             if problem is not None:
-                reject(kind, file, where, problem, "" if problem != "bad_box" else f"bbox {record.bbox}")
+                reject(kind, file, where, problem, "" if problem != "bad_box" else f"bbox {bbox}")
                 continue
-            x, y, w, h = record.bbox if record.bbox is not None and kind != "caption" else (None, None, None, None)
-            attributes = [a for a in record.attributes if isinstance(a, str)]
-            writers["annotations"].add((key, name, record.source_id, kind, text, x, y, w, h, attributes,
-                                        file, where, seq))
+            x, y, w, h = bbox if bbox is not None and kind != "caption" else no_box
+            add_annotation((key, name, source_id, kind, text, x, y, w, h, record.attributes, file, where, seq))
         bar.update(seq % 10_000)
     except BaseException:
         for writer in writers.values():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 CORRUPT = "corrupt_sample"        # bad tar header / member data, missing jpg or json, unreadable content
 TRUNCATED = "truncated_shard"     # the shard ends before this sample
 UNSAFE = "unsafe_member"          # absolute or '..' member name, a link or another non-regular member
-READ_ERROR = "read_error"         # storage kept failing after its retries
+READ_ERROR = "read_error"         # storage kept failing after its retries and ours
+
+READ_RETRIES = 3                  # reopenings at the failed sample (after 1, 2, 4 s) before it is skipped
 
 
 @dataclass
@@ -59,6 +62,7 @@ def iter_range(shard: ShardIndex, start: int, count: int, needed: set[int] | Non
     stop = start + count
     pos = start
     size_checked = False
+    read_failures = 0
     while pos < stop:
         if needed is not None:
             while pos < stop and pos not in needed:
@@ -86,10 +90,19 @@ def iter_range(shard: ShardIndex, start: int, count: int, needed: set[int] | Non
                 if needed is None or i in needed:
                     yield Skipped(i, shard.keys[i], TRUNCATED, f"shard missing: {err}")
             return
-        except Exception as err:  # noqa: BLE001 - storage errors after retries: skip, counted, go on
+        except Exception as err:  # noqa: BLE001 - storage gave up after its own retries
             failure = f"{type(err).__name__}: {err}"
         if pos >= stop:
             return
+        if failure and read_failures < READ_RETRIES:
+            # A second line of defence behind the storage layer's byte-level retries: reopen at this sample.
+            delay = 2.0 ** read_failures
+            read_failures += 1
+            log.warning("reading %s at sample %d failed (%s); reopening there in %.0fs", shard.name, pos, failure,
+                        delay)
+            time.sleep(delay)
+            continue
+        read_failures = 0
         # The stream broke at sample `pos`: is the shard shorter than the manifest says (truncated)?
         if not size_checked:
             size_checked = True
@@ -119,7 +132,7 @@ def _iter_stream(shard: ShardIndex, stream, first: int, stop: int) -> Iterator[R
     unsafe = ""
     try:
         tar = tarfile.open(fileobj=stream, mode="r|")
-    except (tarfile.TarError, EOFError, OSError):
+    except (tarfile.TarError, EOFError):
         yield pos
         return
 
@@ -164,5 +177,5 @@ def _iter_stream(shard: ShardIndex, stream, first: int, stop: int) -> Iterator[R
             pos += 1
         if pos < stop:
             yield pos
-    except (tarfile.TarError, EOFError, OSError, ValueError):
+    except (tarfile.TarError, EOFError):   # damaged tar data; storage errors go up to iter_range
         yield pos

@@ -87,6 +87,8 @@ def start_ray_head(num_cpus: int = 2, timeout: float = 120.0) -> RayHead:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
         "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false",
+        # Every process of this head inherits this: `stop()` finds stragglers by it, and only ours.
+        "XVLM_TEST_RAY_HEAD": str(temp_dir),
     })
     env.pop("RAY_ADDRESS", None)
     # Jobs run `python ...`: make that the interpreter running the tests (the project's venv).

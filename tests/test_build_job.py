@@ -279,7 +279,8 @@ def _break_sample(sample: dict, root) -> tuple[dict[str, str], dict]:
         link.linkname = "/etc/passwd"
         tar.addfile(link)
     sources["cc_img2dataset"] = str(root / "cc_img2dataset")
-    return sources, {"plan": plan, "boxes": boxes, "images": {im["id"]: im for im in images}}
+    half_boxes = [a["bbox"] for a in instances["annotations"] if a["image_id"] == plan["half"] and not a["iscrowd"]]
+    return sources, {"plan": plan, "half_boxes": half_boxes, "boxes": boxes, "images": {im["id"]: im for im in images}}
 
 
 def test_every_bad_input_is_counted_with_its_reason(sample, local_ray, tmp_path):
@@ -318,13 +319,14 @@ def test_every_bad_input_is_counted_with_its_reason(sample, local_ray, tmp_path)
     exif_meta = metas[str(plan["exif"])]
     assert (exif_meta["width"] > exif_meta["height"]) == (original["width"] > original["height"])
     # The half-size file: boxes made for the full-size frame are rescaled into the stored image.
-    full = metas[str(plan["half"])]
-    assert abs(full["width"] / full["height"] - original_ratio(done, plan["half"])) < 0.02
+    half = metas[str(plan["half"])]
+    scale = half["width"] / done["images"][plan["half"]]["width"]
+    expected = sorted([x * scale, y * scale, w * scale, h * scale] for x, y, w, h in done["half_boxes"])
+    got = sorted(r["bbox"] for r in half["regions"])
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected):
+        assert all(abs(a - b) < 0.05 for a, b in zip(g, e)), (g, e)
     # The image listed twice is one sample (the coco source counts an identical listing once).
     assert manifest["sources"]["coco"]["written"]["image"] == len(done["images"]) - 5
     assert sum(1 for m in metas.values() if m["source_id"] == str(plan["duplicate"])) == 1
 
-
-def original_ratio(done: dict, image_id: int) -> float:
-    image = done["images"][image_id]
-    return image["width"] / image["height"]

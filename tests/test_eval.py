@@ -133,6 +133,15 @@ def test_box_iou_matches_torchvision():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny-model forwards are latency-bound: one intra-op thread is ~10x faster on a busy shared machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     """A 12-image held-out dataset (2 shards) with one damaged image, and a tokenizer folder."""
@@ -217,3 +226,28 @@ def test_evaluate_errors(held_out, tmp_path):
         evaluate(tiny_model(), [dataset], {"k": 3})
     with pytest.raises(XvlmError, match="k_test"):
         EvalConfig(k_test=0)
+
+
+def test_eval_cli_on_a_trained_checkpoint(held_out, tmp_path, capsys):
+    """`xvlm eval --checkpoint auto` finds the run's newest committed checkpoint and writes the metrics JSON."""
+    import json
+
+    from tools.cli import main
+    from train.config import load_config
+    from train.loop import train
+
+    dataset, tokenizer = held_out
+    run = str(tmp_path / "run")
+    cfg = load_config("train/configs/tiny_cpu.yaml", [f"out={run}", "data.synthetic=true", "schedule.steps=2",
+                                                      "schedule.warmup_steps=1", "checkpoint.every=1",
+                                                      "logging.progress=false", "logging.tensorboard=false"])
+    train(cfg)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--checkpoint", "auto", "--run", run, "--data", dataset, "--tokenizer", tokenizer,
+                 "--k-test", "3", "--out", str(out), "--no-progress"])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["checkpoint"].endswith("ckpt-00000002/model.safetensors")
+    assert metrics["images"] == 11 and 0.0 <= metrics["grounding_acc"] <= 1.0
+    assert json.loads(capsys.readouterr().out) == metrics
+    assert main(["eval", "--checkpoint", "auto", "--run", str(tmp_path / "none"), "--data", dataset]) == 2

@@ -63,8 +63,8 @@ def test_partitions_are_balanced_key_ranges(staged):
 
 
 def test_more_partitions_than_images(staged):
-    parts, groups = group_all(staged, 200)
-    assert len(parts) == 200 and sum(count_groups(p) for p in parts) == len(groups)
+    parts, groups = group_all(staged, 50)
+    assert len(groups) < 50 and len(parts) == 50 and sum(count_groups(p) for p in parts) == len(groups)
 
 
 def test_slices_read_only_their_rows(staged):
@@ -103,5 +103,5 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
                              cwd=os.path.dirname(os.path.dirname(__file__)))
         return json.loads(out.stdout.strip().splitlines()[-1])["stream"]["peak_rss_mb"]
 
-    small, large = peak(0.005), peak(0.04)
-    assert large < small * 2.0, (small, large)  # 8x the records, well under 2x the memory
+    small, large = peak(0.005), peak(0.05)
+    assert large < small * 1.6, (small, large)  # 10x the records, far less than 10x the memory

@@ -409,3 +409,23 @@ def test_stage_from_s3(sample, tmp_path, s3_prefix):
     tar_path, _ = cc.image_path.split("#")
     data = storage.read_bytes(tar_path, cc.byte_offset, cc.byte_offset + cc.byte_size)
     assert data[:2] == b"\xff\xd8"
+
+
+def test_truncated_img2dataset_tar(tmp_path):
+    root = tmp_path / "i2d"
+    root.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(3):
+            _member(tar, f"00000000{i}.jpg", bytes([i]) * 5000)
+    data = buf.getvalue()
+    (root / "00000.tar").write_bytes(data[: 512 + 5120 + 512 + 2000])  # cut inside the second image
+    rows = [{"key": f"00000000{i}", "status": "success", "caption": f"c {i}"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), root / "00000.parquet")
+    groups, acc, rejects = build({"cc": root}, tmp_path / "work")
+    assert [g.key for g in groups] == ["cc-000000000", "cc-000000001"]
+    assert storage.read_bytes(groups[0].image_path.split("#")[0], groups[0].byte_offset,
+                              groups[0].byte_offset + groups[0].byte_size) == b"\x00" * 5000
+    # The cut image keeps its range (the image stage finds it short); the image after the cut is missing.
+    assert acc["cc"]["rejected"] == {"image": {"missing_image": 1}, "caption": {"missing_image": 1},
+                                     "line": {"malformed_line": 1}}

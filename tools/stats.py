@@ -697,6 +697,7 @@ def _section_labels(s: dict) -> str:
         exact = "exact" if part["exact"] else f"approximate (each count may be low by up to {part['error_bound']})"
         out.append(_img(plot_bars(names, values, f"top {len(names)} {title} of {part['total']:,}", "count"), title))
         out.append(f'<div class="sub">{part["distinct_kept"]:,} distinct kept; counts {exact}</div>')
+        out.append(_table([title[:-1] if title.endswith("s") else title, "count"], [[n, v] for n, v in part["top"]]))
     return "".join(out)
 
 

@@ -31,6 +31,7 @@ DEFAULT_JOB_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+SUBMIT_RETRY_S = 120.0       # how long to wait for the job agent of a head that is still starting
 
 DESCRIPTION = (
     "Submit a training run to a Ray cluster as a Ray job: the job runs train/ray_train.py, whose Ray Train\n"
@@ -162,6 +163,11 @@ def entrypoint_and_config_env(args: argparse.Namespace) -> tuple[str, dict[str, 
     for item in args.overrides:
         if "=" not in item:
             raise XvlmError(f"override {item!r} is not key=value")
+    # Validate here, before anything is uploaded: unknown keys, bad values, paths the workers could not share.
+    from train.config import load_config
+    from train.ray_train import check_shared_paths
+
+    check_shared_paths(load_config(args.config, list(args.overrides)))
     if args.num_workers < 1:
         raise XvlmError(f"--num-workers must be >= 1, got {args.num_workers}")
     if args.gpus_per_worker < 0 or args.cpus_per_worker < 0:
@@ -190,8 +196,19 @@ def submit(args: argparse.Namespace) -> str:
         runtime_env["pip"] = list(args.pip)
     job_id = args.job_id or f"xvlm-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     jobs = client(args.address, args.auth_token_file)
-    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
-                             metadata={"tool": "xvlm submit", "config": str(args.config)})
+    # A head that has just started answers "No available agent to submit job, please try again later" for a
+    # while; that is worth waiting for, any other refusal is not.
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    while True:
+        try:
+            job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
+                                     metadata={"tool": "xvlm submit", "config": str(args.config)})
+            break
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() > deadline:
+                raise XvlmError(f"the cluster at {args.address} refused the job: {err}") from None
+            log.info("the cluster's job agent is not ready yet; retrying")
+            time.sleep(2.0)
     print(f"submitted job {job_id} to {args.address}")
     print(f"  entrypoint: {entrypoint}")
     print(f"  follow it:  xvlm submit --address {args.address} --logs {job_id} --follow")

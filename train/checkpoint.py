@@ -169,6 +169,15 @@ def commit(path: str, step: int, world_size: int) -> None:
     log.info("checkpoint step %d committed: %s", step, path)
 
 
+def _remove(path: str) -> None:
+    storage.delete_prefix(path)
+    if not storage.is_s3(path):
+        try:
+            os.rmdir(path)
+        except OSError:  # already gone, or a file appeared meanwhile
+            pass
+
+
 def prune(out: str, keep: int) -> list[str]:
     """Delete committed checkpoints beyond the newest `keep` (marker first, so a half-deleted one is partial),
     and partial ones older than the newest committed (left by killed runs). Returns the deleted paths."""
@@ -176,7 +185,7 @@ def prune(out: str, keep: int) -> list[str]:
     removed = []
     for _step, path in committed[:-keep] if keep > 0 else committed:
         storage.delete(storage.join(path, MARKER))
-        storage.delete_prefix(path)
+        _remove(path)
         removed.append(path)
     if committed:
         newest = committed[-1][0]
@@ -188,7 +197,7 @@ def prune(out: str, keep: int) -> list[str]:
             if match and int(match.group(1)) < newest and (int(match.group(1)), storage.join(root, name)) not in committed:
                 partial.add(storage.join(root, name))
         for path in sorted(partial):
-            storage.delete_prefix(path)
+            _remove(path)
             removed.append(path)
     return removed
 

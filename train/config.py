@@ -265,6 +265,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise XvlmError(f"config {key}={value!r}: expected an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-4 without a dot as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise XvlmError(f"config {key}={value!r}: expected a number")
         return float(value)

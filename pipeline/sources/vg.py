@@ -75,16 +75,20 @@ def _regions(path: str) -> Iterator[Annotation | Reject]:
         if not isinstance(item, dict) or not isinstance(item.get("regions"), list):
             yield Reject(NAME, "line", rel, f"item {index}", "malformed_line", "an entry needs a regions list")
             continue
+        outer_id = item.get("id")
         for k, region in enumerate(item["regions"]):
-            image_id = region.get("image_id", item.get("id")) if isinstance(region, dict) else None
-            region_id = region.get("region_id") if isinstance(region, dict) else None
-            where = f"region {region_id}" if _is_int(region_id) else f"item {index} region {k}"
-            box = _box(region, "width", "height") if isinstance(region, dict) else None
-            if not _is_int(image_id) or box is None or "phrase" not in region:
+            # The hot loop of the biggest file (5.4M regions): plain type checks, no helper calls.
+            if type(region) is dict:
+                image_id, region_id = region.get("image_id", outer_id), region.get("region_id")
+                box, phrase = _box(region, "width", "height"), region.get("phrase")
+            else:
+                image_id = region_id = box = phrase = None
+            where = f"region {region_id}" if type(region_id) is int else f"item {index} region {k}"
+            if type(image_id) is not int or box is None or phrase is None:
                 yield Reject(NAME, "region", rel, where, "malformed_line",
                              "a region needs an int image_id, a phrase and numeric x, y, width, height")
                 continue
-            yield Annotation(NAME, str(image_id), "region", region["phrase"], bbox=box, ref=make_ref(rel, where))
+            yield Annotation(NAME, str(image_id), "region", phrase, bbox=box, ref=f"{rel}#{where}")
 
 
 def _object_text(obj: dict) -> tuple[str, list[str]] | None:
