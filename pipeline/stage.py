@@ -13,7 +13,6 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -227,9 +226,3 @@ def stage_sources(sources: dict[str, str], work_dir: str, config: StageConfig | 
     result.save(os.path.join(out, "stage.json"))
     return result
 
-
-def iter_parquet_rows(paths: Iterable[str], columns: list[str] | None = None, batch_rows: int = 65_536):
-    """Record batches of several parquet files, in order (bounded memory)."""
-    for path in paths:
-        with pq.ParquetFile(path) as f:
-            yield from f.iter_batches(batch_size=batch_rows, columns=columns)

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from shards.boxes import Crop
+from shards.loader_config import LoaderConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,6 +66,7 @@ def crop_resize(image: Image.Image, crop: Crop, out_w: int, out_h: int, use_draf
 
 
 def hflip(image: Image.Image) -> Image.Image:
+    """The image mirrored left-right."""
     return F.horizontal_flip(image)
 
 
@@ -129,7 +131,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def image_text_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config,
+def image_text_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config: LoaderConfig,
                     use_draft: bool = True) -> torch.Tensor:
     """Image-text pixels: the RandomResizedCrop box resized to R x R, optional mirror, RandAugment with the
     geometric ops too, normalised. use_draft=False for an image object the caller may use again (draft()
@@ -141,7 +143,7 @@ def image_text_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.rando
     return to_tensor(out)
 
 
-def region_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config,
+def region_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config: LoaderConfig,
                 use_draft: bool = True) -> torch.Tensor:
     """Region pixels: the anchor crop resized to R x R (aspect not kept), optional mirror, photometric
     RandAugment only (boxes must stay where the arithmetic puts them), normalised."""

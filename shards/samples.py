@@ -44,14 +44,29 @@ class Row:
 def parse_meta(meta: dict | bytes | str) -> dict:
     """The KEY.json of a shard sample as a dict."""
     if isinstance(meta, dict):
-        return meta
+        return _checked(meta)
     try:
         parsed = json.loads(meta)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SkipSample("bad_json", str(exc)) from exc
     if not isinstance(parsed, dict):
         raise SkipSample("bad_json", f"expected an object, got {type(parsed).__name__}")
-    return parsed
+    return _checked(parsed)
+
+
+def _checked(meta: dict) -> dict:
+    """The json's structure, checked so that a malformed sample is a counted skip, not a crash mid-epoch."""
+    if not isinstance(meta.get("captions", []), list):
+        raise SkipSample("bad_json", "`captions` is not a list")
+    regions = meta.get("regions", [])
+    if not isinstance(regions, list) or not all(isinstance(r, dict) for r in regions):
+        raise SkipSample("bad_json", "`regions` is not a list of objects")
+    for name in ("width", "height"):
+        value = meta.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0 or value != int(value)):
+            raise SkipSample("bad_json", f"`{name}` is not a positive integer: {value!r}")
+    return meta
 
 
 def region_text(region: dict) -> str:
@@ -111,9 +126,18 @@ def _pixels(view, image: bytes | Image.Image, opened: Image.Image, crop: boxes.C
         raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
 
 
-def _encode_rows(texts: list[str], rng: np.random.Generator, config: LoaderConfig) -> dict[str, torch.Tensor]:
+def _token_ids(phrase: str, config: LoaderConfig) -> list[int] | None:
+    """[CLS] + WordPiece ids, or None for a text the tokenizer reduces to nothing (e.g. only control or
+    zero-width characters, which pre_caption keeps but BERT's text cleaning drops)."""
+    try:
+        return text.token_ids(phrase, text.load_vocab(config.tokenizer), config.max_tokens)
+    except text.EmptyText:
+        return None
+
+
+def _encode_rows(ids: list[list[int]], rng: np.random.Generator, config: LoaderConfig) -> dict[str, torch.Tensor]:
     vocab = text.load_vocab(config.tokenizer)
-    encoded = [text.encode_with(t, vocab, rng, config) for t in texts]
+    encoded = [text.encode_with(row, vocab, rng, config) for row in ids]
     return {name: torch.from_numpy(np.stack([getattr(e, name) for e in encoded])) for name in TEXT_FIELDS}
 
 
@@ -134,8 +158,11 @@ def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng:
     flipped = bool(rng.random() < config.hflip_prob)
     if flipped and config.swap_left_right:
         caption = text.swap_left_right(caption)
+    ids = _token_ids(caption, config)
+    if ids is None:
+        raise SkipSample("no_caption", f"caption {caption!r} has no WordPiece tokens")
     pixels = _pixels(augment.image_text_view, image, opened, crop, flipped, rng, config)
-    rows = _encode_rows([caption], rng, config)
+    rows = _encode_rows([ids], rng, config)
     return {"kind": "image_text", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
             "image": pixels, **{name: value[0] for name, value in rows.items()},
             "text": caption, "crop": crop, "flipped": flipped}
@@ -189,10 +216,15 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
             rows.append(row)
 
     res, grid = config.image_res, config.grid
-    targets, masks, is_image, texts = [], [], [], []
+    targets, masks, is_image, texts, ids = [], [], [], [], []
     for row in rows:
         phrase = text.swap_left_right(row.text) if flipped and config.swap_left_right else row.text
+        row_ids = _token_ids(phrase, config)
+        if row_ids is None:
+            unusable += 1
+            continue
         texts.append(phrase)
+        ids.append(row_ids)
         if row.box is None:
             targets.append([0.5, 0.5, 1.0, 1.0])
             masks.append(np.ones(grid * grid, np.float32))
@@ -203,8 +235,10 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
         masks.append(boxes.patch_mask(out_box, res, grid))
         is_image.append(False)
 
+    if not texts:
+        raise SkipSample("no_region", f"sample {meta.get('key')!r}: no row has WordPiece tokens")
     pixels = _pixels(augment.region_view, image, opened, crop, flipped, rng, config)
-    encoded = _encode_rows(texts, rng, config)
+    encoded = _encode_rows(ids, rng, config)
     return {"kind": "region", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
             "image": pixels, **encoded,
             "patch_mask": torch.from_numpy(np.stack(masks)),

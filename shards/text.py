@@ -8,9 +8,14 @@ import os
 import re
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from shards.errors import XvlmError
+
+if TYPE_CHECKING:
+    from shards.loader_config import LoaderConfig
 
 IGNORE_INDEX = -100          # masked_ids padding, ignored by cross-entropy
 PAD_ID = 0                   # BERT's [PAD]; docs/batches.md fixes padding to 0
@@ -177,7 +182,13 @@ def encode(text: str, vocab: Vocab, rng: np.random.Generator, *, max_tokens: int
            mask_prob: float, skipgram_prb: float, skipgram_size: int) -> EncodedText:
     """Token ids, attention mask and MLM masking of one pre_caption'd text: each chosen position becomes [MASK]
     with p=0.8, a random non-special id with p=0.1, stays with p=0.1 (X-VLM's draw order)."""
-    ids = token_ids(text, vocab, max_tokens)
+    return encode_ids(token_ids(text, vocab, max_tokens), vocab, rng, max_tokens=max_tokens, max_masks=max_masks,
+                      mask_prob=mask_prob, skipgram_prb=skipgram_prb, skipgram_size=skipgram_size)
+
+
+def encode_ids(ids: list[int], vocab: Vocab, rng: np.random.Generator, *, max_tokens: int, max_masks: int,
+               mask_prob: float, skipgram_prb: float, skipgram_size: int) -> EncodedText:
+    """encode() of ids from token_ids(): padding, attention mask and MLM masking."""
     positions = choose_masked_positions(ids, vocab, rng, mask_prob=mask_prob, max_masks=max_masks,
                                         skipgram_prb=skipgram_prb, skipgram_size=skipgram_size)
     masked = list(ids)
@@ -198,7 +209,7 @@ def encode(text: str, vocab: Vocab, rng: np.random.Generator, *, max_tokens: int
     return out
 
 
-def encode_with(text: str, vocab: Vocab, rng: np.random.Generator, config) -> EncodedText:
-    """encode() with the sizes of a LoaderConfig."""
-    return encode(text, vocab, rng, max_tokens=config.max_tokens, max_masks=config.max_masks,
-                  mask_prob=config.mask_prob, skipgram_prb=config.skipgram_prb, skipgram_size=config.skipgram_size)
+def encode_with(ids: list[int], vocab: Vocab, rng: np.random.Generator, config: "LoaderConfig") -> EncodedText:
+    """encode_ids() with the sizes of a LoaderConfig."""
+    return encode_ids(ids, vocab, rng, max_tokens=config.max_tokens, max_masks=config.max_masks,
+                      mask_prob=config.mask_prob, skipgram_prb=config.skipgram_prb, skipgram_size=config.skipgram_size)

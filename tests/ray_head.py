@@ -76,7 +76,18 @@ def _pids_naming(text: str) -> list[int]:
     return found
 
 
-def start_ray_head(num_cpus: int = 2, timeout: float = 120.0) -> RayHead:
+def start_ray_head(num_cpus: int = 2, timeout: float = 180.0, attempts: int = 3) -> RayHead:
+    """Start a head; on a loaded machine Ray's fixed 30 s raylet-registration wait can expire, so retry afresh."""
+    error: Exception | None = None
+    for _ in range(attempts):
+        try:
+            return _start_once(num_cpus, timeout)
+        except RuntimeError as err:
+            error = err
+    raise RuntimeError(f"could not start a Ray head in {attempts} attempts: {error}")
+
+
+def _start_once(num_cpus: int, timeout: float) -> RayHead:
     # A short temp dir: Ray puts Unix sockets under it, and socket paths are limited to 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="xr", dir="/tmp"))
     (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env_agent,
@@ -113,11 +124,13 @@ def start_ray_head(num_cpus: int = 2, timeout: float = 120.0) -> RayHead:
             head.stop()
             raise RuntimeError(f"ray start exited with {process.returncode}: "
                                f"{(temp_dir / 'ray_start.log').read_text(errors='replace')[-3000:]}")
+        # `ray start --block` prints this only once the raylet has registered (the dashboard answers earlier).
+        started = b"Ray runtime started" in (temp_dir / "ray_start.log").read_bytes()
         try:
             request = urllib.request.Request(f"{head.dashboard_url}/api/version",
                                              headers={"Authorization": f"Bearer {token}"})
             with urllib.request.urlopen(request, timeout=2) as response:
-                if response.status == 200:
+                if started and response.status == 200:
                     break
         except OSError:
             pass

@@ -227,6 +227,36 @@ def test_skips_carry_a_reason(config):
     assert e.value.reason == "bad_json"
 
 
+def test_malformed_json_structure_is_a_skip(config):
+    good = red_square_picture()
+    for broken in ({"captions": "a cat"}, {"regions": [["bbox"]]}, {"regions": {"a": 1}}, {"width": "800"},
+                   {"height": -3}, {"width": 800.5}):
+        meta = dict(meta_for(captions=["a cat"]), **broken)
+        for build in (image_text_sample, region_sample):
+            with pytest.raises(SkipSample) as e:
+                build(good, meta, np.random.default_rng(0), config)
+            assert e.value.reason == "bad_json", broken
+    with pytest.raises(SkipSample) as e:
+        image_text_sample(good, b"[1, 2]", np.random.default_rng(0), config)
+    assert e.value.reason == "bad_json"
+
+
+def test_text_without_wordpieces_is_not_a_crash(config):
+    # a zero-width space survives pre_caption (it is not whitespace) but BERT's text cleaning drops it
+    good = red_square_picture()
+    with pytest.raises(SkipSample) as e:
+        image_text_sample(good, meta_for(captions=["\u200b"]), np.random.default_rng(0), config)
+    assert e.value.reason == "no_caption"
+    meta = meta_for(regions=[{"bbox": [10, 10, 780, 580], "text": "\u200b", "kind": "region"},
+                             {"bbox": [0, 0, 800, 600], "text": "the whole picture", "kind": "region"}])
+    for seed in range(6):
+        s = region_sample(good, meta, np.random.default_rng(seed), config)
+        assert s["texts"] == ["the whole picture"] and s["unusable_regions"] in (0, 1)
+    with pytest.raises(SkipSample) as e:
+        region_sample(good, meta_for(regions=[meta["regions"][0]]), np.random.default_rng(0), config)
+    assert e.value.reason == "no_region"
+
+
 def test_unusable_regions_are_counted(config):
     meta = meta_for(regions=[{"bbox": [10, 10, 50, 50], "text": "cup", "kind": "object"},
                              {"bbox": [10, 10, -5, 50], "text": "neg", "kind": "region"}])

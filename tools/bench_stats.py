@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -93,18 +92,24 @@ def write_synthetic(out: str, rows: int, batch: int = 500_000, seed: int = 0) ->
         json.dump(manifest, f)
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in MB, wall seconds) of a child process, from its own rusage (wait4)."""
+# The child reports its own high-water mark (VmHWM): ru_maxrss of a child would also count the parent's pages
+# it was forked from, which exec does not reset in that figure.
+REPORT_HWM = ("\nimport sys\nfor line in open('/proc/self/status'):\n"
+              "    if line.startswith('VmHWM:'):\n        sys.stderr.write('VMHWM_KB ' + line.split()[1] + '\\n')\n")
+STATS = "import sys\nfrom tools.cli import main\nrc = main(sys.argv[1:])\nassert rc == 0, rc"
+NAIVE = "import sys, pyarrow.parquet as pq\nt = pq.read_table(sys.argv[1])\nprint(t.num_rows, t.nbytes)"
+
+
+def measure(code: str, args: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of `python -c code args` in a fresh process."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", code + REPORT_HWM] + args, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    return usage.ru_maxrss / 1024.0, wall
-
-
-NAIVE = "import sys, pyarrow.parquet as pq; t = pq.read_table(sys.argv[1]); print(t.num_rows, t.nbytes)"
+    if done.returncode != 0:
+        raise SystemExit(f"{code.splitlines()[-1]} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    hwm = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("VMHWM_KB ")]
+    return int(hwm[-1]) / 1024.0, wall
 
 
 def main() -> int:
@@ -120,13 +125,14 @@ def main() -> int:
             print(f"writing a synthetic {rows:,}-row index to {path}")
             write_synthetic(path, rows)
     print(f"index.parquet: {os.path.getsize(os.path.join(big, INDEX_NAME)) / 1e6:.0f} MB for {args.rows:,} rows")
-    stats_cmd = [sys.executable, "-m", "tools.cli", "--log-level", "WARNING", "stats"]
+    stats_args = ["--log-level", "WARNING", "stats"]
     results = {}
-    results["stats_small"] = measure(stats_cmd + [small, "--out", os.path.join(args.work, "small.html"),
-                                                  "--no-progress"])
-    results["stats_big"] = measure(stats_cmd + [big, "--out", os.path.join(args.work, "big.html"), "--no-progress"])
+    results["stats_small"] = measure(STATS, stats_args + [small, "--out", os.path.join(args.work, "small.html"),
+                                                          "--no-progress"])
+    results["stats_big"] = measure(STATS, stats_args + [big, "--out", os.path.join(args.work, "big.html"),
+                                                        "--no-progress"])
     if not args.no_naive:
-        results["naive_read_table"] = measure([sys.executable, "-c", NAIVE, os.path.join(big, INDEX_NAME)])
+        results["naive_read_table"] = measure(NAIVE, [os.path.join(big, INDEX_NAME)])
     for name, (rss, wall) in results.items():
         print(f"{name:<18} peak RSS {rss:8.0f} MB   wall {wall:6.1f} s")
     rss_big, rss_small = results["stats_big"][0], results["stats_small"][0]

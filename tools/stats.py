@@ -494,7 +494,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(width: float = 5.6, height: float = 3.2):
+def _figure(width: float = 4.4, height: float = 2.9):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height))

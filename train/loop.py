@@ -177,7 +177,8 @@ class Trainer:
         trainer = state.trainer
         self.optimizer.load_state_dict(trainer["optimizer"])
         scheduler_state = dict(trainer["scheduler"])
-        scheduler_state.pop("lr_lambdas", None)  # the schedule's numbers come from this run's config
+        # The schedule's numbers (warmup, steps) come from this run's config, not from the checkpoint.
+        scheduler_state["lr_lambdas"] = self.scheduler.state_dict()["lr_lambdas"]
         self.scheduler.load_state_dict(scheduler_state)
         if trainer["scaler"]:
             self.scaler.load_state_dict(trainer["scaler"])
@@ -307,6 +308,7 @@ class Trainer:
         return path
 
     def maybe_evaluate(self) -> dict[str, Any] | None:
+        """Every `eval.every` steps, rank 0 evaluates on `eval.datasets`; the other ranks wait at a barrier."""
         every = self.cfg.eval.every
         if not every or self.step % every or not self.cfg.eval.datasets:
             return None
@@ -317,16 +319,19 @@ class Trainer:
             except ImportError:
                 log.warning("eval.every is set but train.evaluate is not available; skipping evaluation")
                 return None
-        saved = ckpt.rng_state()  # evaluation must not shift the training RNG streams
-        self.model.eval()
-        try:
-            with torch.no_grad(), self._autocast():
-                result = fn(self.model, self.cfg, self.ctx.device)
-        finally:
-            self.model.train()
-            ckpt.set_rng_state(saved)
-        self.eval_results = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float))}
-        return self.eval_results
+        result: dict[str, Any] = {}
+        if self.ctx.is_main:
+            saved = ckpt.rng_state()  # evaluation must not shift the training RNG streams
+            self.model.eval()
+            try:
+                with torch.no_grad(), self._autocast():
+                    result = fn(self.model, self.cfg, device=self.ctx.device) or {}
+            finally:
+                self.model.train()
+                ckpt.set_rng_state(saved)
+        distributed.barrier(self.ctx)
+        self.eval_results = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        return self.eval_results if self.ctx.is_main else None
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -384,8 +389,8 @@ def train(cfg: TrainConfig, *, device: torch.device | str | None = None, stream:
 
     Works in one process, under torchrun (RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU) and in a Ray
     Train worker whose process group is already set up. `stream` replaces the loader (anything with __iter__,
-    state_dict and load_state_dict yielding batches per docs/batches.md); `evaluate(model, cfg, device) -> dict`
-    replaces train.evaluate.evaluate for the periodic evaluation (`eval.every`).
+    state_dict and load_state_dict yielding batches per docs/batches.md); `evaluate(model, cfg, device=...) -> dict`
+    replaces train.evaluate.evaluate for the periodic evaluation (`eval.every`, on rank 0).
     """
     cfg.validate()
     ctx = distributed.setup(device)

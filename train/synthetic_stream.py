@@ -14,11 +14,10 @@ from model.synthetic import image_text_batch, region_batch
 
 
 def region_step(seed: int, index: int, iter_perc: float) -> bool:
-    """True when batch `index` of the plan is a region batch: a region batch per image-text batch with
-    probability iter_perc, i.e. a share iter_perc / (1 + iter_perc) of all batches."""
+    """True when batch `index` of the plan is a region batch, with probability iter_perc (as the loader's plan)."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     u = int.from_bytes(digest[:8], "little") / 2.0 ** 64
-    return u < iter_perc / (1.0 + iter_perc)
+    return u < iter_perc
 
 
 class SyntheticStream:

