@@ -37,10 +37,12 @@ class ContrastiveHead(nn.Module):
         init_bert_weights(self)
 
     def temperature(self) -> torch.Tensor:
-        # X-VLM clamps the parameter itself (not only its use) on every forward, so it never drifts out of range.
-        with torch.no_grad():
-            self.temp.clamp_(self.temp_min, self.temp_max)
-        return self.temp
+        # X-VLM clamps the parameter itself on every forward, so it never drifts out of range. We clamp its .data:
+        # an in-place op on the parameter would bump its version and break the backward of an earlier forward
+        # still in the graph (two batches summed into one step, gradient accumulation). The returned clamp is
+        # the graph's view of it (a no-op in value; its gradient passes at the bounds too).
+        self.temp.data.clamp_(self.temp_min, self.temp_max)
+        return self.temp.clamp(self.temp_min, self.temp_max)
 
     def vision_feat(self, cls: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(cls), dim=-1)

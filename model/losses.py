@@ -19,7 +19,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather  # imported lazily: pulls in RPC machinery
-    return torch.cat(all_gather(x), dim=0)
+    # Ranks may hold different row counts (region batches): gather the counts, pad to the largest, cut back.
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    if len(set(sizes)) == 1:
+        return torch.cat(all_gather(x), dim=0)
+    padded = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])])
+    return torch.cat([part[:size] for part, size in zip(all_gather(padded), sizes)], dim=0)
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:

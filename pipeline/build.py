@@ -331,7 +331,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         cpus = init_ray(config.ray_address, config.workers)
         workers = config.workers or cpus
         fingerprint = config.fingerprint()
-        task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(write_shard)
         names: list[str] = []
         pending: dict = {}
         written = skipped = 0
@@ -343,8 +343,12 @@ def run_build(config: BuildConfig) -> BuildResult:
             while pending and (block or len(pending) >= 2 * workers):
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    pending.pop(ref)
-                    bar.update(ray.get(ref))
+                    name = pending.pop(ref)
+                    try:
+                        bar.update(ray.get(ref))
+                    except ray.exceptions.RayError as err:
+                        raise XvlmError(f"writing {name} failed after retries: {err}\nFinished shards are kept; "
+                                        f"re-run the same command to resume.") from err
                     written += 1
                 if not block:
                     break

@@ -79,11 +79,10 @@ def _source_runs(datasets: list[Dataset]) -> dict[str, list[Piece]]:
     runs: dict[str, list[Piece]] = {}
     for d, dataset in enumerate(datasets):
         for s, shard in enumerate(dataset.shards):
-            begin = 0
-            for i in range(1, shard.samples + 1):
-                if i == shard.samples or shard.sources[i] != shard.sources[begin]:
-                    runs.setdefault(shard.sources[begin], []).append(Piece(d, s, begin, i - begin))
-                    begin = i
+            names = np.asarray(shard.sources)
+            cuts = [0] + (np.flatnonzero(names[1:] != names[:-1]) + 1).tolist() + [shard.samples]
+            for begin, end in zip(cuts[:-1], cuts[1:]):
+                runs.setdefault(str(names[begin]), []).append(Piece(d, s, begin, end - begin))
     return runs
 
 

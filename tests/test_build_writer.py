@@ -80,3 +80,19 @@ def test_sample_problems_name_each_fault():
         assert expected in text, expected
     assert sample_problems([]) == ["sample JSON is a list, not an object"]
     assert "missing field 'width'" in sample_problems({k: v for k, v in _meta("x").items() if k != "width"})
+
+
+def test_fast_tar_header_equals_tarfile_and_long_names_still_work(tmp_path):
+    import tarfile as tf
+
+    from shards.writer import _member, tar_header
+
+    for name, size in (("a.jpg", 0), ("coco-000000000139.json", 1234), ("k" * 96 + ".txt", 8 ** 10)):
+        assert tar_header(name, size) == _member(name, size).tobuf(tf.USTAR_FORMAT, "utf-8", "surrogateescape")
+    key = "x" * 120                                    # needs a pax header
+    path = str(tmp_path / "long.tar")
+    with ShardWriter(path) as writer:
+        writer.write(key, _jpeg((9, 9, 9)), _meta(key))
+    with tarfile.open(path) as tar:
+        assert tar.getnames() == [f"{key}.jpg", f"{key}.json", f"{key}.txt"]
+    assert os.path.getsize(path) % (20 * 512) == 0

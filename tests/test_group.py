@@ -103,5 +103,5 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
                              cwd=os.path.dirname(os.path.dirname(__file__)))
         return json.loads(out.stdout.strip().splitlines()[-1])["stream"]["peak_rss_mb"]
 
-    small, large = peak(0.005), peak(0.05)
+    small, large = peak(0.003), peak(0.03)
     assert large < small * 1.6, (small, large)  # 10x the records, far less than 10x the memory

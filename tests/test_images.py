@@ -173,3 +173,30 @@ def test_reader_reads_tar_members_and_refuses_links(tmp_path):
         reader.read(str(tmp_path / "nope.jpg"))
     assert err.value.reason == "missing_image"
     reader.close()
+
+
+def test_fast_jpeg_header_check_agrees_with_pillow():
+    from pipeline.images import _can_pass_through, jpeg_passthrough_size
+
+    picture = _picture(200, 120)
+    rotated, upright = Image.Exif(), Image.Exif()
+    rotated[0x0112], upright[0x0112] = 8, 1
+    full = _encode(picture, "JPEG", quality=80)
+    cases = {
+        "baseline": full, "progressive": _encode(picture, "JPEG", progressive=True),
+        "optimized": _encode(picture, "JPEG", optimize=True), "gray": _encode(picture.convert("L"), "JPEG"),
+        "cmyk": _encode(picture.convert("CMYK"), "JPEG"), "rotated": _encode(picture, "JPEG", exif=rotated.tobytes()),
+        "upright": _encode(picture, "JPEG", exif=upright.tobytes()), "too_big": _encode(_picture(300, 120), "JPEG"),
+        "truncated": full[:-100], "png": _encode(picture, "PNG"),
+    }
+    for name, data in cases.items():
+        fast = jpeg_passthrough_size(data, CONFIG)
+        try:
+            image = Image.open(io.BytesIO(data))
+            slow = _can_pass_through(image, data, CONFIG.max_side)
+        except OSError:
+            slow = False
+        assert (fast is not None) == slow, name
+        if fast is not None:
+            assert fast == image.size, name
+    assert jpeg_passthrough_size(full, ImageConfig(max_side=256, max_pixels=1000)) is None   # bomb limit

@@ -13,13 +13,12 @@ import torch.nn.functional as F
 from model.losses import itc_loss
 
 WORLD = 2
-PER_RANK = 3
 
 
-def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear, torch.nn.Linear]:
+def _global_batch(rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear, torch.nn.Linear]:
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(WORLD * PER_RANK, 5, generator=g)
-    texts = torch.randn(WORLD * PER_RANK, 7, generator=g)
+    images = torch.randn(sum(rows), 5, generator=g)
+    texts = torch.randn(sum(rows), 7, generator=g)
     torch.manual_seed(1)
     return images, texts, torch.nn.Linear(5, 4), torch.nn.Linear(7, 4)
 
@@ -35,12 +34,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, rows: tuple[int, int]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        images, texts, image_proj, text_proj = _global_batch()
-        local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        images, texts, image_proj, text_proj = _global_batch(rows)
+        local = slice(sum(rows[:rank]), sum(rows[:rank + 1]))
         loss = _loss(images[local], texts[local], image_proj, text_proj)
         loss.backward()
         grads = [p.grad.clone() for p in (*image_proj.parameters(), *text_proj.parameters())]
@@ -53,11 +52,12 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.dist
-def test_gathered_itc_equals_single_process_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("rows", [(3, 3), (3, 2)])
+def test_gathered_itc_equals_single_process_loss_and_gradients(tmp_path, rows):
     # fork: the children inherit the imported torch instead of re-importing it (seconds on a busy machine);
     # safe here because nothing in the parent touched CUDA or started gloo.
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
-    images, texts, image_proj, text_proj = _global_batch()
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), rows), nprocs=WORLD, join=True, start_method="fork")
+    images, texts, image_proj, text_proj = _global_batch(rows)
     loss = _loss(images, texts, image_proj, text_proj)
     loss.backward()
     expected = [p.grad for p in (*image_proj.parameters(), *text_proj.parameters())]

@@ -73,14 +73,8 @@ def test_show_draws_each_box_on_its_edges(built, tmp_path):
     k = show.scale_factor(meta["width"], meta["height"])
     assert png.shape[0] > meta["height"] * k and png.shape[1] >= meta["width"] * k   # image + text panel
     assert_outlines(png, [tuple(r["bbox"]) for r in meta["regions"]], k)
-    for region in meta["regions"]:
-        # inside the box the image is untouched: the object's colour at its centre, as in the stored JPEG
-        x, y, w, h = region["bbox"]
-        cx, cy = x + w / 2, y + h / 2
-        assert png[int(cy * k), int(cx * k)].tolist() == stored[int(cy), int(cx)].tolist()
-    # far from any box the pixels are the stored image's
     mask = np.ones(stored.shape[:2], bool)
-    for r in meta["regions"]:   # the box, its number tag above it and a margin
+    for r in meta["regions"]:   # away from each box, its number tag (above or inside it) and a margin
         x, y, w, h = r["bbox"]
         mask[max(0, int(y) - 24):int(y + h) + 4, max(0, int(x) - 4):int(x + w) + 40] = False
     rows, cols = np.nonzero(mask)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from shards.errors import XvlmError
 from train.config import load_config
 from train.loop import train
 from train.metrics import read_metrics
@@ -40,6 +42,13 @@ def test_evaluation_hook_runs_on_schedule_without_moving_the_training_rng(tmp_pa
     assert [e.get("eval") for e in entries] == [None, {"i2t_r1": 0.25}, None]
     assert with_eval["eval"] == {"i2t_r1": 0.25} and plain["eval"] == {}
     assert plain["steps"] == 3 and plain["start_step"] == 0
+
+    # a finished run resumed does nothing more; a fresh start among its checkpoints is refused
+    again = train(config(tmp_path / "plain"))
+    assert (again["start_step"], again["steps_run"]) == (3, 0)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "eval")
+    with pytest.raises(XvlmError, match="already holds checkpoints"):
+        train(config(tmp_path / "plain", "checkpoint.resume=none"))
 
 
 def test_gradient_accumulation_takes_several_batches_per_step(tmp_path):

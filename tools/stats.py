@@ -490,14 +490,14 @@ def _png(fig) -> str:
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90)   # constrained layout: one draw (bbox_inches="tight" draws twice)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _figure(width: float = 4.4, height: float = 2.9):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height))
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 # One colour per source in every plot and in both columns of a comparison.
@@ -512,6 +512,15 @@ def source_colour(name: str) -> str:
     return SOURCE_COLOURS.get(name) or _EXTRA_COLOURS[zlib.crc32(name.encode()) % len(_EXTRA_COLOURS)]
 
 
+def _log_x(ax) -> None:
+    """Log x axis with plain tick labels (1e-05, 0.01, 1): the default 10^x labels go through mathtext, slowly."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_hist(hist: dict, title: str, xlabel: str) -> str:
     """Stacked bars by source of a Binned summary."""
     fig = _figure()
@@ -523,14 +532,11 @@ def plot_hist(hist: dict, title: str, xlabel: str) -> str:
         counts = np.asarray(part["counts"], float)
         if not counts.any():
             continue
-        if integer:
-            ax.bar(edges[:-1] + 0.5, counts, width=0.9, bottom=bottom, label=name, color=source_colour(name))
-        else:
-            ax.bar(edges[:-1], counts, width=np.diff(edges), bottom=bottom, align="edge", label=name,
-                   color=source_colour(name), edgecolor="white", linewidth=0.3)
+        # one filled step polygon per source (stacked), not one patch per bar: a fraction of the draw time
+        ax.stairs(bottom + counts, edges, baseline=bottom.copy(), fill=True, label=name, color=source_colour(name))
         bottom += counts
     if hist["log10"]:
-        ax.set_xscale("log")
+        _log_x(ax)
     if integer:
         last = int(edges[-2] + 0.5)
         used = int(np.nonzero(bottom)[0].max()) if bottom.any() else 1
@@ -572,7 +578,7 @@ def plot_bars(names: list[str], values: list[int], title: str, xlabel: str) -> s
 def plot_values(values: list[float], title: str, xlabel: str, bins: int = 30) -> str:
     fig = _figure()
     ax = fig.add_subplot()
-    ax.hist(values, bins=min(bins, max(1, len(values))), color="#55a868")
+    ax.hist(values, bins=min(bins, max(1, len(values))), color="#55a868", histtype="stepfilled")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("shards")

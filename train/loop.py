@@ -159,10 +159,20 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def _resume(self) -> ckpt.Checkpoint | None:
         path = None
+        error = None
         if self.ctx.is_main:
-            path = ckpt.resolve_resume(self.cfg.out, self.cfg.checkpoint.resume)
-            storage.abort_stale_uploads(ckpt.checkpoints_root(self.cfg.out))
-        path = distributed.broadcast_object(self.ctx, path)
+            try:
+                path = ckpt.resolve_resume(self.cfg.out, self.cfg.checkpoint.resume)
+                if path is None and ckpt.committed_checkpoints(self.cfg.out):
+                    # A fresh start among another run's checkpoints: a later `--resume auto` would pick those up.
+                    raise XvlmError(f"{self.cfg.out} already holds checkpoints of another run; continue it with "
+                                    "--resume auto, or start fresh in a new --out (or delete the old one)")
+                storage.abort_stale_uploads(ckpt.checkpoints_root(self.cfg.out))
+            except XvlmError as err:
+                error = str(err)
+        path, error = distributed.broadcast_object(self.ctx, (path, error))
+        if error:
+            raise XvlmError(error)
         if path is None:
             if self.ctx.is_main:
                 log.info("starting a new run in %s", self.cfg.out)
