@@ -14,10 +14,8 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
 
@@ -27,14 +25,14 @@ from tqdm import tqdm
 
 from pipeline.group import GroupConfig, count_groups, group_images, iter_groups, load_accounting, reject_files
 from pipeline.images import ImageConfig, ImageReader, ImageReject, annotation_scale, map_box, normalize_image
-from pipeline.records import ImageGroup, RecordRef, Reject
+from pipeline.records import ImageGroup, RecordRef
 from pipeline.stage import StageConfig, stage_sources
 from shards import storage
 from shards.errors import XvlmError
-from shards.format import DEFAULT_SHARD_PREFIX, FORMAT_VERSION, shard_name, valid_key
+from shards.format import DEFAULT_SHARD_PREFIX, FORMAT_VERSION, parse_shard_name, shard_name, valid_key
+from shards.format import INDEX_NAME, MANIFEST_NAME, REJECTS_NAME
 from shards.manifest import (INDEX_SCHEMA, REJECTS_SCHEMA, Manifest, SourceCounts, manifest_bytes, merge_counts,
                              table_bytes)
-from shards.format import INDEX_NAME, MANIFEST_NAME, REJECTS_NAME
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -215,6 +213,25 @@ def shard_done(out: str, name: str, fingerprint: str) -> dict | None:
     return done
 
 
+def shard_fingerprint(config: BuildConfig, groups: list[ImageGroup]) -> str:
+    """Settings + the shard's exact input groups: a finished shard is reused only if both are unchanged."""
+    digest = hashlib.sha256(config.fingerprint().encode())
+    for group in groups:
+        digest.update(json.dumps(asdict(group), sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def _remove_stale_shards(out: str, prefix: str, count: int) -> None:
+    """Shards numbered beyond this build's last one (an earlier build of inputs that have since shrunk)."""
+    for entry in storage.list_files(out, recursive=False):
+        parsed = parse_shard_name(entry.path.rsplit("/", 1)[-1])
+        if parsed and parsed[0] == prefix and parsed[1] >= count:
+            log.info("removing %s: not part of this build", entry.path)
+            storage.delete(entry.path)
+            for path in _work_paths(out, shard_name(prefix, parsed[1])):
+                storage.delete(path)
+
+
 def _chunks(groups: Iterable[ImageGroup], size: int) -> Iterator[list[ImageGroup]]:
     chunk: list[ImageGroup] = []
     for group in groups:
@@ -330,7 +347,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         grouped = _stage_and_group(config, work_dir)
         cpus = init_ray(config.ray_address, config.workers)
         workers = config.workers or cpus
-        fingerprint = config.fingerprint()
+        fingerprints: dict[str, str] = {}
         task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(write_shard)
         names: list[str] = []
         pending: dict = {}
@@ -356,6 +373,8 @@ def run_build(config: BuildConfig) -> BuildResult:
         for number, chunk in enumerate(_chunks(_iter_all_groups(grouped), config.samples_per_shard)):
             name = shard_name(config.shard_prefix, number)
             names.append(name)
+            fingerprint = shard_fingerprint(config, chunk)
+            fingerprints[name] = fingerprint
             if shard_done(out, name, fingerprint) is not None:
                 skipped += 1
                 bar.update(len(chunk))
@@ -364,7 +383,7 @@ def run_build(config: BuildConfig) -> BuildResult:
             pending[task.remote(chunk, out, name, config.image, fingerprint, config.endpoint_url)] = name
         collect(block=True)
         bar.close()
-        manifest = finish(config, out, names, grouped, fingerprint)
+        manifest = finish(config, out, names, grouped, fingerprints)
         return BuildResult(manifest, written, skipped)
     finally:
         if temp_work:
@@ -376,7 +395,7 @@ def _iter_all_groups(grouped) -> Iterator[ImageGroup]:
         yield from iter_groups(partition)
 
 
-def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fingerprint: str) -> Manifest:
+def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fingerprints: dict[str, str]) -> Manifest:
     """Assemble index.parquet and rejects.parquet from _work (bounded memory: one shard at a time), check the
     accounting against the staged inputs, then write manifest.json last."""
     early = {}
@@ -396,7 +415,7 @@ def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fi
                 rejects_writer.write_table(pa.Table.from_batches([batch]).select(REJECTS_SCHEMA.names)
                                            .cast(REJECTS_SCHEMA))
         for name in names:
-            done = shard_done(out, name, fingerprint)
+            done = shard_done(out, name, fingerprints[name])
             if done is None:
                 raise XvlmError(f"shard {name} did not finish (its task failed); re-run the same command to redo it")
             shards.append(done["shard"])
@@ -406,6 +425,7 @@ def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fi
             rejects_writer.write_table(pq.read_table(pa.BufferReader(storage.read_bytes(rejects_path))))
         index_writer.close()
         rejects_writer.close()
+    _remove_stale_shards(out, config.shard_prefix, len(names))
     totals = merge_counts(parts)
     for source, acc in grouped.accounting.items():
         staged = {k: v for k, v in acc["inputs"].items() if v}

@@ -146,7 +146,9 @@ def _open_header(data: bytes, max_pixels: int) -> Image.Image:
 def _jpeg_complete(data: bytes) -> bool:
     """Whether the JPEG ends with its EOI marker (a truncated download does not). Pass-through never decodes,
     so this is what keeps a cut-off file out; anything else takes the decoding path, which checks fully."""
-    return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
+    if data[:2] != b"\xff\xd8":
+        return False
+    return data[-2:] == b"\xff\xd9" or data[-64:].rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"   # no full copy
 
 
 _SOF_PASS = {0xC0, 0xC1, 0xC2}      # baseline, extended sequential, progressive (Huffman)

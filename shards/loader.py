@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import collate, samples, text
-from shards.dataset import Dataset, ShardIndex, open_datasets
+from shards.dataset import Dataset, open_datasets
 from shards.errors import XvlmError
 from shards.loader_config import LoaderConfig
 from shards.plan import TAG_BLOCK, TAG_SAMPLE, EpochPlan, build_plan, rng_for
@@ -52,8 +52,8 @@ class SlotReader:
     def global_position(self, pass_: int, position: int) -> int:
         return pass_ * self.plan.total + self.slice_id * self.plan.slice_len + position
 
-    def iter_from(self, slot: int) -> Iterator[tuple[int, int, RawSample | Skipped, ShardIndex]]:
-        """(slot, global position, raw sample or skip, its shard) for slots slot, slot+1, ... (endless)."""
+    def iter_from(self, slot: int) -> Iterator[tuple[int, int, RawSample | Skipped, tuple[int, int]]]:
+        """(slot, global position, raw sample or skip, (dataset, shard) numbers) for slots slot, slot+1, ..."""
         length = self.plan.slice_len
         while True:
             pass_, q = divmod(slot, length)
@@ -64,11 +64,11 @@ class SlotReader:
             items = self._read(begin, end, set(perm[q - begin:].tolist()))
             for k in range(q - begin, end - begin):
                 position = int(perm[k])
-                item, shard = items.pop(position)
-                yield slot, self.global_position(pass_, position), item, shard
+                item, ref = items.pop(position)
+                yield slot, self.global_position(pass_, position), item, ref
                 slot += 1
 
-    def _read(self, begin: int, end: int, needed: set[int]) -> dict[int, tuple[RawSample | Skipped, ShardIndex]]:
+    def _read(self, begin: int, end: int, needed: set[int]) -> dict[int, tuple[RawSample | Skipped, tuple[int, int]]]:
         """Raw samples at the needed slice positions in [begin, end), read in tar order."""
         out = {}
         for piece, first, count, position in self.plan.locate(self.slice_id, begin, end):
@@ -77,7 +77,7 @@ class SlotReader:
             if not want:
                 continue
             for item in iter_range(shard, first, count, needed=want):
-                out[position + item.index - first] = (item, shard)
+                out[position + item.index - first] = (item, (piece.dataset, piece.shard))
         return out
 
 
@@ -93,26 +93,40 @@ def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPla
     batch_index, slot = int(state["batch"]), int(state["slot"])
     skips = Counter(state.get("skips", {}))
     wrapped = int(state.get("wrapped", 0))
+    # Samples fit only for the other batch kind (a VG image without caption met by an image-text batch) wait
+    # for it here instead of being wasted; the state keeps their references, a resume re-reads them by index.
+    deferred: dict[bool, deque] = {True: deque(), False: deque()}
+    for kind, entries in state.get("deferred", {}).items():
+        for position, d, s, index in entries:
+            item = next(iter_range(datasets[d].shards[s], index, 1))
+            deferred[kind == "region"].append((position, item, (d, s)))
+    limit = {True: 2 * config.region_max_images, False: 2 * config.image_text_batch_size}
     stream = reader.iter_from(slot)
     for i in range(batch_index, plan.batches_per_worker):
         region = bool(plan.kinds[i * workers + worker])
         built: list[dict[str, Any]] = []
         rows = 0
         while True:
-            slot, position, item, shard = next(stream)
-            slot += 1
-            if slot > plan.slice_len:
-                wrapped += 1
-            if isinstance(item, Skipped):
-                skips[item.reason] += 1
-                continue
-            # The index says what a sample has: skip the ones unfit for this batch kind without decoding them.
-            if region and not shard.has_region[item.index]:
-                skips["no_region"] += 1
-                continue
-            if not region and not shard.has_caption[item.index]:
-                skips["no_caption"] += 1
-                continue
+            if deferred[region]:
+                position, item, ref = deferred[region].popleft()
+            else:
+                slot, position, item, ref = next(stream)
+                slot += 1
+                if slot > plan.slice_len:
+                    wrapped += 1
+                if isinstance(item, Skipped):
+                    skips[item.reason] += 1
+                    continue
+                # The index says what a sample has: no decoding to find it unfit for this batch kind.
+                shard = datasets[ref[0]].shards[ref[1]]
+                fits = shard.has_region if region else shard.has_caption
+                if not fits[item.index]:
+                    other = shard.has_caption if region else shard.has_region
+                    if other[item.index] and len(deferred[not region]) < limit[not region]:
+                        deferred[not region].append((position, item, ref))
+                    else:
+                        skips["no_region" if region else "no_caption"] += 1
+                    continue
             rng = sample_rng(config.seed, plan.epoch, position)
             build = samples.region_sample if region else samples.image_text_sample
             try:
@@ -133,7 +147,11 @@ def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPla
             if rows == config.region_batch_size or len(built) == config.region_max_images:
                 break
         batch = collate.collate_region(built) if region else collate.collate_image_text(built)
-        batch["_worker_state"] = (worker, {"batch": i + 1, "slot": slot, "skips": dict(skips), "wrapped": wrapped})
+        waiting = {("region" if kind else "image_text"): [[position, ref[0], ref[1], item.index]
+                                                           for position, item, ref in queue]
+                   for kind, queue in deferred.items() if queue}
+        batch["_worker_state"] = (worker, {"batch": i + 1, "slot": slot, "skips": dict(skips), "wrapped": wrapped,
+                                           "deferred": waiting})
         yield batch
 
 
@@ -159,7 +177,7 @@ class _EpochBatches(IterableDataset):
 
 
 def _fresh_state() -> dict:
-    return {"batch": 0, "slot": 0, "skips": {}, "wrapped": 0}
+    return {"batch": 0, "slot": 0, "skips": {}, "wrapped": 0, "deferred": {}}
 
 
 class MultiGrainedLoader:

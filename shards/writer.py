@@ -104,11 +104,10 @@ class ShardWriter:
         if self.validate:
             validate_sample(meta)
         offset = self._sink.size
+        parts = []
         for ext, data in (("jpg", jpeg), ("json", sample_json_bytes(meta)), ("txt", sample_text(meta).encode("utf-8"))):
-            self._sink.write(tar_header(f"{key}.{ext}", len(data)))
-            self._sink.write(data)
-            if len(data) % BLOCK:
-                self._sink.write(bytes(BLOCK - len(data) % BLOCK))
+            parts += [tar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % BLOCK)]
+        self._sink.write(b"".join(parts))   # one hash update and one write per sample
         self.samples += 1
         return offset
 

@@ -47,8 +47,9 @@ def make_sample(key: str, source: str, rng: np.random.Generator, size: tuple[int
 
 def make_dataset(out: str, samples: int = 40, per_shard: int = 10, sources: tuple[str, ...] = ("coco",),
                  seed: int = 0, size: tuple[int, int] = (96, 72), format_version: str | None = None,
-                 noise: bool = False) -> str:
-    """Write `samples` samples (keys SOURCE-000000..., sorted) into shards of `per_shard`; returns `out`."""
+                 noise: bool = False, captionless: tuple[str, ...] = ()) -> str:
+    """Write `samples` samples (keys SOURCE-000000..., sorted) into shards of `per_shard`; returns `out`.
+    Samples of the `captionless` sources have regions only (like Visual Genome images outside COCO)."""
     rng = np.random.default_rng(seed)
     storage.makedirs(out)
     keys = sorted(f"{sources[i % len(sources)]}-{i:06d}" for i in range(samples))
@@ -58,7 +59,7 @@ def make_dataset(out: str, samples: int = 40, per_shard: int = 10, sources: tupl
         with ShardWriter(storage.join(out, name)) as writer:
             for key in keys[first:first + per_shard]:
                 source = key.split("-", 1)[0]
-                jpeg, meta = make_sample(key, source, rng, size=size, noise=noise)
+                jpeg, meta = make_sample(key, source, rng, size=size, noise=noise, captions=source not in captionless)
                 offset = writer.write(key, jpeg, meta)
                 counts[source].add_written("image")
                 rows.append({"key": key, "shard": name, "offset": offset, "source": source, "width": size[0],

@@ -109,3 +109,31 @@ def test_resume_refuses_another_world_size_or_worker_count(dataset):
         MultiGrainedLoader([dataset], cfg, rank=1, world_size=2).load_state_dict(state)
     with pytest.raises(XvlmError, match="seed"):
         MultiGrainedLoader([dataset], config(seed=1), rank=0, world_size=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_keeps_samples_waiting_for_the_other_batch_kind(tmp_path, workers):
+    # vg samples have no caption: image-text batches leave them to the next region batch (deferred)
+    path = shardkit.make_dataset(str(tmp_path / "d"), samples=60, per_shard=16, sources=("coco", "vg"),
+                                 captionless=("vg",))
+    cfg = config(num_workers=workers)
+    reference = MultiGrainedLoader([path], cfg)
+    per_epoch = len(reference)
+    expected = take(reference, per_epoch)
+    for batch in expected:
+        if batch["kind"] == "image_text":
+            assert all(s == "coco" for s in batch["sources"])
+    assert any(s == "vg" for b in expected if b["kind"] == "region" for s in b["sources"])
+
+    first = MultiGrainedLoader([path], cfg)
+    states = []
+    for n, _ in enumerate(first, start=1):
+        states.append((n, json.loads(json.dumps(first.state_dict()))))
+    # resume from a state in which some samples were waiting
+    waiting = [(n, s) for n, s in states if any(w["deferred"] for w in s["workers"]) and n < per_epoch]
+    assert waiting, "the fixture never deferred a sample"
+    n, state = waiting[len(waiting) // 2]
+    resumed = MultiGrainedLoader([path], cfg)
+    resumed.load_state_dict(state)
+    for a, b in zip(take(resumed, per_epoch - n), expected[n:]):
+        assert_same(a, b)

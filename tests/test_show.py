@@ -47,17 +47,29 @@ def _rgb(jpg: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _outline_band(box: tuple[float, float, float, float], k: int) -> tuple[int, int, int, int]:
+    x, y, w, h = box
+    x0, y0 = int(round(x * k)), int(round(y * k))
+    return x0, y0, max(x0 + 1, int(round((x + w) * k)) - 1), max(y0 + 1, int(round((y + h) * k)) - 1)
+
+
+def _on_outline(px: int, py: int, rect: tuple[int, int, int, int]) -> bool:
+    x0, y0, x1, y1 = rect
+    w = show.LINE_WIDTH - 1
+    return x0 <= px <= x1 and y0 <= py <= y1 and (px <= x0 + w or px >= x1 - w or py <= y0 + w or py >= y1 - w)
+
+
 def assert_outlines(png: np.ndarray, drawn: list[tuple[float, float, float, float]], k: int) -> None:
-    """At the middle of each edge of box i, just inside the box, the pixel has box_colour(i)."""
+    """At the middle of each edge of box i, just inside the box, the pixel has box_colour(i) — or, where a box
+    drawn later has its outline on the same pixel (VG regions and objects often share a box), that box's colour."""
+    rects = [_outline_band(b, k) for b in drawn]
     for i, (x, y, w, h) in enumerate(drawn):
-        colour = list(show.box_colour(i))
-        left, right = int(round(x * k)) + 1, int(round((x + w) * k)) - 2
-        top, bottom = int(round(y * k)) + 1, int(round((y + h) * k)) - 2
         mid_x, mid_y = int((x + w / 2) * k), int((y + h / 2) * k)
-        assert png[mid_y, left].tolist() == colour, (i, "left")
-        assert png[mid_y, right].tolist() == colour, (i, "right")
-        assert png[top, mid_x].tolist() == colour, (i, "top")
-        assert png[bottom, mid_x].tolist() == colour, (i, "bottom")
+        points = {"left": (int(round(x * k)) + 1, mid_y), "right": (int(round((x + w) * k)) - 2, mid_y),
+                  "top": (mid_x, int(round(y * k)) + 1), "bottom": (mid_x, int(round((y + h) * k)) - 2)}
+        for side, (px, py) in points.items():
+            owner = max(j for j in range(len(rects)) if j == i or _on_outline(px, py, rects[j]))
+            assert png[py, px].tolist() == list(show.box_colour(owner)), (i, side, owner)
 
 
 @pytest.mark.ray
@@ -147,8 +159,9 @@ def test_show_augmented_cli_writes_the_loader_views(built, tmp_path, capsys):
     assert len(raws) == 3
     for raw in raws:
         key = raw[:-4]
-        assert f"{key}.image_text.png" in names
+        assert f"{key}.image_text.png" in names or f"{key}: no image-text view" in out
         assert f"{key}.region.png" in names or f"{key}: no region view" in out
+    assert any(n.endswith(".region.png") for n in names) and any(n.endswith(".image_text.png") for n in names)
     region = next(p for p in tmp_path.glob("*.region.png"))
     with Image.open(region) as im:
         assert im.width >= show.PANEL_WIDTH and im.height > 64 * show.scale_factor(64, 64)

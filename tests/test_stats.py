@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 
 from shards import storage  # noqa: E402
-from shards.manifest import INDEX_SCHEMA  # noqa: E402
 from tools import stats  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
 

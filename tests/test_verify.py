@@ -3,6 +3,7 @@ a truncated shard, a damaged tar header, a sample JSON that breaks the format, a
 index or rejects file that disagrees with the manifest — exiting non-zero with the problem listed."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -11,7 +12,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -21,7 +21,6 @@ from test_stats import sample_build  # noqa: E402
 
 from shards import storage  # noqa: E402
 from shards.manifest import INDEX_SCHEMA, REJECTS_SCHEMA, write_table  # noqa: E402
-from shards.writer import ShardWriter  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
 from tools.verify import VerifyOptions, verify  # noqa: E402
 
@@ -47,27 +46,37 @@ def _read_samples(shard_path: str) -> list[tuple[str, dict[str, bytes]]]:
     return samples
 
 
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    return info
+
+
 def rewrite_shard(dataset: str, shard: str, change_meta=None, extra_member: tuple[str, bytes] | None = None) -> None:
-    """Rewrite one shard with changed sample JSON (written without validation, as a buggy builder would) and
-    bring the manifest (bytes, sha256) and index (offsets) up to date, so only the change itself is wrong."""
+    """Rewrite one shard (plain tarfile, as a buggy builder might) with changed sample JSON and/or one extra
+    member, and bring the manifest (bytes, sha256) and index (offsets) up to date, so only the change is wrong."""
     path = os.path.join(dataset, shard)
     samples = _read_samples(path)
     offsets = {}
-    with ShardWriter(path, validate=False) as writer:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for key, files in samples:
             meta = json.loads(files["json"])
             if change_meta:
                 change_meta(meta)
-            offsets[key] = writer.write(key, files["jpg"], meta)
+            files = dict(files, json=json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+            offsets[key] = tar.offset
+            for ext in ("jpg", "json", "txt"):
+                tar.addfile(_member(f"{key}.{ext}", len(files[ext])), io.BytesIO(files[ext]))
         if extra_member:
             name, data = extra_member
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            writer._tar.addfile(info, io.BytesIO(data))
+            tar.addfile(_member(name, len(data)), io.BytesIO(data))
+    data = buf.getvalue()
+    Path(path).write_bytes(data)
     manifest = json.loads(Path(dataset, "manifest.json").read_text())
     for entry in manifest["shards"]:
         if entry["name"] == shard:
-            entry.update(bytes=writer.info.bytes, sha256=writer.info.sha256)
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     Path(dataset, "manifest.json").write_text(json.dumps(manifest))
     index = pq.read_table(os.path.join(dataset, "index.parquet")).to_pylist()
     for row in index:

@@ -142,7 +142,7 @@ class bare_transform:
                                                                       Image.Resampling.BICUBIC)
             zeros = torch.zeros(config.max_tokens, dtype=torch.int64)
             masks = torch.zeros(config.max_masks, dtype=torch.int64)
-            return {"kind": "image_text", "key": "", "source": "", "image": torch.from_numpy(np.asarray(image)),
+            return {"kind": "image_text", "key": "", "source": "", "image": torch.from_numpy(np.array(image)),
                     "text_ids": zeros, "text_atts": zeros, "text_ids_masked": zeros, "masked_pos": masks,
                     "masked_ids": masks}
 

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import math
-import os
 import tarfile
 from dataclasses import dataclass
 

@@ -5,6 +5,7 @@ inside its image, index.parquet and rejects.parquet against the manifest — and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -12,10 +13,11 @@ import logging
 import os
 import tarfile
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
@@ -332,8 +334,6 @@ def _check_rejects(path: str, manifest: dict, problems: list[Problem]) -> None:
                 return
             counted: Counter = Counter()
             for batch in parquet.iter_batches(batch_size=262_144, columns=["source", "kind", "reason"]):
-                import pyarrow as pa
-
                 grouped = pa.Table.from_batches([batch]).group_by(["source", "kind", "reason"]).aggregate(
                     [("reason", "count")])
                 for row in grouped.to_pylist():
@@ -378,13 +378,12 @@ def verify(options: VerifyOptions) -> VerifyResult:
     index_path = storage.join(path, files.get("index", INDEX_NAME))
     _check_rejects(storage.join(path, files.get("rejects", REJECTS_NAME)), manifest, problems)
     total_bytes = sum(int(e["bytes"]) for e in entries)
-    try:
-        index_ctx = local_copy(index_path)
-        index_local = index_ctx.__enter__()
-    except FileNotFoundError:
-        problems.append(Problem(INDEX_NAME, "missing_file", f"{index_path} does not exist"))
-        index_ctx, index_local = None, None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            index_local = stack.enter_context(local_copy(index_path))
+        except FileNotFoundError:
+            problems.append(Problem(INDEX_NAME, "missing_file", f"{index_path} does not exist"))
+            index_local = None
         if index_local is not None:
             try:
                 _check_index(index_local, entries, problems)
@@ -412,9 +411,6 @@ def verify(options: VerifyOptions) -> VerifyResult:
                 result.samples += samples
                 problems.extend(found)
         bar.close()
-    finally:
-        if index_ctx is not None:
-            index_ctx.__exit__(None, None, None)
     # shards on disk that the manifest does not list (e.g. from another build into the same folder)
     listed = {e["name"] for e in entries}
     for item in storage.list_files(path, recursive=False):

@@ -1,0 +1,56 @@
+"""`xvlm quickstart`: the smoke mode runs every step and writes the report; the default budget (slow) must visibly
+learn on the 200 held-out scenes: image->text R@1 >= 0.5 and grounding acc@0.5 >= 0.45."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tools.cli import main
+
+
+def check_report(out: Path) -> dict:
+    report = out / "report"
+    document = json.loads((report / "metrics.json").read_text())
+    assert (report / "curves.png").stat().st_size > 10_000
+    assert (report / "report.md").read_text().startswith("# xvlm quickstart report")
+    assert "data:image/png;base64," in (report / "report.html").read_text()
+    return document
+
+
+def test_quickstart_smoke(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--smoke", "--out", str(out)]) == 0
+    document = check_report(out)
+    result = document["results"][0]
+    metrics = result["metrics"]
+    assert document["smoke"] and not document["verdict"]["checked"]
+    assert result["steps"] == 12 and metrics["images"] == 40
+    for key in ("i2t_r1", "t2i_r1", "grounding_acc", "grounding_miou"):
+        assert 0.0 <= metrics[key] <= 1.0
+    curve = [json.loads(line) for line in (out / f"run-{result['box_head']}" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in curve] == list(range(1, 13))
+    assert sum("eval" in e for e in curve) >= 2                   # held-out evaluations along the run
+    assert (out / "report" / "dataset_stats.html").is_file()
+    printed = capsys.readouterr().out
+    assert "[6/6]" in printed and "report:" in printed
+    # A second run reuses the data and shards and resumes the finished training (no new steps).
+    assert main(["quickstart", "--smoke", "--out", str(out), "--no-stats"]) == 0
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_quickstart_rejects_bad_arguments(tmp_path):
+    assert main(["quickstart", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_quickstart_default_budget_visibly_learns(tmp_path):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--no-stats"]) == 0
+    document = check_report(out)
+    metrics = document["results"][0]["metrics"]
+    assert metrics["images"] == 200
+    assert metrics["i2t_r1"] >= 0.5, metrics                     # chance: 0.005
+    assert metrics["grounding_acc"] >= 0.45, metrics              # a constant box: ~0.01
+    assert document["verdict"]["all_met"]

@@ -1,0 +1,393 @@
+"""`xvlm quickstart`: the whole main job on embedded defaults, on CPU: sample data -> shards -> train the small
+model -> zero-shot evaluation on 200 held-out scenes -> a report (loss curves, metrics) -> dataset statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shards import storage
+from shards.errors import XvlmError
+
+log = logging.getLogger(__name__)
+
+CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "quickstart_cpu.yaml"
+DEFAULT_OUT = "xvlm-quickstart"
+DEFAULT_IMAGES = 1000        # training pictures of the sample data (the held-out split is 200 COCO val2017 scenes)
+VAL_IMAGES = 200
+SMOKE = {"images": 60, "val_images": 40, "steps": 12}
+# What "visibly learns" means on the 200 held-out scenes (chance: R@1 = 1/200; a constant box scores ~0.01).
+TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
+EVAL_POINTS = 6              # evaluations along the run, for the learning curves
+SAMPLES_PER_SHARD = 200
+
+DESCRIPTION = (
+    "Run the whole main job on the embedded defaults, on this machine's CPU:\n"
+    "  1. sample data     `xvlm sample-data`: 1,000 synthetic training pictures in the COCO / VG / SBU / CC layouts\n"
+    "                     + 200 held-out COCO val2017 pictures, and a WordPiece tokenizer\n"
+    "  2. shards          `xvlm build-shards`: train shards from all four sources, held-out shards from val2017\n"
+    "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml), budgeted in steps (~10 min on\n"
+    "                     2 cores), with a progress bar and ETA; held-out evaluations along the way for the curves\n"
+    "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC + ITM re-ranking) and grounding acc@IoU 0.5 on the\n"
+    "                     200 held-out scenes\n"
+    "  5. report          OUT/report/: loss and metric curves (PNG), metrics.json, report.md, report.html\n"
+    "  6. statistics      `xvlm stats` of the train shards: OUT/report/dataset_stats.html\n"
+    "Targets on the held-out scenes: image->text R@1 >= 0.5 (chance 0.005), grounding acc@0.5 >= 0.45.\n"
+    "Steps whose output is already complete in OUT are reused; training resumes from its last checkpoint."
+)
+EPILOG = (
+    "examples:\n"
+    "  xvlm quickstart                         # ~15 minutes on 2 cores: data, shards, training, report\n"
+    "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
+    "  xvlm quickstart --steps 300             # a shorter training budget\n"
+    "  xvlm quickstart --box-head xvlm         # the paper's box head instead of the soft-argmax one\n"
+    "  xvlm quickstart --compare-heads         # also train the other box head at the same budget, report both"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the config's, ~10 minutes on 2 cores; --smoke: "
+                             f"{SMOKE['steps']})")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"about one minute: {SMOKE['images']} training + {SMOKE['val_images']} held-out "
+                             f"pictures, {SMOKE['steps']} steps; no thresholds")
+    parser.add_argument("--images", type=int, default=None,
+                        help=f"training pictures of the sample data (default {DEFAULT_IMAGES}; --smoke: "
+                             f"{SMOKE['images']})")
+    parser.add_argument("--box-head", choices=("softargmax", "xvlm"), default=None,
+                        help="box head of the trained model (default: the config's, softargmax)")
+    parser.add_argument("--compare-heads", action="store_true",
+                        help="also train the other box head with the same budget and report both")
+    parser.add_argument("--seed", type=int, default=0, help="sample-data seed (default 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--no-stats", action="store_true", help="skip the dataset statistics report")
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Layout:
+    """Where each step writes under OUT."""
+
+    root: Path
+
+    @property
+    def sample(self) -> Path:
+        return self.root / "sample"
+
+    @property
+    def train_shards(self) -> Path:
+        return self.root / "shards" / "train"
+
+    @property
+    def val_shards(self) -> Path:
+        return self.root / "shards" / "val"
+
+    @property
+    def val_source(self) -> Path:
+        """A COCO root holding only val2017 (links into the sample data): the held-out build reads it whole."""
+        return self.root / "shards" / "coco_val2017"
+
+    def run(self, box_head: str) -> Path:
+        return self.root / f"run-{box_head}"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+def make_sample_data(layout: Layout, images: int, val_images: int, seed: int) -> dict:
+    """Step 1: reuse OUT/sample when it was made with the same settings, else (re)generate it."""
+    from tools.sample_data import generate
+
+    summary_path = layout.sample / "sample_data.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if (summary.get("images"), summary.get("val_images"), summary.get("seed")) == (images, val_images, seed):
+            print(f"[1/6] sample data: reusing {layout.sample}")
+            return summary
+    print(f"[1/6] sample data: {images} training + {val_images} held-out pictures -> {layout.sample}")
+    return generate(layout.sample, images=images, val_images=val_images, seed=seed)
+
+
+def build_shards(layout: Layout) -> None:
+    """Step 2: train shards (COCO train2017, VG, SBU, CC) and held-out shards (COCO val2017), each skipped when
+    its manifest (the dataset's commit marker) exists."""
+    from pipeline.build import BuildConfig, run_build
+
+    sample = layout.sample
+    jobs = [(layout.train_shards, {"coco": sample / "coco", "vg": sample / "vg", "sbu": sample / "sbu",
+                                   "cc": sample / "cc"}),
+            (layout.val_shards, {"coco": _val_only_coco(layout)})]
+    for out, sources in jobs:
+        if (out / "manifest.json").is_file():
+            print(f"[2/6] shards: reusing {out}")
+            continue
+        print(f"[2/6] shards: {', '.join(sources)} -> {out}")
+        result = run_build(BuildConfig(sources={k: str(v) for k, v in sources.items()}, out=str(out),
+                                       samples_per_shard=SAMPLES_PER_SHARD,
+                                       command=["xvlm", "quickstart", "--out", str(layout.root)]))
+        written = {name: dict(counts.written) for name, counts in result.manifest.sources.items()}
+        print(f"      written: {written}")
+
+
+def _val_only_coco(layout: Layout) -> Path:
+    """COCO's source reads the train splits when there are any; the held-out build gets a root with val2017 only."""
+    root = layout.val_source
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    coco = (layout.sample / "coco").resolve()
+    links = {root / "val2017": coco / "val2017"}
+    for kind in ("captions", "instances"):
+        links[root / "annotations" / f"{kind}_val2017.json"] = coco / "annotations" / f"{kind}_val2017.json"
+    for link, target in links.items():
+        if link.is_symlink() and os.readlink(link) != str(target):
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(target)
+    return root
+
+
+def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool):
+    """The quickstart config with this run's paths, budget and box head."""
+    from train.config import load_config
+
+    overrides = [f"out={json.dumps(str(layout.run(box_head)))}",
+                 f"data.datasets=[{json.dumps(str(layout.train_shards))}]",
+                 f"data.tokenizer={json.dumps(str(layout.sample / 'tokenizer'))}",
+                 f"eval.datasets=[{json.dumps(str(layout.val_shards))}]",
+                 f"model.box_head={box_head}"]
+    cfg = load_config(str(CONFIG), overrides)
+    if steps is not None:
+        cfg.schedule.steps = steps
+    if smoke:
+        cfg.schedule.steps = steps or SMOKE["steps"]
+        cfg.data.overrides.update(image_text_batch_size=16, region_batch_size=16, region_max_images=8,
+                                  shuffle_buffer=32)
+        cfg.eval.options = {**cfg.eval.options, "k_test": 4}
+    total = cfg.schedule.steps
+    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, total // 10))
+    cfg.checkpoint.every = min(cfg.checkpoint.every, total)
+    cfg.eval.every = max(1, total // EVAL_POINTS)
+    return cfg.validate()
+
+
+def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: bool) -> dict[str, Any]:
+    """Steps 3 and 4 for one box head: train (resuming when a checkpoint exists), then the final evaluation."""
+    from model.io import load_model
+    from train import checkpoint as ckpt
+    from train.evaluate import EvalConfig, evaluate
+    from train.loop import train
+
+    cfg = train_config(layout, box_head, steps, smoke)
+    print(f"[3/6] training ({box_head} box head): {cfg.schedule.steps} steps -> {cfg.out}")
+    summary = train(cfg)
+    path = ckpt.resolve_resume(cfg.out, "auto")
+    if path is None:
+        raise XvlmError(f"training left no committed checkpoint in {cfg.out}")
+    loader = cfg.data.build()
+    options = {**cfg.eval.options, "progress": True}
+    print(f"[4/6] evaluation ({box_head} box head) on {layout.val_shards}")
+    model = load_model(storage.join(path, ckpt.MODEL_FILE))
+    metrics = evaluate(model, [str(layout.val_shards)],
+                       EvalConfig(tokenizer=loader.tokenizer, max_words=loader.max_words,
+                                  max_tokens=loader.max_tokens, **options))
+    return {"box_head": box_head, "steps": summary["steps"], "train_wall_s": summary["wall_s"],
+            "checkpoint": path, "metrics": metrics, "run": cfg.out,
+            "curve": _read_curve(Path(cfg.out) / "metrics.jsonl")}
+
+
+def _read_curve(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    """Loss per objective (smoothed) and the held-out metrics along training, one line style per box head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    styles = ["-", "--", ":"]
+    for n, result in enumerate(results):
+        curve = result["curve"]
+        style = styles[n % len(styles)]
+        names = sorted({k for e in curve for k in e.get("losses", {})})
+        for name in names:
+            points = [(e["step"], e["losses"][name]) for e in curve if name in e.get("losses", {})]
+            if not points:
+                continue
+            steps, values = map(np.asarray, zip(*points))
+            window = max(1, len(values) // 30)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            axes[0].plot(steps[window - 1:], smooth, style, label=f"{name} ({result['box_head']})", lw=1.2)
+        total = [(e["step"], e["loss"]) for e in curve]
+        if total:
+            steps, values = map(np.asarray, zip(*total))
+            axes[1].plot(steps, values, style, label=f"total loss ({result['box_head']})", lw=1.0, alpha=0.8)
+        evals = [(e["step"], e["eval"]) for e in curve if e.get("eval")]
+        for key, colour in (("i2t_r1", "tab:blue"), ("t2i_r1", "tab:green"), ("grounding_acc", "tab:red")):
+            pts = [(s, v[key]) for s, v in evals if key in v]
+            if pts:
+                xs, ys = zip(*pts)
+                axes[2].plot(xs, ys, style, color=colour, marker="o", ms=3, label=f"{key} ({result['box_head']})")
+    for key, value in TARGETS.items():
+        axes[2].axhline(value, color="grey", lw=0.6, ls=":")
+    axes[0].set_title("losses per objective (smoothed)")
+    axes[1].set_title("total loss per step")
+    axes[2].set_title("held-out metrics (200 scenes)")
+    axes[2].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def verdict(metrics: dict, smoke: bool) -> dict[str, Any]:
+    out = {}
+    for key, target in TARGETS.items():
+        value = metrics.get(key)
+        out[key] = {"value": value, "target": target, "met": value is not None and value >= target}
+    out["all_met"] = all(v["met"] for v in out.values() if isinstance(v, dict))
+    out["checked"] = not smoke
+    return out
+
+
+def render_markdown(document: dict) -> str:
+    lines = ["# xvlm quickstart report", ""]
+    main = document["results"][0]
+    m = main["metrics"]
+    lines += [f"Held-out: {m['images']} COCO val2017 sample scenes, {m['captions']} captions, {m['regions']} box "
+              f"texts. Training: {main['steps']} steps in {main['train_wall_s'] / 60:.1f} min on CPU "
+              f"({document['threads']} threads).", ""]
+    lines += ["| box head | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | ITC-only i2t R@1 | "
+              "grounding acc@0.5 | mean IoU | constant box |", "|" + "---|" * 11]
+    for r in document["results"]:
+        x = r["metrics"]
+        lines.append(f"| {r['box_head']} | {x.get('i2t_r1', 0):.3f} | {x.get('i2t_r5', 0):.3f} | "
+                     f"{x.get('i2t_r10', 0):.3f} | {x.get('t2i_r1', 0):.3f} | {x.get('t2i_r5', 0):.3f} | "
+                     f"{x.get('t2i_r10', 0):.3f} | {x.get('itc_i2t_r1', 0):.3f} | {x.get('grounding_acc', 0):.3f} | "
+                     f"{x.get('grounding_miou', 0):.3f} | {x.get('grounding_acc_constant_box', 0):.3f} |")
+    v = document["verdict"]
+    lines += ["", "Targets (" + ("checked" if v["checked"] else "not checked in --smoke mode") + "):"]
+    for key, item in v.items():
+        if isinstance(item, dict):
+            value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
+            lines.append(f"- {key} = {value} (target >= {item['target']}): {'met' if item['met'] else 'NOT met'}")
+    lines += ["", f"Chance: R@1 = 1/{m['images']} = {1 / max(1, m['images']):.3f}.", "",
+              "![curves](curves.png)", ""]
+    if document.get("stats"):
+        lines += [f"Dataset statistics: [{Path(document['stats']).name}]({Path(document['stats']).name})", ""]
+    return "\n".join(lines)
+
+
+def render_html(markdown_text: str, png: Path) -> str:
+    """A self-contained HTML page: the report's table and lists, the curves embedded as a data URI."""
+    body = []
+    rows: list[list[str]] = []
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                rows.append(cells)
+            continue
+        if rows:
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
+                        "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest) +
+                        "</table>")
+            rows = []
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.startswith("![") and png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode()
+            body.append(f'<img alt="curves" style="max-width:100%" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}")
+    return f"<!doctype html><meta charset=utf-8><title>xvlm quickstart</title><style>{style}</style>" + "".join(body)
+
+
+def write_report(layout: Layout, results: list[dict], smoke: bool, stats: str | None, threads: int) -> dict:
+    """Step 5: curves.png, metrics.json, report.md and report.html under OUT/report."""
+    report = layout.report
+    report.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, report / "curves.png")
+    document = {"results": [{k: v for k, v in r.items() if k != "curve"} for r in results],
+                "verdict": verdict(results[0]["metrics"], smoke), "smoke": smoke, "stats": stats,
+                "threads": threads, "targets": TARGETS}
+    storage.write_text(str(report / "metrics.json"), json.dumps(document, indent=2) + "\n")
+    markdown_text = render_markdown(document)
+    storage.write_text(str(report / "report.md"), markdown_text)
+    storage.write_text(str(report / "report.html"), render_html(markdown_text, report / "curves.png"))
+    return document
+
+
+def dataset_stats(layout: Layout) -> str | None:
+    """Step 6: the statistics report of the train shards (`xvlm stats`), when that tool is installed."""
+    try:
+        from tools.stats import StatsOptions, write_report as write_stats
+    except ImportError:
+        log.warning("tools.stats is not available; skipping the dataset statistics report")
+        return None
+    out = layout.report / "dataset_stats.html"
+    print(f"[6/6] dataset statistics -> {out}")
+    write_stats(StatsOptions(dataset=str(layout.train_shards), out=str(out),
+                             tokenizer=str(layout.sample / "tokenizer")))
+    return str(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.steps is not None and args.steps < 1:
+        raise XvlmError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise XvlmError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    layout = Layout(Path(args.out).resolve())
+    images = args.images or (SMOKE["images"] if args.smoke else DEFAULT_IMAGES)
+    val_images = SMOKE["val_images"] if args.smoke else VAL_IMAGES
+    make_sample_data(layout, images, val_images, args.seed)
+    build_shards(layout)
+    from train.config import load_config
+
+    head = args.box_head or load_config(str(CONFIG)).model.overrides.get("box_head", "xvlm")
+    heads = [head] + ([h for h in ("softargmax", "xvlm") if h != head] if args.compare_heads else [])
+    results = [train_and_evaluate(layout, h, args.steps, args.smoke) for h in heads]
+    print(f"[5/6] report -> {layout.report}")
+    document = write_report(layout, results, args.smoke, None, torch.get_num_threads())
+    stats = None if args.no_stats else dataset_stats(layout)
+    if stats:  # link it from the report
+        document = write_report(layout, results, args.smoke, stats, torch.get_num_threads())
+    print()
+    print(render_markdown(document).split("![curves]")[0].rstrip())
+    print(f"\nreport: {layout.report / 'report.html'}   ({(time.perf_counter() - started) / 60:.1f} min in all)")
+    return 0
