@@ -328,6 +328,12 @@ def makedirs(path: str) -> None:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class _LocalAtomicWriter(io.RawIOBase):
     def __init__(self, path: str):
         super().__init__()
@@ -350,6 +356,7 @@ class _LocalAtomicWriter(io.RawIOBase):
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(self.tmp, self.path)
         dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
         try:

@@ -40,12 +40,18 @@ def _images(root: Path, count: int) -> list[Path]:
 
 def _best(fn, repeat: int) -> float:
     """Best wall time of `repeat` runs (the least disturbed by other processes)."""
-    times = []
+    return _race({"fn": fn}, repeat)["fn"]
+
+
+def _race(contenders: dict, repeat: int) -> dict[str, float]:
+    """Best wall time of each contender, run in turns (round-robin) so a change in machine load hits all alike."""
+    best = {name: float("inf") for name in contenders}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def _meta(key: str, width: int, height: int) -> dict:
@@ -132,8 +138,8 @@ def ray_speedup(files: list[Path], work: Path, config: ImageConfig, shards: int)
             pending.append(task.remote(chunk, str(work / folder), f"shard-{s:06d}.tar", config, "bench"))
         ray.get(pending)
 
-    one = _best(lambda: run(1, "one"), 2)
-    two = _best(lambda: run(2, "two"), 2)
+    t = _race({"one": lambda: run(1, "one"), "two": lambda: run(2, "two")}, 3)
+    one, two = t["one"], t["two"]
     ray.shutdown()
     return one, two
 
@@ -158,18 +164,20 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
         passthrough = ImageConfig(max_side=max(largest, 16), jpeg_quality=args.quality)
-        t_tar = _best(lambda: gnu_tar(files, str(work / "gnu.tar")), args.repeat)
-        t_tar_sync = _best(lambda: gnu_tar(files, str(work / "gnu.tar"), fsync=True), args.repeat)
-        t_pass = _best(lambda: write_shard_from_files(files, str(work / "pass.tar"), passthrough), args.repeat)
+        t = _race({"tar": lambda: gnu_tar(files, str(work / "gnu.tar")),
+                   "tar_sync": lambda: gnu_tar(files, str(work / "gnu.tar"), fsync=True),
+                   "pass": lambda: write_shard_from_files(files, str(work / "pass.tar"), passthrough)}, args.repeat)
+        t_tar, t_tar_sync, t_pass = t["tar"], t["tar_sync"], t["pass"]
         assert write_shard_from_files(files, str(work / "pass.tar"), passthrough) == n, "not all passed through"
         print(f"1. pass-through: {n / t_pass:8.0f} img/s   GNU tar: {n / t_tar:8.0f} img/s   "
               f"ratio {t_tar / t_pass:.2f}x (target >= 0.5x)   GNU tar + fsync (durable, as our shards): "
               f"{n / t_tar_sync:8.0f} img/s, ratio {t_tar_sync / t_pass:.2f}x")
 
         resize = ImageConfig(max_side=args.max_side, jpeg_quality=args.quality)
-        t_bare = _best(lambda: bare_pil_loop(files, args.max_side, args.quality, draft=False), args.repeat)
-        t_bare_draft = _best(lambda: bare_pil_loop(files, args.max_side, args.quality, draft=True), args.repeat)
-        t_ours = _best(lambda: write_shard_from_files(files, str(work / "resize.tar"), resize), args.repeat)
+        t = _race({"bare": lambda: bare_pil_loop(files, args.max_side, args.quality, draft=False),
+                   "bare_draft": lambda: bare_pil_loop(files, args.max_side, args.quality, draft=True),
+                   "ours": lambda: write_shard_from_files(files, str(work / "resize.tar"), resize)}, args.repeat)
+        t_bare, t_bare_draft, t_ours = t["bare"], t["bare_draft"], t["ours"]
         print(f"2. with resizing to {args.max_side}px: {n / t_ours:6.1f} img/s   bare PIL loop: {n / t_bare:6.1f} "
               f"img/s (ratio {t_bare / t_ours:.2f}x, target >= 0.9x)   bare PIL loop with draft(): "
               f"{n / t_bare_draft:6.1f} img/s (ratio {t_bare_draft / t_ours:.2f}x)")

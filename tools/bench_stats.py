@@ -61,8 +61,11 @@ def synthetic_batch(start: int, n: int, rng: np.random.Generator) -> pa.RecordBa
     return pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA)
 
 
-def write_synthetic(out: str, rows: int, batch: int = 500_000, seed: int = 0) -> None:
-    """index.parquet written batch by batch (never whole in memory), plus a matching manifest and rejects."""
+def write_synthetic(out: str, rows: int, batch: int = 500_000, seed: int = 0,
+                    row_group_size: int = SAMPLES_PER_SHARD) -> None:
+    """index.parquet written batch by batch (never whole in memory), plus a matching manifest and rejects.
+    The builder writes one parquet row group per shard; `row_group_size` imitates that (larger row groups make
+    the reader decode more rows at once)."""
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     counts = {s: 0 for s in SOURCES}
@@ -71,7 +74,7 @@ def write_synthetic(out: str, rows: int, batch: int = 500_000, seed: int = 0) ->
             chunk = synthetic_batch(start, min(batch, rows - start), rng)
             for item in chunk.column("source").value_counts().to_pylist():
                 counts[item["values"]] += item["counts"]
-            writer.write_batch(chunk)
+            writer.write_batch(chunk, row_group_size=row_group_size)
             print(f"  wrote {start + chunk.num_rows:,} / {rows:,} index rows", end="\r", flush=True)
     print()
     rejects = rows // 100
@@ -117,14 +120,18 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--small-rows", type=int, default=100_000)
     parser.add_argument("--work", default="/tmp/xvlm-bench-stats")
+    parser.add_argument("--row-group-size", type=int, default=SAMPLES_PER_SHARD,
+                        help="rows per parquet row group (default 5000: one per shard, as the builder writes)")
     parser.add_argument("--no-naive", action="store_true", help="skip reading the whole index (needs several GB)")
     args = parser.parse_args()
     big, small = os.path.join(args.work, "big"), os.path.join(args.work, "small")
     for path, rows in ((small, args.small_rows), (big, args.rows)):
         if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
             print(f"writing a synthetic {rows:,}-row index to {path}")
-            write_synthetic(path, rows)
-    print(f"index.parquet: {os.path.getsize(os.path.join(big, INDEX_NAME)) / 1e6:.0f} MB for {args.rows:,} rows")
+            write_synthetic(path, rows, row_group_size=args.row_group_size)
+    meta = pq.ParquetFile(os.path.join(big, INDEX_NAME)).metadata
+    print(f"index.parquet: {os.path.getsize(os.path.join(big, INDEX_NAME)) / 1e6:.0f} MB for {args.rows:,} rows in "
+          f"{meta.num_row_groups:,} row groups")
     stats_args = ["--log-level", "WARNING", "stats"]
     results = {}
     results["stats_small"] = measure(STATS, stats_args + [small, "--out", os.path.join(args.work, "small.html"),

@@ -239,10 +239,11 @@ def plot_curves(results: list[dict], path: Path) -> None:
             window = max(1, len(values) // 30)
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             axes[0].plot(steps[window - 1:], smooth, style, label=f"{name} ({result['box_head']})", lw=1.2)
-        total = [(e["step"], e["loss"]) for e in curve]
+        # A summed step holds a varying number of batches: plot the loss per batch.
+        total = [(e["step"], e["loss"] / max(1, sum(e.get("kinds", {}).values()))) for e in curve]
         if total:
             steps, values = map(np.asarray, zip(*total))
-            axes[1].plot(steps, values, style, label=f"total loss ({result['box_head']})", lw=1.0, alpha=0.8)
+            axes[1].plot(steps, values, style, label=f"loss per batch ({result['box_head']})", lw=1.0, alpha=0.8)
         evals = [(e["step"], e["eval"]) for e in curve if e.get("eval")]
         for key, colour in (("i2t_r1", "tab:blue"), ("t2i_r1", "tab:green"), ("grounding_acc", "tab:red")):
             pts = [(s, v[key]) for s, v in evals if key in v]
@@ -252,8 +253,9 @@ def plot_curves(results: list[dict], path: Path) -> None:
     for key, value in TARGETS.items():
         axes[2].axhline(value, color="grey", lw=0.6, ls=":")
     axes[0].set_title("losses per objective (smoothed)")
-    axes[1].set_title("total loss per step")
-    axes[2].set_title("held-out metrics (200 scenes)")
+    axes[1].set_title("summed loss per batch")
+    images = results[0]["metrics"].get("images", 0)
+    axes[2].set_title(f"held-out metrics ({images} scenes)")
     axes[2].set_ylim(0, 1)
     for ax in axes:
         ax.set_xlabel("step")
@@ -377,9 +379,9 @@ def run(args: argparse.Namespace) -> int:
     val_images = SMOKE["val_images"] if args.smoke else VAL_IMAGES
     make_sample_data(layout, images, val_images, args.seed)
     build_shards(layout)
-    from train.config import load_config
+    import yaml
 
-    head = args.box_head or load_config(str(CONFIG)).model.overrides.get("box_head", "xvlm")
+    head = args.box_head or (yaml.safe_load(CONFIG.read_text()).get("model") or {}).get("box_head", "xvlm")
     heads = [head] + ([h for h in ("softargmax", "xvlm") if h != head] if args.compare_heads else [])
     results = [train_and_evaluate(layout, h, args.steps, args.smoke) for h in heads]
     print(f"[5/6] report -> {layout.report}")
