@@ -106,12 +106,20 @@ def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPla
         region = bool(plan.kinds[i * workers + worker])
         built: list[dict[str, Any]] = []
         rows = 0
+        barren = 0   # slots read since this batch last got a sample: a whole pass without one cannot end
         while True:
+            if barren > plan.slice_len:
+                kind = "region" if region else "image-text"
+                raise XvlmError(f"rank {rank} worker {worker} read its whole slice ({plan.slice_len} samples) "
+                                f"without one usable for a {kind} batch (skips so far: {dict(skips)}); the data "
+                                f"has no {'boxes' if region else 'captions'} there: set iter_perc to "
+                                f"{0 if region else 1} or add such data")
             if deferred[region]:
                 position, item, ref = deferred[region].popleft()
             else:
                 slot, position, item, ref = next(stream)
                 slot += 1
+                barren += 1
                 if slot > plan.slice_len:
                     wrapped += 1
                 if isinstance(item, Skipped):
@@ -134,6 +142,7 @@ def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPla
             except samples.SkipSample as err:
                 skips[err.reason] += 1
                 continue
+            barren = 0
             if not region:
                 built.append(sample)
                 if len(built) == config.image_text_batch_size:

@@ -2,9 +2,10 @@
 
 Computed identically on every rank from the manifests, the seed and the epoch alone. Per epoch: each source
 contributes its share of samples (source weights; by default every sample once) as runs of consecutive samples
-of one shard; the runs are shuffled (the shard shuffle) and the resulting global order is cut into
-`world_size x num_workers` slices of exactly equal length. The last `total mod slices` samples of the shuffled
-order (fewer than the number of slices) are left out of that epoch; the next epoch's shuffle leaves out others.
+of one shard; each source's runs are shuffled (the shard shuffle) and cut into `world_size x num_workers` equal
+parts, one per slice, so every slice has the same length and the same source mix; a slice interleaves chunks
+of its parts in seeded order. The last `n_s mod slices` samples of each source's shuffled order are left out
+of that epoch (fewer than sources x slices in all); the next epoch's shuffle leaves out others.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import numpy as np
 from shards.dataset import Dataset
 from shards.errors import XvlmError
 from shards.loader_config import LoaderConfig
+
+CHUNK = 64   # samples per interleaved chunk of a slice: one ranged read each, small against a shuffle block
 
 # Tags that keep the random streams of different purposes apart (SeedSequence entropy words).
 TAG_SOURCE, TAG_ORDER, TAG_KIND, TAG_BLOCK, TAG_SAMPLE = 1, 2, 3, 4, 5
@@ -115,6 +118,42 @@ def _take(runs: list[Piece], n: int) -> list[Piece]:
     return out
 
 
+class _Cursor:
+    """Takes consecutive samples off a list of pieces."""
+
+    def __init__(self, pieces: list[Piece]):
+        self.pieces, self.i, self.offset = pieces, 0, 0
+
+    def take(self, n: int) -> list[Piece]:
+        out = []
+        while n > 0:
+            piece = self.pieces[self.i]
+            k = min(n, piece.count - self.offset)
+            out.append(Piece(piece.dataset, piece.shard, piece.start + self.offset, k))
+            n -= k
+            self.offset += k
+            if self.offset == piece.count:
+                self.i, self.offset = self.i + 1, 0
+        return out
+
+
+def _chunks(pieces: list[Piece], size: int) -> list[list[Piece]]:
+    """Pieces regrouped into chunks of `size` samples (the last shorter)."""
+    out, current, room = [], [], size
+    for piece in pieces:
+        start, count = piece.start, piece.count
+        while count > 0:
+            k = min(count, room)
+            current.append(Piece(piece.dataset, piece.shard, start, k))
+            start, count, room = start + k, count - k, room - k
+            if room == 0:
+                out.append(current)
+                current, room = [], size
+    if current:
+        out.append(current)
+    return out
+
+
 def batch_cost(config: LoaderConfig, region: bool) -> int:
     """Most samples one batch can consume without skips (region batches stop at region_max_images images)."""
     return config.region_max_images if region else config.image_text_batch_size
@@ -127,26 +166,29 @@ def build_plan(datasets: list[Dataset], config: LoaderConfig, epoch: int, world_
     runs = _source_runs(datasets)
     targets = source_targets({name: sum(p.count for p in pieces) for name, pieces in runs.items()},
                              config.source_weights)
-    pieces: list[Piece] = []
+    # Every slice gets the same share of every source (stratified), so no worker is left with, say, only
+    # caption-less Visual Genome images; within a slice, chunks of the sources are interleaved in seeded order.
+    slice_parts: list[list[list[Piece]]] = [[] for _ in range(n_slices)]
+    total = 0
     for name in sorted(runs):
         order = rng_for(config.seed, epoch, TAG_SOURCE, name).permutation(len(runs[name]))
-        pieces.extend(_take([runs[name][i] for i in order], targets[name]))
-    pieces = [pieces[i] for i in rng_for(config.seed, epoch, TAG_ORDER).permutation(len(pieces))]
-    total = sum(p.count for p in pieces)
-    slice_len = total // n_slices
+        # shuffled runs (the shard shuffle), then the source's sequence cut into n_slices equal parts
+        sequence = _take([runs[name][i] for i in order], targets[name])
+        total += sum(p.count for p in sequence)
+        share = sum(p.count for p in sequence) // n_slices
+        cursor = _Cursor(sequence)
+        for k in range(n_slices):
+            part = cursor.take(share)
+            slice_parts[k].extend(_chunks(part, CHUNK))
+    slice_len = sum(p.count for chunk in slice_parts[0] for p in chunk)
     if slice_len == 0:
-        raise XvlmError(f"the datasets give {total} samples per epoch, fewer than world_size x num_workers = "
-                        f"{world_size} x {workers}; use fewer workers or more data")
-    slices: list[list[Piece]] = [[] for _ in range(n_slices)]
-    slice_id, room = 0, slice_len
-    for piece in pieces:
-        start, count = piece.start, piece.count
-        while count > 0 and slice_id < n_slices:
-            n = min(count, room)
-            slices[slice_id].append(Piece(piece.dataset, piece.shard, start, n))
-            start, count, room = start + n, count - n, room - n
-            if room == 0:
-                slice_id, room = slice_id + 1, slice_len
+        raise XvlmError(f"the datasets give {total} samples per epoch, too few for world_size x num_workers = "
+                        f"{world_size} x {workers} slices (each source needs at least that many samples); use "
+                        f"fewer workers or more data")
+    slices: list[list[Piece]] = []
+    for k, chunks in enumerate(slice_parts):
+        order = rng_for(config.seed, epoch, TAG_ORDER, k).permutation(len(chunks))
+        slices.append([piece for i in order for piece in chunks[i]])
     # Batch kinds per rank-local batch index j (the same on every rank, so DDP ranks run the same step kind);
     # batch j comes from worker j % workers. N = batches per worker such that no worker needs more than its
     # slice when every batch consumes its most (batch_cost), so counts are equal and known up front.

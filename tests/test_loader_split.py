@@ -38,7 +38,8 @@ def run_epoch(dataset, **overrides):
 def test_two_ranks_two_workers_cover_the_epoch_once(dataset):
     result = run_epoch(dataset, num_workers=2, iter_perc=0.0, shuffle_buffer=5)
     plan = result[0][0]
-    assert plan.slice_len == 77 // 4 and plan.dropped == 77 - 4 * (77 // 4)
+    # each source's remainder modulo the 4 slices is left out of the epoch: fewer than sources x slices
+    assert plan.slice_len * 4 + plan.dropped == 77 and plan.dropped < 2 * 4
     counts = [len(batches) for _, _, batches in result.values()]
     assert counts[0] == counts[1] == result[0][1] == 2 * (plan.slice_len // 8)
     keys = [k for _, _, batches in result.values() for b in batches for k in b["keys"]]
@@ -77,6 +78,19 @@ def test_fewer_shards_than_slices(tmp_path):
         lengths.append(len(batches))
         seen += [k for b in batches for k in b["keys"]]
     assert lengths == [1, 1, 1, 1] and len(seen) == len(set(seen)) == 32
+
+
+def test_every_slice_gets_the_same_source_mix(dataset):
+    from shards.plan import build_plan
+
+    loader = MultiGrainedLoader([dataset], preset("tiny", tokenizer=TOKENIZER))
+    plan = build_plan(loader.datasets, loader.config, epoch=0, world_size=2, num_workers=2)
+    for pieces in plan.slices:
+        mix = Counter()
+        for p in pieces:
+            shard = loader.datasets[p.dataset].shards[p.shard]
+            mix.update(shard.sources[p.start:p.start + p.count])
+        assert mix == Counter({"coco": 9, "vg": 9})
 
 
 def test_order_is_seeded_and_changes_with_epoch(dataset):

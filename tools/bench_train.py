@@ -162,11 +162,13 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=0, help="text width (0: the tiny preset's 64)")
     parser.add_argument("--mode", default="alternating", choices=["alternating", "summed"])
     parser.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: stable timings on a shared machine)")
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-checkpoint", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
         if not args.skip_loop:

@@ -28,6 +28,7 @@ SMOKE = {"images": 60, "val_images": 40, "steps": 12}
 TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves
 SAMPLES_PER_SHARD = 200
+FINAL_K_TEST = 16            # ITM re-ranks the top 16 of 200 in the final evaluation (8 along the run)
 
 DESCRIPTION = (
     "Run the whole main job on the embedded defaults, on this machine's CPU:\n"
@@ -197,7 +198,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     if path is None:
         raise XvlmError(f"training left no committed checkpoint in {cfg.out}")
     loader = cfg.data.build()
-    options = {**cfg.eval.options, "progress": True}
+    options = {**cfg.eval.options, "progress": True, "k_test": FINAL_K_TEST if not smoke else 4}
     print(f"[4/6] evaluation ({box_head} box head) on {layout.val_shards}")
     model = load_model(storage.join(path, ckpt.MODEL_FILE))
     metrics = evaluate(model, [str(layout.val_shards)],

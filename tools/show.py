@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from shards import storage
 from shards.errors import XvlmError
 from shards.format import INDEX_NAME
-from tools.stats import local_copy, read_manifest
+from tools.stats import iter_batches, local_copy, read_manifest
 from tools.verify import unsafe_member
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def find_rows(dataset: str, keys: list[str] | None = None, random_n: int = 0, se
             if keys:
                 found: dict[str, dict] = {}
                 wanted = set(keys)
-                for batch in parquet.iter_batches(batch_size=262_144, columns=columns):
+                for batch in iter_batches(parquet, columns, 262_144):
                     for row in batch.filter(_is_in(batch, wanted)).to_pylist():
                         found[row["key"]] = row
                 missing = [k for k in keys if k not in found]
@@ -168,7 +168,7 @@ def find_rows(dataset: str, keys: list[str] | None = None, random_n: int = 0, se
             rng = np.random.default_rng(seed)
             chosen = sorted(rng.choice(total, size=min(random_n, total), replace=False).tolist())
             rows, start, pick = [], 0, 0
-            for batch in parquet.iter_batches(batch_size=262_144, columns=columns):
+            for batch in iter_batches(parquet, columns, 262_144):
                 while pick < len(chosen) and chosen[pick] < start + batch.num_rows:
                     rows.append(batch.slice(chosen[pick] - start, 1).to_pylist()[0])
                     pick += 1

@@ -27,7 +27,7 @@ from shards import storage
 from shards.errors import XvlmError
 from shards.format import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MEMBER_EXTENSIONS, REJECTS_NAME,
                            sample_problems, sample_text, valid_key)
-from tools.stats import local_copy
+from tools.stats import iter_batches, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def _check_index(local: str, manifest_shards: list[dict], problems: list[Problem
     if missing:
         raise XvlmError(f"{INDEX_NAME} lacks the columns {missing}: not an index of this format")
     per_shard: Counter = Counter()
-    for batch in parquet.iter_batches(batch_size=262_144, columns=["shard"]):
+    for batch in iter_batches(parquet, ["shard"], 262_144):
         counts = pc.value_counts(batch.column("shard"))
         for item in counts.to_pylist():
             per_shard[item["values"]] += item["counts"]
@@ -333,7 +333,7 @@ def _check_rejects(path: str, manifest: dict, problems: list[Problem]) -> None:
                 problems.append(Problem(REJECTS_NAME, "rejects", f"lacks the columns {missing}"))
                 return
             counted: Counter = Counter()
-            for batch in parquet.iter_batches(batch_size=262_144, columns=["source", "kind", "reason"]):
+            for batch in iter_batches(parquet, ["source", "kind", "reason"], 262_144):
                 grouped = pa.Table.from_batches([batch]).group_by(["source", "kind", "reason"]).aggregate(
                     [("reason", "count")])
                 for row in grouped.to_pylist():

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,17 +55,22 @@ def rank_file(rank: int) -> str:
 # ---------------------------------------------------------------------------------------------- finding
 
 
-def committed_checkpoints(out: str) -> list[tuple[int, str]]:
-    """(step, path) of every committed checkpoint under the run folder, oldest first."""
-    found = []
+def _scan(out: str) -> dict[int, tuple[str, set[str]]]:
+    """step -> (checkpoint folder, names of the files in it), from one listing of the run's checkpoints."""
+    found: dict[int, tuple[str, set[str]]] = {}
     root = checkpoints_root(out)
     for entry in storage.list_files(root):
         rel = entry.path[len(root):].strip("/")
         name, _, leaf = rel.partition("/")
         match = CKPT_NAME.match(name)
-        if match and leaf == MARKER:
-            found.append((int(match.group(1)), storage.join(root, name)))
-    return sorted(found)
+        if match and leaf:
+            found.setdefault(int(match.group(1)), (storage.join(root, name), set()))[1].add(leaf)
+    return found
+
+
+def committed_checkpoints(out: str) -> list[tuple[int, str]]:
+    """(step, path) of every committed checkpoint under the run folder, oldest first."""
+    return sorted((step, path) for step, (path, names) in _scan(out).items() if MARKER in names)
 
 
 def resolve_resume(out: str, resume: str) -> str | None:
@@ -138,30 +144,32 @@ def prepare_folder(path: str) -> None:
     storage.delete_prefix(path)
 
 
-def write_rank_state(path: str, rank: int, loader_state: Any) -> None:
-    """Every rank: its RNG states and loader state."""
-    _write(storage.join(path, rank_file(rank)),
-           _to_bytes({"format_version": FORMAT_VERSION, "rank": rank, "rng": rng_state(), "loader": loader_state}))
+def rank_files(rank: int, loader_state: Any) -> dict[str, bytes]:
+    """Every rank's part: its RNG states and loader position."""
+    return {rank_file(rank): _to_bytes({"format_version": FORMAT_VERSION, "rank": rank, "rng": rng_state(),
+                                        "loader": loader_state})}
 
 
-def write_main_state(path: str, *, model_bytes: bytes, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     scaler: Any, step: int, extra: dict[str, Any], config_yaml: str) -> None:
-    """Rank 0: weights, optimizer / scheduler / scaler and the config."""
-    _write(storage.join(path, MODEL_FILE), model_bytes)
+def main_files(*, model_bytes: bytes, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, step: int,
+               extra: dict[str, Any], config_yaml: str) -> dict[str, bytes]:
+    """Rank 0's part: weights, optimizer / scheduler / scaler, step and the config."""
     trainer = {"format_version": FORMAT_VERSION, "step": step, "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
                "extra": extra}
-    _write(storage.join(path, TRAINER_FILE), _to_bytes(trainer))
-    _write(storage.join(path, CONFIG_FILE), config_yaml.encode("utf-8"))
+    return {MODEL_FILE: model_bytes, TRAINER_FILE: _to_bytes(trainer), CONFIG_FILE: config_yaml.encode("utf-8")}
+
+
+def write_files(path: str, files: dict[str, bytes]) -> None:
+    """Write the files of a checkpoint part side by side (each atomically); raises the first error."""
+    with ThreadPoolExecutor(max_workers=max(1, len(files)), thread_name_prefix="ckpt") as pool:
+        futures = [pool.submit(_write, storage.join(path, name), data) for name, data in files.items()]
+        for future in futures:
+            future.result()
 
 
 def commit(path: str, step: int, world_size: int) -> None:
-    """Rank 0, after every rank wrote its part: the marker that makes the checkpoint count. Written last."""
-    files = sorted(e.path[len(path):].strip("/") for e in storage.list_files(path))
-    expected = {MODEL_FILE, TRAINER_FILE, CONFIG_FILE, *(rank_file(r) for r in range(world_size))}
-    missing = sorted(expected - set(files))
-    if missing:
-        raise XvlmError(f"checkpoint {path} is incomplete before commit: missing {missing}")
+    """Rank 0, once every rank reported its part written: the marker that makes the checkpoint count. Last."""
+    files = sorted({MODEL_FILE, TRAINER_FILE, CONFIG_FILE, *(rank_file(r) for r in range(world_size))})
     body = json.dumps({"step": step, "world_size": world_size, "files": files,
                        "format_version": FORMAT_VERSION, "time": time.time()}).encode()
     if not storage.put_if_absent(storage.join(path, MARKER), body):
@@ -181,24 +189,18 @@ def _remove(path: str) -> None:
 def prune(out: str, keep: int) -> list[str]:
     """Delete committed checkpoints beyond the newest `keep` (marker first, so a half-deleted one is partial),
     and partial ones older than the newest committed (left by killed runs). Returns the deleted paths."""
-    committed = committed_checkpoints(out)
+    found = _scan(out)
+    committed = sorted(step for step, (_path, names) in found.items() if MARKER in names)
+    if not committed:
+        return []
+    doomed = set(committed[:-keep] if keep > 0 else committed)
+    doomed |= {step for step in found if step < committed[-1] and step not in committed}
     removed = []
-    for _step, path in committed[:-keep] if keep > 0 else committed:
+    for step in sorted(doomed):
+        path = found[step][0]
         storage.delete(storage.join(path, MARKER))
         _remove(path)
         removed.append(path)
-    if committed:
-        newest = committed[-1][0]
-        root = checkpoints_root(out)
-        partial = set()
-        for entry in storage.list_files(root):
-            name = entry.path[len(root):].strip("/").partition("/")[0]
-            match = CKPT_NAME.match(name)
-            if match and int(match.group(1)) < newest and (int(match.group(1)), storage.join(root, name)) not in committed:
-                partial.add(storage.join(root, name))
-        for path in sorted(partial):
-            _remove(path)
-            removed.append(path)
     return removed
 
 

@@ -300,11 +300,12 @@ class Trainer:
         distributed.barrier(self.ctx)
         error = None
         try:
-            ckpt.write_rank_state(path, self.ctx.rank, self.stream.state_dict())
+            files = ckpt.rank_files(self.ctx.rank, self.stream.state_dict())
             if self.ctx.is_main:
-                ckpt.write_main_state(path, model_bytes=model_to_bytes(self.model), optimizer=self.optimizer,
-                                      scheduler=self.scheduler, scaler=self.scaler, step=self.step,
-                                      extra={"eval": self.eval_results}, config_yaml=self.cfg.to_yaml())
+                files.update(ckpt.main_files(model_bytes=model_to_bytes(self.model), optimizer=self.optimizer,
+                                             scheduler=self.scheduler, scaler=self.scaler, step=self.step,
+                                             extra={"eval": self.eval_results}, config_yaml=self.cfg.to_yaml()))
+            ckpt.write_files(path, files)
         except Exception as err:  # noqa: BLE001 - every rank must learn that the checkpoint failed
             error = err
         if not distributed.all_ok(self.ctx, error is None):

@@ -103,12 +103,13 @@ class MetricsLogger:
         """Upload metrics.jsonl next to the checkpoints (s3:// runs); called before a checkpoint commits."""
         if not self.enabled or self.remote is None:
             return
-        self.file.flush()
+        if not self.file.closed:
+            self.file.flush()
         with open(self.path, "rb") as f:
             storage.write_bytes(self.remote, f.read())
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:
             return
         self.sync()
         self.file.close()
