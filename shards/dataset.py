@@ -1,7 +1,5 @@
-"""Open a built dataset (local folder or `s3://` prefix) for reading: manifest, format version, shards, index.
-
-Everything that can be wrong with a dataset (missing, incomplete, empty, another format version, index and
-manifest disagreeing) is found here, before training starts, and raised as an XvlmError saying what to do.
+"""Open a built dataset (local folder or `s3://` prefix) for reading: manifest, format version, shards, index;
+whatever is wrong with it is raised as an XvlmError before training starts.
 """
 from __future__ import annotations
 

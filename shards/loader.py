@@ -1,12 +1,5 @@
 """MultiGrainedLoader: image-text and region batches streamed from built shards, split by rank and worker, with
-exact mid-epoch resume.
-
-Each (rank, worker) reads its slice of the epoch plan (shards/plan.py) as a chain of small stages: slots of the
-slice in block-shuffled order -> raw tar samples (shards/tar_stream.py, seeking by index byte offsets) -> one
-built sample per slot (shards/samples.py, randomness from (seed, epoch, global position) only) -> batches
-(shards/collate.py). A worker's whole position is (batches done, next slot, skip counters); every batch carries
-it back to the main process, so `state_dict()` holds exactly what was handed to the trainer, and a restored
-loader re-reads only the unconsumed samples of the current shuffle block — nothing already consumed is decoded.
+exact mid-epoch resume (design in docs/loader.md).
 """
 from __future__ import annotations
 
@@ -43,7 +36,11 @@ def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
 class SlotReader:
     """The samples of one slice in block-shuffled order, from slot `start` on. Slot s lies in pass s // L of the
     slice (a worker that skipped many samples wraps into a second pass rather than yield fewer batches); each
-    block of `shuffle_buffer` consecutive slice positions is read once, then emitted in a seeded permutation."""
+    block of `shuffle_buffer` consecutive slice positions is read once, then emitted in a seeded permutation.
+
+    A worker's position is (batches done, next slot, skip counters, deferred samples); every batch carries it
+    back to the main process, so state_dict() describes exactly the batches the trainer got, and a restore re-reads
+    only the unconsumed samples of the current shuffle block: nothing already consumed is decoded."""
 
     def __init__(self, datasets: list[Dataset], plan: EpochPlan, slice_id: int, config: LoaderConfig):
         self.datasets, self.plan, self.slice_id, self.config = datasets, plan, slice_id, config
@@ -99,6 +96,9 @@ def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPla
     for kind, entries in state.get("deferred", {}).items():
         for position, d, s, index in entries:
             item = next(iter_range(datasets[d].shards[s], index, 1))
+            if isinstance(item, Skipped):   # damaged since it was first read: counted like any damage
+                skips[item.reason] += 1
+                continue
             deferred[kind == "region"].append((position, item, (d, s)))
     limit = {True: 2 * config.region_max_images, False: 2 * config.image_text_batch_size}
     stream = reader.iter_from(slot)

@@ -1,11 +1,5 @@
-"""The epoch plan: which samples each (rank, worker) reads in an epoch, and how many batches everyone yields.
-
-Computed identically on every rank from the manifests, the seed and the epoch alone. Per epoch: each source
-contributes its share of samples (source weights; by default every sample once) as runs of consecutive samples
-of one shard; each source's runs are shuffled (the shard shuffle) and cut into `world_size x num_workers` equal
-parts, one per slice, so every slice has the same length and the same source mix; a slice interleaves chunks
-of its parts in seeded order. The last `n_s mod slices` samples of each source's shuffled order are left out
-of that epoch (fewer than sources x slices in all); the next epoch's shuffle leaves out others.
+"""The epoch plan: which samples each (rank, worker) reads in an epoch and how many batches everyone yields,
+computed identically on every rank from the manifests, the seed and the epoch (docs/loader.md, "The epoch plan").
 """
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Read a range of samples of one tar shard from a byte stream, one result per planned sample.
-
-The stream starts at the first sample's byte offset from index.parquet and stops at the end of the last one, so
-resuming mid-shard reads nothing before it. Every planned sample yields exactly one `RawSample` or one `Skipped`
-(corrupt or unsafe members, a truncated shard): damage never stops the stream, because the reader reopens at
-the next sample's indexed offset, and the loader's bookkeeping stays one-to-one with the plan.
+"""Read a range of samples of one tar shard from a byte stream starting at an indexed offset, one result per
+planned sample: a RawSample, or a Skipped for damage (corrupt, unsafe or truncated) that never stops the stream.
 """
 from __future__ import annotations
 

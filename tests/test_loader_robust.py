@@ -95,3 +95,13 @@ def test_too_little_data_for_the_slices(tmp_path):
     path = shardkit.make_dataset(str(tmp_path / "d"), samples=6, per_shard=4)
     with pytest.raises(XvlmError, match="fewer than one batch"):
         len(MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER), rank=0, world_size=2))
+
+
+def test_data_that_cannot_fill_a_batch_kind_fails_clearly_instead_of_looping(tmp_path):
+    path = shardkit.make_dataset(str(tmp_path / "d"), samples=24, per_shard=8, sources=("vg",), captionless=("vg",))
+    loader = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0, image_text_batch_size=4))
+    with pytest.raises(XvlmError, match="without one usable for a image-text batch.*iter_perc"):
+        list(loader)
+    regions_only = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=1.0, region_batch_size=4,
+                                                     region_max_images=2))
+    assert all(b["kind"] == "region" for b in regions_only) and len(regions_only) > 0

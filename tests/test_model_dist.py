@@ -1,6 +1,7 @@
 """Gathered ITC across 2 gloo processes equals the single-process loss on the same global batch, gradients too."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 
@@ -35,6 +36,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: str, rows: tuple[int, int]) -> None:
+    faulthandler.dump_traceback_later(240, exit=True)   # a hung collective fails the test instead of the suite
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -54,9 +56,7 @@ def _worker(rank: int, port: int, out: str, rows: tuple[int, int]) -> None:
 @pytest.mark.dist
 @pytest.mark.parametrize("rows", [(3, 3), (3, 2)])
 def test_gathered_itc_equals_single_process_loss_and_gradients(tmp_path, rows):
-    # fork: the children inherit the imported torch instead of re-importing it (seconds on a busy machine);
-    # safe here because nothing in the parent touched CUDA or started gloo.
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), rows), nprocs=WORLD, join=True, start_method="fork")
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), rows), nprocs=WORLD, join=True)
     images, texts, image_proj, text_proj = _global_batch(rows)
     loss = _loss(images, texts, image_proj, text_proj)
     loss.backward()

@@ -107,6 +107,7 @@ def test_submit_runs_to_completion_with_checkpoints_and_metrics(ray_head, train_
     assert "xvlm ray_train result" in logs.stdout
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_and_resumes_from_the_last_checkpoint(ray_head, train_data, tmp_path):
     out = tmp_path / "run"
     result = xvlm_submit(ray_head, *train_args(out, train_data, steps=40, every=3), "--max-failures", "2",

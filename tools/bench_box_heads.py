@@ -9,10 +9,10 @@ with the true one. Prints both curves and the ratio soft-argmax / X-VLM (the bas
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from model.config import preset
 from model.losses import box_losses
 from model.params import param_groups
 from model.xvlm import build_model
+from shards import storage
 from tools import scenes
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="model and batch-order seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", default=None, help="folder for box_heads.json and box_heads.png")
+    parser.add_argument("--out", default=None, help="folder (local or s3://) for box_heads.json and box_heads.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
@@ -126,9 +127,8 @@ def main() -> int:
         ratio = b["acc"] / a["acc"] if a["acc"] else float("inf")
         print(f"{a['step']:>6} {a['acc']:>8.3f} {b['acc']:>11.3f} {ratio:>7.2f}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "box_heads.json").write_text(json.dumps({"args": vars(args), "curves": curves}, indent=2))
+        out = args.out.rstrip("/")
+        storage.write_text(f"{out}/box_heads.json", json.dumps({"args": vars(args), "curves": curves}, indent=2))
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -139,8 +139,10 @@ def main() -> int:
         ax.set_ylabel("acc@0.5 (held out)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "box_heads.png", dpi=120)
-        print(f"wrote {out / 'box_heads.json'} and {out / 'box_heads.png'}")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
+        storage.write_bytes(f"{out}/box_heads.png", png.getvalue())
+        print(f"wrote {out}/box_heads.json and {out}/box_heads.png")
     return 0
 
 

@@ -198,6 +198,26 @@ def mds_run(remote: str, config, limit: int, cache: str, kind: str) -> int:
     return n
 
 
+def resume_times(path: str, config) -> tuple[int, int, float, float, float]:
+    """(resume batch, batches per epoch, s to the first batch after a mid-epoch restore, s to the first batch of
+    a fresh start, s a replay of the consumed half takes)."""
+    loader = MultiGrainedLoader([path], config)
+    half = len(loader) // 2
+    batches = iter(loader)
+    start = time.perf_counter()
+    next(batches)
+    fresh = time.perf_counter() - start
+    for _ in range(half - 1):
+        next(batches)
+    replay = time.perf_counter() - start
+    state = loader.state_dict()
+    start = time.perf_counter()
+    resumed = MultiGrainedLoader([path], config)
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    return half, len(loader), time.perf_counter() - start, fresh, replay
+
+
 def timed(fn: Callable[[], int], repeats: int) -> float:
     """Best samples/s of `repeats` runs (the machine is shared; the best run is the least disturbed)."""
     best = 0.0
@@ -251,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         rows["loader, bare transform, local"] = timed(lambda: loader_run(path, it_config, limit), args.repeats)
     rows["loader image-text, local"] = timed(lambda: loader_run(path, it_config, limit), args.repeats)
     rows["loader region, local"] = timed(lambda: loader_run(path, region_config, limit), args.repeats)
+
+    half, per_epoch, resume, fresh, replay = resume_times(path, it_config)
+    print(f"resume at batch {half}/{per_epoch} (mid-epoch): first batch after {resume:.2f}s including opening the "
+          f"dataset (fresh start: {fresh:.2f}s; replaying the consumed {half} batches would take {replay:.2f}s)")
 
     server = None
     if not args.no_s3:

@@ -593,12 +593,21 @@ def plot_bars(names: list[str], values: list[int], title: str, xlabel: str) -> s
 
 
 def plot_values(values: list[float], title: str, xlabel: str, bins: int = 30) -> str:
+    """Per-shard values: one bar per shard for a few shards, else their histogram."""
     fig = _figure()
     ax = fig.add_subplot()
-    ax.hist(values, bins=min(bins, max(1, len(values))), color="#55a868", histtype="stepfilled")
+    if len(values) <= 40:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.bar(range(len(values)), values, color="#55a868")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("shard number")
+        ax.set_ylabel(xlabel)
+    else:
+        ax.hist(values, bins=bins, color="#55a868", histtype="stepfilled")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("shards")
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("shards")
     return _png(fig)
 
 

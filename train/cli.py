@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
     cfg = load_config(args.config, overrides)
     summary = train(cfg)
-    if args.summary_json and summary.get("rank", 0) == 0:
+    if summary["rank"] != 0:
+        return 0
+    if args.summary_json:
         from shards import storage
 
         storage.write_text(args.summary_json, json.dumps(summary, indent=2))
