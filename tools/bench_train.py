@@ -99,9 +99,13 @@ def bare_step_time(args: argparse.Namespace, workdir: str, round_: int) -> float
 
 def bench_loop(args: argparse.Namespace, workdir: str) -> dict:
     bare, ours = [], []
-    for r in range(args.rounds):  # interleaved rounds: both see the same machine load
-        bare.append(bare_step_time(args, workdir, r))
-        ours.append(trainer_step_time(args, workdir, r))
+    for r in range(args.rounds):  # interleaved rounds in alternating order: both see the same machine load
+        if r % 2:
+            ours.append(trainer_step_time(args, workdir, r))
+            bare.append(bare_step_time(args, workdir, r))
+        else:
+            bare.append(bare_step_time(args, workdir, r))
+            ours.append(trainer_step_time(args, workdir, r))
         print(f"  round {r}: bare {bare[-1] * 1000:.1f} ms/step, trainer {ours[-1] * 1000:.1f} ms/step", flush=True)
     b, o = statistics.median(bare), statistics.median(ours)
     return {"bare_ms": b * 1000, "trainer_ms": o * 1000, "ratio": o / b}
@@ -137,6 +141,7 @@ def bench_checkpoint(args: argparse.Namespace, workdir: str) -> dict:
             t0 = time.perf_counter()
             trainer.save_checkpoint()
             ours.append(time.perf_counter() - t0)
+            trainer._finish_pruning()  # background housekeeping, outside both timings
             t0 = time.perf_counter()
             for name, data in files.items():
                 client.put_object(Bucket=server.bucket, Key=f"baseline-put/{r}/{name}", Body=data)

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -129,6 +130,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)  # bf16 needs no loss scaling
         self.stream = stream if stream is not None else build_stream(cfg, ctx, self.model)
         self.evaluate = evaluate
+        self._housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-prune")
+        self._pruning: Future | None = None
         self.step = 0
         self.eval_results: dict[str, Any] = {}
         # Dropout and ITM negatives differ per rank from here on; resume restores these states exactly.
@@ -296,6 +299,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         path = ckpt.checkpoint_path(self.cfg.out, self.step)
         if self.ctx.is_main:
+            self._finish_pruning()
             ckpt.prepare_folder(path)
         distributed.barrier(self.ctx)
         error = None
@@ -314,9 +318,20 @@ class Trainer:
         if self.ctx.is_main:
             self.metrics.sync()
             ckpt.commit(path, self.step, self.ctx.world_size)
-            for removed in ckpt.prune(self.cfg.out, self.cfg.checkpoint.keep):
-                log.info("removed old checkpoint %s", removed)
+            # Old checkpoints go in the background while training goes on (a kill meanwhile is harmless: their
+            # markers go first); the next save waits for it.
+            self._pruning = self._housekeeping.submit(ckpt.prune, self.cfg.out, self.cfg.checkpoint.keep)
         return path
+
+    def _finish_pruning(self) -> None:
+        if self._pruning is None:
+            return
+        try:
+            for removed in self._pruning.result():
+                log.info("removed old checkpoint %s", removed)
+        except Exception as err:  # noqa: BLE001 - housekeeping: a failed delete must not stop training
+            log.warning("could not remove old checkpoints: %s", err)
+        self._pruning = None
 
     def maybe_evaluate(self) -> dict[str, Any] | None:
         """Every `eval.every` steps, rank 0 evaluates on `eval.datasets`; the other ranks wait at a barrier."""
@@ -354,7 +369,6 @@ class Trainer:
         start = time.perf_counter()
         data_wait_total = 0.0
         last = {}
-        tick = time.perf_counter()
         while self.step < total_steps:
             t0 = time.perf_counter()
             batches = self._step_batches()
@@ -362,8 +376,7 @@ class Trainer:
             local = self.train_step(batches)
             reduced = self._reduce(local)
             self.step += 1
-            now = time.perf_counter()
-            elapsed, tick = now - tick, now
+            elapsed = time.perf_counter() - t0  # data + compute of this step (not the last step's checkpoint)
             data_wait_total += waited
             if not all(math.isfinite(v) for v in reduced["losses"].values()):
                 raise XvlmError(f"a loss is not finite at step {self.step}: {reduced['losses']} "
@@ -386,9 +399,11 @@ class Trainer:
             if self.step % cfg.checkpoint.every == 0 or self.step == total_steps:
                 self.save_checkpoint()
         wall = time.perf_counter() - start
+        self._finish_pruning()
         self.metrics.close()
         steps_run = self.step - start_step
-        return {"rank": self.ctx.rank, "world_size": self.ctx.world_size, "steps": self.step, "steps_run": steps_run, "start_step": start_step, "wall_s": wall,
+        return {"rank": self.ctx.rank, "world_size": self.ctx.world_size, "steps": self.step,
+                "steps_run": steps_run, "start_step": start_step, "wall_s": wall,
                 "data_wait_frac": data_wait_total / wall if wall > 0 else 0.0, "last": last,
                 "eval": self.eval_results, "out": cfg.out,
                 "checkpoint": ckpt.checkpoint_path(cfg.out, self.step) if steps_run or start_step else None}
