@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 
 def concept_embeds(image_embeds: torch.Tensor, image_idx: torch.Tensor,
@@ -16,12 +16,12 @@ def concept_embeds(image_embeds: torch.Tensor, image_idx: torch.Tensor,
     """
     patches = image_embeds[image_idx, 1:]                      # [K, N, C]
     if patch_mask.shape != patches.shape[:2]:
-        raise XvlmError(f"patch_mask has shape {tuple(patch_mask.shape)} but the vision grid gives "
+        raise ModelError(f"patch_mask has shape {tuple(patch_mask.shape)} but the vision grid gives "
                         f"{tuple(patches.shape[:2])} (rows, patches): the loader's grid stride must match the model")
     mask = patch_mask.to(patches.dtype)
     counts = mask.sum(dim=1, keepdim=True)                     # [K, 1]
     if not counts.is_meta and bool((counts == 0).any()):  # meta: shape-only runs
-        raise XvlmError("a region row has an empty patch_mask: every box covers at least one patch "
+        raise ModelError("a region row has an empty patch_mask: every box covers at least one patch "
                         "(x_max = max(x_min + 1, ...)); check the loader's patch mask arithmetic")
     cls = (patches * mask.unsqueeze(-1)).sum(dim=1, keepdim=True) / counts.unsqueeze(-1)
     embeds = torch.cat([cls, patches], dim=1)

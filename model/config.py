@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 VisionFamily = Literal["swin", "vit"]
 
@@ -30,7 +30,7 @@ VISION_TOWERS: dict[str, VisionTowerSpec] = {}
 def register_vision_tower(name: str, family: VisionFamily, **timm_kwargs: Any) -> None:
     """Make the timm model `name` usable as a vision tower (`ModelConfig.vision_name`)."""
     if family not in ("swin", "vit"):
-        raise XvlmError(f"vision tower family must be 'swin' or 'vit', got {family!r}")
+        raise ModelError(f"vision tower family must be 'swin' or 'vit', got {family!r}")
     VISION_TOWERS[name] = VisionTowerSpec(family, dict(timm_kwargs))
 
 
@@ -78,18 +78,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.vision_name not in VISION_TOWERS:
-            raise XvlmError(f"unknown vision tower {self.vision_name!r}; registered: {sorted(VISION_TOWERS)} "
+            raise ModelError(f"unknown vision tower {self.vision_name!r}; registered: {sorted(VISION_TOWERS)} "
                             "(add one with model.config.register_vision_tower)")
         if self.box_head not in ("xvlm", "softargmax"):
-            raise XvlmError(f"box_head must be 'xvlm' or 'softargmax', got {self.box_head!r}")
+            raise ModelError(f"box_head must be 'xvlm' or 'softargmax', got {self.box_head!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise XvlmError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+            raise ModelError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                             f"{self.num_attention_heads}")
         for name in ("vocab_size", "hidden_size", "text_layers", "fusion_layers", "image_res", "embed_dim"):
             if int(getattr(self, name)) < 1:
-                raise XvlmError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.temp_min <= self.temp <= self.temp_max:
-            raise XvlmError(f"temp {self.temp} must lie in [temp_min, temp_max] = [{self.temp_min}, {self.temp_max}]")
+            raise ModelError(f"temp {self.temp} must lie in [temp_min, temp_max] = [{self.temp_min}, {self.temp_max}]")
 
     @property
     def family(self) -> VisionFamily:
@@ -110,7 +110,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise XvlmError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+            raise ModelError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)
 
 
@@ -137,9 +137,9 @@ PRESETS = {"tiny": _tiny, "base": _base}
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A named preset with field overrides, e.g. `preset("tiny", vocab_size=len(vocab))`."""
     if name not in PRESETS:
-        raise XvlmError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ModelError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise XvlmError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        raise ModelError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
     return PRESETS[name](**overrides)

@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_save
 from model.config import ModelConfig
 from model.xvlm import XVLM
 from shards import storage
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _key_list(keys: list[str], limit: int = 12) -> str:
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
                 allow_missing: set[str] | None = None) -> None:
-    """Load `state` into `module`; raise XvlmError listing missing, unexpected and mis-shaped keys."""
+    """Load `state` into `module`; raise ModelError listing missing, unexpected and mis-shaped keys."""
     own = module.state_dict()
     allow_missing = allow_missing or set()
     missing = [k for k in own if k not in state and k not in allow_missing]
@@ -51,7 +51,7 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
             parts.append(f"unexpected keys: {_key_list(unexpected)}")
         if mis_shaped:
             parts.append(f"shape mismatches (checkpoint vs model): {_key_list(mis_shaped)}")
-        raise XvlmError("\n  ".join(parts))
+        raise ModelError("\n  ".join(parts))
     module.load_state_dict(state, strict=False)
 
 
@@ -89,12 +89,12 @@ def model_from_bytes(data: bytes, source: str = "bytes") -> XVLM:
     try:
         metadata = _read_header_metadata(data)
     except (ValueError, json.JSONDecodeError) as err:
-        raise XvlmError(f"{source} is not a safetensors file: {err}") from err
+        raise ModelError(f"{source} is not a safetensors file: {err}") from err
     if metadata.get("format") != FORMAT:
-        raise XvlmError(f"{source} is not an xvlm model file (metadata format {metadata.get('format')!r}); "
+        raise ModelError(f"{source} is not an xvlm model file (metadata format {metadata.get('format')!r}); "
                         "pretrained towers load with load_vision_checkpoint / load_text_checkpoint")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise XvlmError(f"{source} has model format version {metadata.get('format_version')!r}; "
+        raise ModelError(f"{source} has model format version {metadata.get('format_version')!r}; "
                         f"this code reads version {FORMAT_VERSION}")
     model = XVLM(ModelConfig.from_dict(json.loads(metadata["config"])))
     load_strict(model, safetensors_load(data), f"model weights from {source}", allow_missing=_tied_names(model))
@@ -109,7 +109,7 @@ def save_model(model: XVLM, path: str) -> None:
 def load_model(path: str) -> XVLM:
     """Read a model written by save_model (local or s3://)."""
     if not storage.exists(path):
-        raise XvlmError(f"model file {path} does not exist")
+        raise ModelError(f"model file {path} does not exist")
     return model_from_bytes(storage.read_bytes(path), source=path)
 
 
@@ -121,13 +121,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for non-tensor pickles and corrupt files
-        raise XvlmError(f"cannot read {path} as a weights-only torch checkpoint: {err}") from err
+        raise ModelError(f"cannot read {path} as a weights-only torch checkpoint: {err}") from err
     # Training checkpoints often wrap the weights.
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise XvlmError(f"{path} does not hold a flat dict of tensors")
+        raise ModelError(f"{path} does not hold a flat dict of tensors")
     return obj
 
 
@@ -139,7 +139,7 @@ def load_vision_checkpoint(model: XVLM, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise XvlmError(f"vision checkpoint {path} does not exist (nothing is downloaded: give a local timm file)")
+        raise ModelError(f"vision checkpoint {path} does not exist (nothing is downloaded: give a local timm file)")
     state = {k.removeprefix("module."): v for k, v in _read_tensors(path).items()}
     backbone = model.vision.backbone
     if model.vision.family == "swin":
@@ -165,10 +165,10 @@ def bert_fields(folder: str | os.PathLike) -> dict[str, object]:
     "num_hidden_layers" (split it into text_layers + fusion_layers)."""
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
-        raise XvlmError(f"{folder} has no config.json: give a Hugging Face BERT model folder")
+        raise ModelError(f"{folder} has no config.json: give a Hugging Face BERT model folder")
     hf = json.loads(config_path.read_text())
     if hf.get("model_type") not in (None, "bert"):
-        raise XvlmError(f"{folder} holds a {hf.get('model_type')!r} model; the text tower needs a BERT")
+        raise ModelError(f"{folder} holds a {hf.get('model_type')!r} model; the text tower needs a BERT")
     fields = {ours: hf[theirs] for theirs, ours in BERT_FIELDS.items() if theirs in hf}
     fields["num_hidden_layers"] = hf.get("num_hidden_layers")
     return fields
@@ -178,7 +178,7 @@ def _bert_weights_file(folder: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return folder / name
-    raise XvlmError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    raise ModelError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
 LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
@@ -190,7 +190,7 @@ def load_text_checkpoint(model: XVLM, folder: str | os.PathLike) -> None:
     MLM head when present. The folder's sizes must match the config (see bert_fields)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise XvlmError(f"text checkpoint folder {folder} does not exist (nothing is downloaded)")
+        raise ModelError(f"text checkpoint folder {folder} does not exist (nothing is downloaded)")
     cfg = model.config
     fields = bert_fields(folder)
     wrong = {k: (v, getattr(cfg, k)) for k, v in fields.items()
@@ -200,7 +200,7 @@ def load_text_checkpoint(model: XVLM, folder: str | os.PathLike) -> None:
         wrong["text_layers + fusion_layers"] = (fields["num_hidden_layers"], layers)
     if wrong:
         detail = ", ".join(f"{k}: folder {a} vs config {b}" for k, (a, b) in wrong.items())
-        raise XvlmError(f"BERT folder {folder} does not fit the model config ({detail}); "
+        raise ModelError(f"BERT folder {folder} does not fit the model config ({detail}); "
                         "build the config with model.io.bert_fields(folder)")
     raw = _read_tensors(_bert_weights_file(folder))
     text, fusion, mlm, skipped = {}, {}, {}, []

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, positives: torch.Tensor | None 
     """
     k = sim_i2t.shape[0]
     if sim_i2t.shape != (k, k):
-        raise XvlmError(f"ITM needs a square similarity matrix, got {tuple(sim_i2t.shape)}")
+        raise ModelError(f"ITM needs a square similarity matrix, got {tuple(sim_i2t.shape)}")
     if positives is None:
         positives = torch.eye(k, dtype=torch.bool, device=sim_i2t.device)
     with torch.no_grad():
@@ -58,7 +58,7 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, positives: torch.Tensor | None 
         weights_i2t = (sim.softmax(dim=1) + 1e-5).masked_fill(positives, 0.0)
         weights_t2i = (sim.t().softmax(dim=1) + 1e-5).masked_fill(positives.t(), 0.0)
         if not sim.is_meta and bool((weights_i2t.sum(dim=1) == 0).any() | (weights_t2i.sum(dim=1) == 0).any()):
-            raise XvlmError(f"ITM found a row whose every candidate is a positive (batch of {k} rows): "
+            raise ModelError(f"ITM found a row whose every candidate is a positive (batch of {k} rows): "
                             "a batch needs at least 2 unrelated pairs")
         neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
         neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)

@@ -12,7 +12,7 @@ from model.heads import ContrastiveHead, MLMHead, MLPHead, SoftArgmaxBoxHead, XV
 from model.losses import box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
 from model.text import FusionEncoder, TextEncoder, bert_config
 from model.vision import VisionTower
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 # Parameters X-VLM initialises from scratch on top of the pretrained towers; they train at lr x 2.
 NEW_PARAMETERS = re.compile(r"^(fusion\.layer\.\d+\.crossattention\.|itc\.|itm_head\.|box_head\.)")
@@ -103,13 +103,13 @@ class XVLM(nn.Module):
                 **ignored: object) -> dict[str, torch.Tensor]:
         unexpected = sorted(set(ignored) - IGNORED_BATCH_KEYS)
         if unexpected:
-            raise XvlmError(f"unexpected batch keys {unexpected} (see docs/batches.md)")
+            raise ModelError(f"unexpected batch keys {unexpected} (see docs/batches.md)")
         region = patch_mask is not None
         if kind is not None and kind != ("region" if region else "image_text"):
-            raise XvlmError(f"batch kind {kind!r} does not match its tensors "
+            raise ModelError(f"batch kind {kind!r} does not match its tensors "
                             f"({'patch_mask present' if region else 'no patch_mask'})")
         if region and (image_idx is None or target_bbox is None or is_image is None):
-            raise XvlmError("a region batch needs image_idx, patch_mask, target_bbox and is_image")
+            raise ModelError("a region batch needs image_idx, patch_mask, target_bbox and is_image")
 
         image_embeds = self.vision(image)
         if region:
@@ -118,7 +118,7 @@ class XVLM(nn.Module):
             positives = (image_idx[:, None] == image_idx[None, :]) & (patch_mask[:, None] == patch_mask[None, :]).all(-1)
         else:
             if image.shape[0] != text_ids.shape[0]:
-                raise XvlmError(f"an image_text batch has one text per image: {image.shape[0]} images, "
+                raise ModelError(f"an image_text batch has one text per image: {image.shape[0]} images, "
                                 f"{text_ids.shape[0]} texts")
             vision_embeds, vision_atts = image_embeds, whole_image_atts(image_embeds)
             positives = None
@@ -159,5 +159,5 @@ class XVLM(nn.Module):
 def build_model(config: ModelConfig) -> XVLM:
     """A freshly initialised X-VLM for `config` (load pretrained towers or own weights with model.io)."""
     if not isinstance(config, ModelConfig):
-        raise XvlmError(f"build_model needs a ModelConfig, got {type(config).__name__}")
+        raise ModelError(f"build_model needs a ModelConfig, got {type(config).__name__}")
     return XVLM(config)

@@ -13,7 +13,7 @@ from model.config import preset
 from model.io import bert_fields, load_model, load_text_checkpoint, load_vision_checkpoint, model_to_bytes, save_model
 from model.synthetic import image_text_batch
 from model.xvlm import build_model
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 VOCAB = 1200
 
@@ -43,9 +43,9 @@ def test_save_and_load_round_trip(tmp_path):
 def test_load_model_rejects_foreign_or_tampered_files(tmp_path):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(XvlmError, match="not an xvlm model file"):
+    with pytest.raises(ModelError, match="not an xvlm model file"):
         load_model(str(foreign))
-    with pytest.raises(XvlmError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_model(str(tmp_path / "missing.safetensors"))
     # drop one tensor, add a stray one: the error names both
     model = build_model(preset("tiny", vocab_size=VOCAB))
@@ -60,7 +60,7 @@ def test_load_model_rejects_foreign_or_tampered_files(tmp_path):
     state["stray.weight"] = torch.zeros(1)
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad), metadata=metadata)
-    with pytest.raises(XvlmError) as err:
+    with pytest.raises(ModelError) as err:
         load_model(str(bad))
     assert "missing keys: itm_head.net.0.weight" in str(err.value) and "unexpected keys: stray.weight" in str(err.value)
 
@@ -96,12 +96,12 @@ def test_minilm_loads_as_text_and_fusion_tower():
 
 def test_text_checkpoint_that_does_not_fit_is_refused_with_the_reason():
     model = build_model(preset("tiny", vocab_size=VOCAB))
-    with pytest.raises(XvlmError, match="hidden_size: folder 384 vs config 64"):
+    with pytest.raises(ModelError, match="hidden_size: folder 384 vs config 64"):
         load_text_checkpoint(model, minilm_folder())
     fields = bert_fields(minilm_folder())
     fields.pop("num_hidden_layers")
     model = build_model(preset("tiny", **fields, text_layers=2, fusion_layers=2))
-    with pytest.raises(XvlmError, match="text_layers \\+ fusion_layers: folder 6 vs config 4"):
+    with pytest.raises(ModelError, match="text_layers \\+ fusion_layers: folder 6 vs config 4"):
         load_text_checkpoint(model, minilm_folder())
 
 
@@ -115,12 +115,12 @@ def test_text_checkpoint_with_unknown_weights_lists_them(tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file(state, str(tmp_path / "model.safetensors"))
     model = build_model(preset("tiny", **fields, text_layers=3, fusion_layers=3))
-    with pytest.raises(XvlmError) as err:
+    with pytest.raises(ModelError) as err:
         load_text_checkpoint(model, tmp_path)
     assert "unexpected keys: layer.1.adapter.weight" in str(err.value)
     del state["encoder.layer.1.adapter.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(XvlmError, match="missing keys: layer.1.attention.self.key.bias"):
+    with pytest.raises(ModelError, match="missing keys: layer.1.attention.self.key.bias"):
         load_text_checkpoint(model, tmp_path)
 
 
@@ -149,9 +149,9 @@ def test_timm_checkpoint_of_another_architecture_is_refused(tmp_path):
                               embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0)
     path = tmp_path / "deeper.safetensors"
     save_file(other.state_dict(), str(path))
-    with pytest.raises(XvlmError, match="unexpected keys: blocks.2"):
+    with pytest.raises(ModelError, match="unexpected keys: blocks.2"):
         load_vision_checkpoint(model, path)
-    with pytest.raises(XvlmError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_vision_checkpoint(model, tmp_path / "nope.pth")
 
 

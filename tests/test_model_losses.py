@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
 from model.losses import box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 
 def test_box_losses_match_hand_values():
@@ -98,5 +98,5 @@ def test_hard_negatives_follow_the_similarity_and_the_generator():
 
 
 def test_hard_negatives_need_two_unrelated_rows():
-    with pytest.raises(XvlmError, match="at least 2"):
+    with pytest.raises(ModelError, match="at least 2"):
         sample_hard_negatives(torch.zeros(1, 1))

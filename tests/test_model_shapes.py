@@ -8,7 +8,7 @@ from model.concept import concept_embeds
 from model.config import ModelConfig, preset
 from model.synthetic import image_text_batch, patch_mask_for_boxes, region_batch
 from model.xvlm import XVLM, build_model
-from shards.errors import XvlmError
+from model.errors import ModelError
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +152,17 @@ def test_concept_mask_hides_exactly_the_out_of_box_patches():
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
-    with pytest.raises(XvlmError, match="empty patch_mask"):
+    with pytest.raises(ModelError, match="empty patch_mask"):
         concept_embeds(torch.randn(1, 65, 4), torch.zeros(1, dtype=torch.long), torch.zeros(1, 64))
-    with pytest.raises(XvlmError, match="grid stride"):
+    with pytest.raises(ModelError, match="grid stride"):
         concept_embeds(torch.randn(1, 65, 4), torch.zeros(1, dtype=torch.long), torch.ones(1, 49))
-    with pytest.raises(XvlmError, match="unknown vision tower"):
+    with pytest.raises(ModelError, match="unknown vision tower"):
         ModelConfig(vision_name="resnet50")
-    with pytest.raises(XvlmError, match="unknown model config keys"):
+    with pytest.raises(ModelError, match="unknown model config keys"):
         preset("tiny", hiden_size=3)
-    with pytest.raises(XvlmError, match="box_head"):
+    with pytest.raises(ModelError, match="box_head"):
         preset("tiny", box_head="detr")
-    with pytest.raises(XvlmError, match="does not match"):
+    with pytest.raises(ModelError, match="does not match"):
         tiny(kind="region", **image_text_batch(2, 64, 1200))
-    with pytest.raises(XvlmError, match="unexpected batch keys"):
+    with pytest.raises(ModelError, match="unexpected batch keys"):
         tiny(**image_text_batch(2, 64, 1200), captions=["x"])

@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 
+from model.errors import ModelError
 from shards.errors import XvlmError
 
 # name -> (module, one-line help). The order is the order of the data flow.
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except XvlmError as err:  # clear, actionable errors: no traceback
+    except (XvlmError, ModelError) as err:  # clear, actionable errors: no traceback
         print(f"xvlm {top.command}: error: {err}", file=sys.stderr)
         return 2
 

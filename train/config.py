@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from model.errors import ModelError
 from shards.errors import XvlmError
 
 StepMode = Literal["summed", "alternating"]
@@ -151,7 +152,7 @@ class TrainConfig:
                "must list at least one built dataset (a folder or s3:// prefix from `xvlm build-shards`)")
         try:
             self.model.build()
-        except XvlmError as err:
+        except (XvlmError, ModelError) as err:
             raise XvlmError(f"config model section: {err}") from err
         try:
             self.data.build()
