@@ -160,6 +160,11 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
         "num_objects": sum(r["kind"] == "object" for r in regions),
         "caption_lengths": [_words(c) for c in captions],
         "box_area_fractions": [r["bbox"][2] * r["bbox"][3] / area for r in regions],
+        "captions": list(captions),
+        "region_texts": [r["text"] for r in regions],
+        "boxes": [list(r["bbox"]) for r in regions],
+        "object_labels": [r["text"] for r in regions if r["kind"] == "object"],
+        "attributes": [a for r in regions for a in r.get("attributes", [])],
     })
 
 

@@ -30,6 +30,11 @@ INDEX_SCHEMA = pa.schema([
     ("num_objects", pa.int32()),          # kind == "object"
     ("caption_lengths", pa.list_(pa.int32())),       # words per caption
     ("box_area_fractions", pa.list_(pa.float32())),  # box area / image area, per region in order
+    ("captions", pa.list_(pa.string())),             # caption texts (for text statistics without opening shards)
+    ("region_texts", pa.list_(pa.string())),         # text of every region/object, in regions order
+    ("boxes", pa.list_(pa.list_(pa.float32(), 4))),  # [x, y, w, h] in stored pixels, in regions order
+    ("object_labels", pa.list_(pa.string())),        # text of kind == "object" regions (the bare label)
+    ("attributes", pa.list_(pa.string())),           # every attribute of the sample's objects
 ])
 REJECTS_SCHEMA = pa.schema([
     ("source", pa.string()),

@@ -28,6 +28,7 @@ SMOKE = {"images": 60, "val_images": 40, "steps": 12}
 TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves
 SAMPLES_PER_SHARD = 200
+LOADER_WORKERS = 1           # data.num_workers of quickstart_cpu.yaml
 FINAL_K_TEST = 16            # ITM re-ranks the top 16 of 200 in the final evaluation (8 along the run)
 
 DESCRIPTION = (
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also train the other box head with the same budget and report both")
     parser.add_argument("--seed", type=int, default=0, help="sample-data seed (default 0)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice, one per core)")
+                        help=f"torch CPU threads for the model (default: cores - {LOADER_WORKERS} loader worker)")
     parser.add_argument("--no-stats", action="store_true", help="skip the dataset statistics report")
 
 
@@ -370,10 +371,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise XvlmError(f"--steps must be >= 1, got {args.steps}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise XvlmError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise XvlmError(f"--threads must be >= 1, got {args.threads}")
+    # The loader's worker process decodes and augments on one core; the model gets the others. (Two intra-op
+    # threads on a 2-core machine whose other core is busy run tiny matmuls several times slower than one.)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - LOADER_WORKERS))
     started = time.perf_counter()
     layout = Layout(Path(args.out).resolve())
     images = args.images or (SMOKE["images"] if args.smoke else DEFAULT_IMAGES)

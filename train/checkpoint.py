@@ -159,12 +159,20 @@ def main_files(*, model_bytes: bytes, optimizer: torch.optim.Optimizer, schedule
     return {MODEL_FILE: model_bytes, TRAINER_FILE: _to_bytes(trainer), CONFIG_FILE: config_yaml.encode("utf-8")}
 
 
+_writers: ThreadPoolExecutor | None = None
+
+
 def write_files(path: str, files: dict[str, bytes]) -> None:
-    """Write the files of a checkpoint part side by side (each atomically); raises the first error."""
-    with ThreadPoolExecutor(max_workers=max(1, len(files)), thread_name_prefix="ckpt") as pool:
-        futures = [pool.submit(_write, storage.join(path, name), data) for name, data in files.items()]
-        for future in futures:
-            future.result()
+    """Write the files of a checkpoint part side by side (each atomically); raises the first error.
+
+    The writer threads live as long as the process, so their S3 clients and connections are reused by every save.
+    """
+    global _writers
+    if _writers is None:
+        _writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-write")
+    futures = [_writers.submit(_write, storage.join(path, name), data) for name, data in files.items()]
+    for future in futures:
+        future.result()
 
 
 def commit(path: str, step: int, world_size: int) -> None:
