@@ -85,11 +85,12 @@ def s3_client():
 
 def _retryable(err: Exception) -> bool:
     """Errors that a streaming read should retry by reopening at the current byte."""
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+    from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, IncompleteReadError,
+                                     ReadTimeoutError, ResponseStreamingError)
     from urllib3.exceptions import ProtocolError, ReadTimeoutError as U3ReadTimeout
 
     if isinstance(err, (BotoConnectionError, ReadTimeoutError, ProtocolError, U3ReadTimeout, ConnectionError,
-                        TimeoutError, IncompleteRead)):
+                        TimeoutError, IncompleteRead, IncompleteReadError, ResponseStreamingError)):
         return True
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))

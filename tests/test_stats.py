@@ -344,6 +344,7 @@ def _extended_index(path: str) -> None:
         "object_labels": pa.array([["circle", "square"]] * n, pa.list_(pa.string())),
         "attributes": pa.array([["red", "blue", "red"]] * n, pa.list_(pa.string())),
     }
+    index = index.drop_columns([name for name in extra if name in index.column_names])
     for name, column in extra.items():
         index = index.append_column(name, column)
     pq.write_table(index, os.path.join(path, "index.parquet"))
