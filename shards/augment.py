@@ -1,4 +1,4 @@
-"""Image side of a training sample: decode (DCT-scaled when the output is much smaller), crop + resize, flip,
+"""Image side of a training sample: decode (DCT-scaled when the output is smaller), crop + resize, flip,
 X-VLM's RandAugment(2, 7), CLIP normalisation to a float32 CHW tensor. Every random draw comes from the numpy
 Generator passed in, so the same generator state gives the same output bytes.
 """
@@ -16,6 +16,11 @@ from torchvision.transforms import InterpolationMode
 from shards.boxes import Crop
 from shards.loader_config import LoaderConfig
 
+try:        # libjpeg-turbo's scaled IDCT at any n/8; optional: without it Pillow's draft() (1/2, 1/4, 1/8) is used
+    import simplejpeg
+except ImportError:         # pragma: no cover - depends on the environment
+    simplejpeg = None
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FILL = [128, 128, 128]       # X-VLM's replace value for pixels that geometric ops uncover
@@ -28,10 +33,46 @@ MAX_LEVEL = 10.0
 
 
 def open_image(data: bytes | Image.Image) -> Image.Image:
-    """A lazily decoded image (header read only); Pillow's decompression-bomb and truncation checks stay on."""
+    """A lazily decoded image (header read only); Pillow's decompression-bomb and truncation checks stay on.
+    Opened from bytes, the image keeps them (`_ENCODED`) so crop_resize can hand them to simplejpeg."""
     if isinstance(data, Image.Image):
         return data
-    return Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data))
+    setattr(image, _ENCODED, bytes(data))
+    return image
+
+
+# attribute of an image opened here from bytes: the encoded bytes (PIL images are unhashable: no side table)
+_ENCODED = "_xvlm_encoded"
+
+
+def _dct_scale(crop: Crop, out_w: int, out_h: int) -> int:
+    """The smallest n (of n/8, libjpeg's scaled IDCT) at which the crop still has at least out_w x out_h pixels."""
+    need = max(math.ceil(8 * out_w / crop[2]), math.ceil(8 * out_h / crop[3]))
+    return min(8, max(1, need))
+
+
+def _simplejpeg_pixels(image: Image.Image, crop: Crop, out_w: int, out_h: int) -> tuple[Image.Image, float] | None:
+    """(RGB image decoded by simplejpeg at n/8 scale, n/8), or None when simplejpeg is missing, the image was not
+    opened here from bytes, is not a YCbCr/gray JPEG (CMYK goes through Pillow's conversion), or simplejpeg
+    rejects the bytes (it is strict about damage libjpeg only warns about: Pillow then decides)."""
+    data = getattr(image, _ENCODED, None)
+    if simplejpeg is None or data is None or image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    width, height = image.size
+    n = _dct_scale(crop, out_w, out_h)
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(width * n / 8),
+                                        min_height=math.ceil(height * n / 8))
+    except ValueError:
+        return None
+    # libjpeg scales by n/8 and rounds the size up: recover the n it took from the size it produced, so that
+    # pixel i of the decoded image covers source pixels [i*8/n, (i+1)*8/n) exactly
+    got_h, got_w = pixels.shape[:2]
+    for taken in range(n, 9):
+        if (got_w, got_h) == (math.ceil(width * taken / 8), math.ceil(height * taken / 8)):
+            return Image.fromarray(pixels, "RGB"), taken / 8
+    raise RuntimeError(f"unexpected simplejpeg size {got_w}x{got_h} for {width}x{height} at {n}/8")
 
 
 def _draft_scale(image: Image.Image, crop: Crop, out_w: int, out_h: int) -> int:
@@ -56,12 +97,18 @@ def _draft_scale(image: Image.Image, crop: Crop, out_w: int, out_h: int) -> int:
 
 def crop_resize(image: Image.Image, crop: Crop, out_w: int, out_h: int, use_draft: bool = True) -> Image.Image:
     """The crop (x0, y0, w0, h0 in the image's full-size pixels) resized to out_w x out_h, bicubic, aspect not
-    kept, RGB. With use_draft a large JPEG is decoded at 1/k scale and the crop box mapped exactly by 1/k, so box
+    kept, RGB. With use_draft a JPEG is decoded at a reduced DCT scale s (simplejpeg: any n/8 at which the crop
+    still has the output size; else Pillow's draft(): 1/2, 1/4, 1/8) and the crop box mapped exactly by s, so box
     arithmetic done in full-size pixels stays valid."""
-    k = _draft_scale(image, crop, out_w, out_h) if use_draft else 1
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    scale = 1.0
+    decoded = _simplejpeg_pixels(image, crop, out_w, out_h) if use_draft else None
+    if decoded is not None:
+        rgb, scale = decoded
+    else:
+        k = _draft_scale(image, crop, out_w, out_h) if use_draft else 1
+        rgb, scale = (image if image.mode == "RGB" else image.convert("RGB")), 1.0 / k
     x0, y0, w0, h0 = crop
-    box = (x0 / k, y0 / k, (x0 + w0) / k, (y0 + h0) / k)
+    box = (x0 * scale, y0 * scale, (x0 + w0) * scale, (y0 + h0) * scale)
     return rgb.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
 
 

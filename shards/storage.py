@@ -459,7 +459,16 @@ def atomic_write(path: str, if_none_match: bool = False) -> AtomicWrite:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file atomically."""
+    """Write a whole file atomically. Large S3 objects go up as a parallel multipart upload (s3transfer
+    completes it only when every part is in, and aborts it on error: readers never see a partial object)."""
+    if is_s3(path) and len(data) > MULTIPART_CHUNK:
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = split_s3(path)
+        config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK,
+                                max_concurrency=8, use_threads=True)
+        s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
+        return
     with atomic_write(path) as f:
         f.write(data)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from shards import augment, boxes
 from shards.collate import collate_image_text, collate_region, take_rows
@@ -296,3 +296,99 @@ def test_to_tensor_matches_torchvision_normalize():
     out = augment.to_tensor(image)
     assert out.dtype == torch.float32 and out.shape == (3, 30, 40)
     assert torch.allclose(out, reference, atol=1e-5)
+
+
+# ---------------------------------------------------------------- decode paths: simplejpeg n/8, Pillow draft()
+
+needs_simplejpeg = pytest.mark.skipif(augment.simplejpeg is None, reason="simplejpeg not installed")
+
+
+@pytest.fixture
+def simplejpeg_calls(monkeypatch):
+    """Records the (width, height) of every image simplejpeg decodes in augment."""
+    calls = []
+    real = augment.simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        pixels = real(*args, **kwargs)
+        calls.append((pixels.shape[1], pixels.shape[0]))
+        return pixels
+
+    monkeypatch.setattr(augment.simplejpeg, "decode_jpeg", spy)
+    return calls
+
+
+@needs_simplejpeg
+def test_box_stays_on_its_object_with_simplejpeg(config, simplejpeg_calls):
+    """The red-square check on the simplejpeg path, across n/8 scales that are not powers of two."""
+    data = red_square_picture()
+    meta = meta_for(regions=[{"bbox": list(RED_BOX), "text": "a red box", "kind": "region"}])
+    scales = set()
+    for seed in range(24):
+        for cfg in (config, config.replace(image_res=64, grid_stride=16)):
+            sample = region_sample(data, meta, np.random.default_rng(seed), cfg)
+            cx, cy, w, h = (sample["target_bbox"][0] * cfg.image_res).tolist()
+            got = red_extent(sample["image"])
+            assert got is not None
+            for side, want in zip(got, (cx - w / 2, cy - h / 2, w, h)):
+                assert side == pytest.approx(want, abs=2)
+            # the decoder took the smallest n/8 at which the crop still has the output size
+            width, _ = simplejpeg_calls[-1]
+            n = round(width * 8 / 800)
+            crop = sample["crop"]
+            assert crop[2] * n / 8 >= cfg.image_res and crop[3] * n / 8 >= cfg.image_res
+            assert n == 1 or crop[2] * (n - 1) / 8 < cfg.image_res or crop[3] * (n - 1) / 8 < cfg.image_res
+            scales.add(n)
+    assert scales & {3, 5, 6, 7} and len(scales) >= 3      # scales Pillow's draft() cannot take were used
+
+
+@needs_simplejpeg
+@pytest.mark.parametrize("build", [image_text_sample, region_sample])
+def test_simplejpeg_matches_pillow_paths(config, monkeypatch, build):
+    """Same crops and targets as Pillow's draft() and full decodes; pixels differ only by resampling."""
+    data = jpeg(Image.effect_noise((800, 600), 40).convert("RGB").filter(ImageFilter.GaussianBlur(3)))
+    meta = scene_meta()
+    cfg = config.replace(randaug_n=0)
+    fast = [build(data, meta, np.random.default_rng(seed), cfg) for seed in range(6)]
+    full = [build(data, meta, np.random.default_rng(seed), cfg.replace(use_draft=False)) for seed in range(6)]
+    monkeypatch.setattr(augment, "simplejpeg", None)
+    draft = [build(data, meta, np.random.default_rng(seed), cfg) for seed in range(6)]
+    for a, b, c in zip(fast, full, draft):
+        assert a["crop"] == b["crop"] == c["crop"]
+        for key in ("target_bbox", "patch_mask", "text_ids_masked"):
+            if key in a:
+                assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key]), key
+        assert (a["image"] - b["image"]).abs().mean() < 0.1
+        assert (a["image"] - c["image"]).abs().mean() < 0.1
+
+
+@needs_simplejpeg
+def test_crop_at_full_scale_is_pillows_decode(config, simplejpeg_calls):
+    """When no reduction applies (n = 8), simplejpeg's decode is byte-identical to Pillow's."""
+    data = jpeg(Image.effect_noise((300, 200), 60).convert("RGB"))
+    crop = (10.0, 20.0, 150.0, 130.0)
+    fast = augment.crop_resize(augment.open_image(data), crop, 128, 128)
+    full = augment.crop_resize(augment.open_image(data), crop, 128, 128, use_draft=False)
+    assert simplejpeg_calls == [(300, 200)]
+    assert np.array_equal(np.asarray(fast), np.asarray(full))
+
+
+@needs_simplejpeg
+def test_pillow_decides_what_simplejpeg_refuses(config, simplejpeg_calls):
+    """A JPEG libjpeg only warns about (extra bytes before EOI) is decoded by Pillow, not skipped; a CMYK JPEG
+    goes through Pillow's colour conversion; a truncated one is still a corrupt_image skip."""
+    picture = Image.effect_noise((400, 300), 60).convert("RGB")
+    good = jpeg(picture)
+    warned = good[:-2] + b"\x00\x00\x00" + good[-2:]
+    crop = (0.0, 0.0, 400.0, 300.0)
+    # at full scale (n = 8) libjpeg reaches the stray bytes and simplejpeg (strict) raises
+    assert np.array_equal(np.asarray(augment.crop_resize(augment.open_image(warned), crop, 380, 290)),
+                          np.asarray(augment.crop_resize(augment.open_image(good), crop, 380, 290)))
+    assert len(simplejpeg_calls) == 1        # the refused call raised before the spy recorded it; good decoded
+    cmyk = jpeg(picture.convert("CMYK"))
+    out = augment.crop_resize(augment.open_image(cmyk), crop, 64, 64)
+    assert out.mode == "RGB" and len(simplejpeg_calls) == 1
+    with pytest.raises(SkipSample) as e:
+        region_sample(good[: len(good) // 2], meta_for(400, 300, regions=[{"bbox": [1, 1, 50, 50], "text": "x"}]),
+                      np.random.default_rng(0), config)
+    assert e.value.reason == "corrupt_image"
