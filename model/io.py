@@ -18,7 +18,6 @@ from safetensors.torch import save as safetensors_save
 
 from model.config import ModelConfig
 from model.xvlm import XVLM
-from shards import storage
 from model.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -102,15 +101,27 @@ def model_from_bytes(data: bytes, source: str = "bytes") -> XVLM:
 
 
 def save_model(model: XVLM, path: str) -> None:
-    """Write `model` to `path` (local or s3://) atomically as safetensors + config."""
-    storage.write_bytes(path, model_to_bytes(model))
+    """Write `model` to a local `path` atomically (temp name + rename) as safetensors + config.
+    For object storage, write `model_to_bytes(model)` through the trainer's storage layer."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(model_to_bytes(model))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
 
 
 def load_model(path: str) -> XVLM:
-    """Read a model written by save_model (local or s3://)."""
-    if not storage.exists(path):
+    """Read a local model file written by save_model (for s3:// use model_from_bytes on the object's bytes)."""
+    if str(path).startswith("s3://"):
+        raise ModelError(f"{path}: model/ reads local files only; read the bytes through shards.storage and "
+                         "call model_from_bytes (train.checkpoint.read_model does)")
+    if not os.path.exists(path):
         raise ModelError(f"model file {path} does not exist")
-    return model_from_bytes(storage.read_bytes(path), source=path)
+    with open(path, "rb") as f:
+        return model_from_bytes(f.read(), source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -2,7 +2,8 @@
 
 Rows: a bare decode+resize loop over the same JPEGs (Pillow full decode, Pillow draft(), simplejpeg DCT-scaled),
 the MultiGrainedLoader's image-text and region batches from local disk and from a SeaweedFS S3 server, and
-mosaicml-streaming reading the same samples converted to MDS followed by the same per-sample transform.
+mosaicml-streaming reading the same samples converted to MDS followed by the same per-sample transform. The
+loader's local rows also run with simplejpeg switched off (Pillow decode + draft(), the path without it).
 Everything runs in this one process (num_workers=0), so samples/s is per core.
 
     python tools/bench_loader.py --samples 400 --image-res 224
@@ -156,6 +157,28 @@ class bare_transform:
         samples.image_text_sample = self.saved
 
 
+class pillow_decode:
+    """Within this block shards.augment decodes with Pillow (+ draft()) as when simplejpeg is not installed."""
+
+    def __enter__(self):
+        from shards import augment
+
+        self.saved, augment.simplejpeg = augment.simplejpeg, None
+        return self
+
+    def __exit__(self, *exc):
+        from shards import augment
+
+        augment.simplejpeg = self.saved
+
+
+def without_simplejpeg(fn: Callable[[], int]) -> Callable[[], int]:
+    def run() -> int:
+        with pillow_decode():
+            return fn()
+    return run
+
+
 def loader_run(path: str, config, limit: int) -> int:
     loader = MultiGrainedLoader([path], config)
     n = 0
@@ -275,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     bare_rows = {"loader, bare transform, local": lambda: loader_run(path, it_config, limit)}
     runs["loader image-text, local"] = lambda: loader_run(path, it_config, limit)
     runs["loader region, local"] = lambda: loader_run(path, region_config, limit)
+    runs["loader image-text, local, Pillow decode"] = without_simplejpeg(lambda: loader_run(path, it_config, limit))
+    runs["loader region, local, Pillow decode"] = without_simplejpeg(lambda: loader_run(path, region_config, limit))
 
     half, per_epoch, resume, fresh, replay = resume_times(path, it_config)
     print(f"resume at batch {half}/{per_epoch} (mid-epoch): first batch after {resume:.2f}s including opening the "
@@ -316,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bare = rows["bare: Pillow decode + resize"]
     fastest_bare = max(v for k, v in rows.items() if k.startswith("bare"))
-    print(f"\n{'row':48s} {'samples/s':>10s} {'x bare':>8s} {'x fastest bare':>15s}")
+    print(f"\n{'row':52s} {'samples/s':>10s} {'x bare':>8s} {'x fastest bare':>15s}")
     for name, value in rows.items():
-        print(f"{name:48s} {value:10.1f} {value / bare:8.2f} {value / fastest_bare:15.2f}")
+        print(f"{name:52s} {value:10.1f} {value / bare:8.2f} {value / fastest_bare:15.2f}")
     print()
     own = rows["loader, bare transform, local"]
     line = f"streaming layer (bare transform): loader/bare {own / bare:.2f} (target >= 0.85)"
@@ -335,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         mds_key = f"mosaicml-streaming {kind.replace('-', '-')}, local MDS"
         if mds_key in rows:
             line += f"; loader/mosaicml-streaming {local / rows[mds_key]:.2f} (target > 1)"
+        pillow = rows.get(f"loader {kind}, local, Pillow decode")
+        if pillow:
+            line += f"; Pillow decode: loader/bare {pillow / bare:.2f}, simplejpeg/Pillow {local / pillow:.2f}"
         print(line)
     if server is not None:
         server.stop()

@@ -257,3 +257,14 @@ def load(path: str, rank: int, world_size: int) -> Checkpoint:
     return Checkpoint(path=path, step=int(meta["step"]), world_size=world_size,
                       model_bytes=storage.read_bytes(storage.join(path, MODEL_FILE)), trainer=trainer,
                       rank_state=rank_state)
+
+
+def read_model(path: str):
+    """An X-VLM model from a model file (local or s3://), or from a checkpoint folder's model file."""
+    from model.io import model_from_bytes
+
+    if not path.endswith(".safetensors"):
+        path = storage.join(path, MODEL_FILE)
+    if not storage.exists(path):
+        raise XvlmError(f"model file {path} does not exist (give a model .safetensors file or a checkpoint folder)")
+    return model_from_bytes(storage.read_bytes(path), source=path)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.io import model_from_bytes, model_to_bytes, load_model
+from model.io import model_from_bytes, model_to_bytes
 from model.xvlm import XVLM, build_model
 from shards import storage
 from shards.errors import XvlmError
@@ -152,7 +152,7 @@ class Trainer:
     def _build_model(self) -> XVLM:
         model_cfg = self.cfg.model.build()
         if self.cfg.model.init:
-            model = load_model(self.cfg.model.init)
+            model = ckpt.read_model(self.cfg.model.init)
             if model.config != model_cfg:
                 raise XvlmError(f"model.init {self.cfg.model.init} was saved with another model config than the "
                                 "model section describes; make them agree")
