@@ -32,6 +32,10 @@ IMAGE_TEXT_OPS = PHOTOMETRIC_OPS + GEOMETRIC_OPS
 MAX_LEVEL = 10.0
 
 
+# attribute of an image opened here from bytes: the encoded bytes (PIL images are unhashable: no side table)
+_ENCODED = "_xvlm_encoded"
+
+
 def open_image(data: bytes | Image.Image) -> Image.Image:
     """A lazily decoded image (header read only); Pillow's decompression-bomb and truncation checks stay on.
     Opened from bytes, the image keeps them (`_ENCODED`) so crop_resize can hand them to simplejpeg."""
@@ -40,10 +44,6 @@ def open_image(data: bytes | Image.Image) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     setattr(image, _ENCODED, bytes(data))
     return image
-
-
-# attribute of an image opened here from bytes: the encoded bytes (PIL images are unhashable: no side table)
-_ENCODED = "_xvlm_encoded"
 
 
 def _dct_scale(crop: Crop, out_w: int, out_h: int) -> int:
@@ -84,9 +84,7 @@ def _draft_scale(image: Image.Image, crop: Crop, out_w: int, out_h: int) -> int:
     returns the factor the decoder took (1 when none)."""
     if getattr(image, "format", None) != "JPEG":
         return 1      # draft() only helps JPEG; an already decoded JPEG ignores it (size unchanged -> k = 1)
-    factor = 1
-    while factor < 8 and crop[2] // (factor * 2) >= out_w and crop[3] // (factor * 2) >= out_h:
-        factor *= 2
+    factor = 8 // _dct_scale(crop, out_w, out_h)      # the same scale rule as the simplejpeg path
     if factor == 1:
         return 1
     width, height = image.size

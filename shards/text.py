@@ -106,7 +106,8 @@ def load_vocab(folder: str) -> Vocab:
 
 def token_ids(text: str, vocab: Vocab, max_tokens: int) -> list[int]:
     """[CLS] + the first max_tokens-1 WordPiece ids of an already pre_caption'd text (no [SEP])."""
-    ids = vocab.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The Rust tokenizer directly: same ids as the Python wrapper's __call__, 3x cheaper per text row.
+    ids = vocab.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     if not ids:
         raise EmptyText(f"text has no WordPiece tokens: {text[:80]!r}")
     return [vocab.cls_id] + list(ids[: max_tokens - 1])

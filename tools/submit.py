@@ -36,7 +36,7 @@ SUBMIT_RETRY_S = 120.0       # how long to wait for the job agent of a head that
 DESCRIPTION = (
     "Submit a training run to a Ray cluster as a Ray job: the job runs train/ray_train.py, whose Ray Train\n"
     "TorchTrainer starts --num-workers training processes that each run the project's trainer. Checkpoints go to\n"
-    "the config's checkpoint folder (shared storage: a folder every node sees, or s3://); when a worker fails,\n"
+    "the config's run folder `out` (shared storage: an absolute path every node mounts, or s3://); when a worker fails,\n"
     "Ray restarts the worker group (up to --max-failures times) and the trainer resumes from the last committed\n"
     "checkpoint. The job's logs stream back until it ends (Ctrl-C detaches; the job keeps running).\n\n"
     "Authentication: when the cluster uses Ray token auth (RAY_AUTH_MODE=token), the token is read from\n"
