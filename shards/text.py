@@ -94,6 +94,10 @@ def load_vocab(folder: str) -> Vocab:
         raise XvlmError(f"cannot load a BERT tokenizer from {folder!r}: {exc}") from exc
     if tok.cls_token_id is None or tok.mask_token_id is None:
         raise XvlmError(f"tokenizer in {folder!r} has no [CLS] or [MASK] token")
+    # token_ids() calls the Rust tokenizer directly: a tokenizer.json may carry padding / truncation settings
+    # (sentence-transformers folders do) that the Python wrapper would override; switch them off here.
+    tok.backend_tokenizer.no_padding()
+    tok.backend_tokenizer.no_truncation()
     if tok.pad_token_id not in (None, PAD_ID):
         raise XvlmError(f"tokenizer in {folder!r} pads with id {tok.pad_token_id}; the batch layout needs 0")
     size = len(tok)
