@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm",
         description="xvlm-pipeline: multi-grained vision-language pretraining (X-VLM) data pipeline, loader, model and trainer.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        # wide enough that every subcommand's help stays on one line
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=18, width=140),
         epilog="Run `xvlm COMMAND --help` for the options of one command. Start with `xvlm quickstart`.",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR); default INFO")
