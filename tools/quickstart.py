@@ -36,8 +36,8 @@ DESCRIPTION = (
     "  1. sample data     `xvlm sample-data`: 1,000 synthetic training pictures in the COCO / VG / SBU / CC layouts\n"
     "                     + 200 held-out COCO val2017 pictures, and a WordPiece tokenizer\n"
     "  2. shards          `xvlm build-shards`: train shards from all four sources, held-out shards from val2017\n"
-    "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml), budgeted in steps (~10 min on\n"
-    "                     2 cores), with a progress bar and ETA; held-out evaluations along the way for the curves\n"
+    "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml), budgeted in steps (600: 17 min\n"
+    "                     measured on 2 busy cores), with a progress bar and ETA; held-out evaluations for the curves\n"
     "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC + ITM re-ranking) and grounding acc@IoU 0.5 on the\n"
     "                     200 held-out scenes\n"
     "  5. report          OUT/report/: loss and metric curves (PNG), metrics.json, report.md, report.html\n"
@@ -47,7 +47,7 @@ DESCRIPTION = (
 )
 EPILOG = (
     "examples:\n"
-    "  xvlm quickstart                         # ~15 minutes on 2 cores: data, shards, training, report\n"
+    "  xvlm quickstart                         # ~20 minutes on 2 cores: data, shards, training, report\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 300             # a shorter training budget\n"
     "  xvlm quickstart --box-head xvlm         # the paper's box head instead of the soft-argmax one\n"
