@@ -18,23 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def s3(tmp_path_factory):
     """A running SeaweedFS S3 server on 127.0.0.1. Yields the server (endpoint, credentials, bucket, url(key));
     the standard AWS variables are set for the session so boto3 (and subprocesses) find it."""
-    from shards import storage
     from tools.seaweed import start_seaweed
 
     server = start_seaweed(str(tmp_path_factory.mktemp("seaweed")))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    storage.set_endpoint_url(None)  # drop cached clients made before the env was set
     try:
-        yield server
+        with server.in_environment():
+            yield server
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage.set_endpoint_url(None)
 
 
 @pytest.fixture

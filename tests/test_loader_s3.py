@@ -29,19 +29,11 @@ def server(tmp_path_factory):
     from tools.seaweed import start_seaweed
 
     srv = start_seaweed(str(tmp_path_factory.mktemp("seaweed-loader")), bucket="loader")
-    saved = {k: os.environ.get(k) for k in srv.env()}
-    os.environ.update(srv.env())
-    storage.set_endpoint_url(None)
     try:
-        yield srv
+        with srv.in_environment():
+            yield srv
     finally:
         srv.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage.set_endpoint_url(None)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ own process id (never `pkill weed`: other servers on the machine are not ours).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 # Every port flag `weed mini` (4.48) opens; all are given a free loopback port.
 PORT_FLAGS = [
@@ -77,6 +79,25 @@ class SeaweedS3:
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+
+    @contextlib.contextmanager
+    def in_environment(self) -> Iterator["SeaweedS3"]:
+        """Set the standard AWS variables to this server for the block (boto3 and subprocesses find it), then
+        restore them; the storage layer's cached clients are dropped on both sides."""
+        from shards import storage
+
+        saved = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        storage.set_endpoint_url(None)
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            storage.set_endpoint_url(None)
 
     def url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}".rstrip("/") if key else f"s3://{self.bucket}"
