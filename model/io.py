@@ -83,8 +83,8 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + header_len]).get("__metadata__", {})
 
 
-def model_from_bytes(data: bytes, source: str = "bytes") -> XVLM:
-    """Build the model from its saved config and load its weights (strict)."""
+def _saved_config(data: bytes, source: str) -> ModelConfig:
+    """The config stored in a model file's metadata, after checking that it is one of ours."""
     try:
         metadata = _read_header_metadata(data)
     except (ValueError, json.JSONDecodeError) as err:
@@ -95,8 +95,21 @@ def model_from_bytes(data: bytes, source: str = "bytes") -> XVLM:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{source} has model format version {metadata.get('format_version')!r}; "
                         f"this code reads version {FORMAT_VERSION}")
-    model = XVLM(ModelConfig.from_dict(json.loads(metadata["config"])))
+    return ModelConfig.from_dict(json.loads(metadata["config"]))
+
+
+def load_weights(model: XVLM, data: bytes, source: str = "bytes") -> None:
+    """Load a saved model's weights into an existing model of the same config (strict), without building a
+    second model (a resume of `base` would otherwise hold two copies)."""
+    if _saved_config(data, source) != model.config:
+        raise ModelError(f"{source} holds a model with another config than this one")
     load_strict(model, safetensors_load(data), f"model weights from {source}", allow_missing=_tied_names(model))
+
+
+def model_from_bytes(data: bytes, source: str = "bytes") -> XVLM:
+    """Build the model from its saved config and load its weights (strict)."""
+    model = XVLM(_saved_config(data, source))
+    load_weights(model, data, source)
     return model
 
 

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.io import model_from_bytes, model_to_bytes
+from model.errors import ModelError
+from model.io import load_weights, model_to_bytes
 from model.xvlm import XVLM, build_model
 from shards import storage
 from shards.errors import XvlmError
@@ -181,12 +182,11 @@ class Trainer:
                 log.info("starting a new run in %s", self.cfg.out)
             return None
         state = ckpt.load(path, self.ctx.rank, self.ctx.world_size)
-        saved = model_from_bytes(state.model_bytes, source=path)
-        if saved.config != self.model.config:
-            raise XvlmError(f"checkpoint {path} holds a model with another config than this run's model section; "
-                            "resume with the run's own config (its config.yaml) or start a new --out")
-        self.model.load_state_dict(saved.state_dict())
-        del saved
+        try:
+            load_weights(self.model, state.model_bytes, source=path)
+        except ModelError as err:
+            raise XvlmError(f"checkpoint {path}: {err}; resume with the run's own config (its config.yaml) or "
+                            "start a new --out") from err
         trainer = state.trainer
         self.optimizer.load_state_dict(trainer["optimizer"])
         scheduler_state = dict(trainer["scheduler"])
