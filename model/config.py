@@ -46,6 +46,7 @@ register_vision_tower("vit_tiny_patch16_224", "vit")
 register_vision_tower("vit_base_patch16_clip_224", "vit")
 
 BoxHead = Literal["xvlm", "softargmax"]
+TextCls = Literal["cls", "mean"]
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ModelConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
+    text_cls: TextCls = "cls"        # "cls": BERT's [CLS] state (X-VLM); "mean": the mean token state (from scratch)
     # heads
     embed_dim: int = 256             # ITC projection size
     temp: float = 0.07               # initial ITC temperature
@@ -82,6 +84,8 @@ class ModelConfig:
                             "(add one with model.config.register_vision_tower)")
         if self.box_head not in ("xvlm", "softargmax"):
             raise ModelError(f"box_head must be 'xvlm' or 'softargmax', got {self.box_head!r}")
+        if self.text_cls not in ("cls", "mean"):
+            raise ModelError(f"text_cls must be 'cls' or 'mean', got {self.text_cls!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                             f"{self.num_attention_heads}")

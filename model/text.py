@@ -53,7 +53,13 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 class TextEncoder(nn.Module):
-    """ids [K, T], atts [K, T] -> hidden [K, T, H]: BERT embeddings + the first `text_layers` (self-attention only)."""
+    """ids [K, T], atts [K, T] -> hidden [K, T, H]: BERT embeddings + the first `text_layers` (self-attention only).
+
+    `text_cls: mean` (config) puts the mean of the text's token states in the [CLS] position: the text's ITC
+    feature and the fusion's [CLS] query then carry the words from the first step. A randomly initialised [CLS]
+    is the same vector for every text until attention learns to gather into it (a long plateau when training
+    from scratch); a pretrained BERT's [CLS] already gathers, so X-VLM (and the default, `cls`) keeps it.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -62,6 +68,7 @@ class TextEncoder(nn.Module):
         self.layer = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.text_layers)])
         for layer in self.layer:
             layer.attention.self.is_causal = False
+        self.pool_mean = config.text_cls == "mean"
         init_bert_weights(self)
 
     def forward(self, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
@@ -69,6 +76,10 @@ class TextEncoder(nn.Module):
         bias = attention_bias(atts, hidden.dtype)
         for layer in self.layer:
             hidden = layer(hidden, attention_mask=bias)
+        if self.pool_mean:
+            weights = atts.to(hidden.dtype).unsqueeze(-1)
+            mean = (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+            hidden = torch.cat([mean, hidden[:, 1:]], dim=1)
         return hidden
 
 

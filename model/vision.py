@@ -21,6 +21,7 @@ class VisionTower(nn.Module):
         if self.family == "vit":
             grid_h, grid_w = self.backbone.patch_embed.grid_size
             self.num_prefix_tokens: int = self.backbone.num_prefix_tokens
+            self.has_class_token: bool = getattr(self.backbone, "cls_token", None) is not None
         else:
             stride = self.backbone.feature_info[-1]["reduction"]
             grid_h = grid_w = config.image_res // stride
@@ -37,8 +38,9 @@ class VisionTower(nn.Module):
         tokens = self.backbone.forward_features(images)
         if self.family == "vit":
             # Keep the class token, drop register/distillation tokens: only the patches carry positions.
-            cls = tokens[:, :1]
             patches = tokens[:, self.num_prefix_tokens:]
+            # A ViT built without a class token (vision_kwargs class_token: false) pools like Swin.
+            cls = tokens[:, :1] if self.has_class_token else patches.mean(dim=1, keepdim=True)
         else:
             patches = tokens.flatten(1, 2)            # timm Swin returns normed NHWC tokens
             cls = patches.mean(dim=1, keepdim=True)   # X-VLM: average pool of the final tokens

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from model.errors import ModelError
 # Parameters X-VLM initialises from scratch on top of the pretrained towers; they train at lr x 2.
 NEW_PARAMETERS = re.compile(r"^(fusion\.layer\.\d+\.crossattention\.|itc\.|itm_head\.|box_head\.)")
 IGNORED_BATCH_KEYS = {"keys", "sources"}
+OBJECTIVES = frozenset({"itc", "itm", "mlm", "bbox", "giou"})  # the losses forward() can compute
 
 
 class XVLM(nn.Module):
@@ -100,7 +102,15 @@ class XVLM(nn.Module):
                 masked_ids: torch.Tensor, image_idx: torch.Tensor | None = None,
                 patch_mask: torch.Tensor | None = None, target_bbox: torch.Tensor | None = None,
                 is_image: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                **ignored: object) -> dict[str, torch.Tensor]:
+                objectives: Collection[str] | None = None, **ignored: object) -> dict[str, torch.Tensor]:
+        """The losses of one batch, by name: itc, itm, mlm (+ bbox, giou for a region batch).
+
+        `objectives` (default: all) names the losses to compute; the others are skipped, not computed and
+        thrown away (ITM runs the fusion on 3x the rows and MLM runs text + fusion again).
+        """
+        wanted = OBJECTIVES if objectives is None else frozenset(objectives)
+        if not wanted or not wanted <= OBJECTIVES:
+            raise ModelError(f"objectives must be a non-empty subset of {sorted(OBJECTIVES)}, got {sorted(wanted)}")
         unexpected = sorted(set(ignored) - IGNORED_BATCH_KEYS)
         if unexpected:
             raise ModelError(f"unexpected batch keys {unexpected} (see docs/batches.md)")
@@ -126,15 +136,21 @@ class XVLM(nn.Module):
         vision_feat = self.itc.vision_feat(vision_embeds[:, 0])
         temp = self.itc.temperature()
 
-        losses = {"itc": itc_loss(vision_feat, text_feat, temp)}
-        losses["itm"] = self._itm_loss(vision_embeds, vision_atts, text_embeds, text_atts,
-                                       (vision_feat @ text_feat.t() / temp), positives, generator)
-        losses["mlm"] = self._mlm_loss(text_ids_masked, text_atts, vision_embeds, vision_atts, masked_pos, masked_ids)
-        if region:
+        losses = {}
+        if "itc" in wanted:
+            losses["itc"] = itc_loss(vision_feat, text_feat, temp)
+        if "itm" in wanted:
+            losses["itm"] = self._itm_loss(vision_embeds, vision_atts, text_embeds, text_atts,
+                                           (vision_feat @ text_feat.t() / temp), positives, generator)
+        if "mlm" in wanted:
+            losses["mlm"] = self._mlm_loss(text_ids_masked, text_atts, vision_embeds, vision_atts, masked_pos,
+                                           masked_ids)
+        if region and wanted & {"bbox", "giou"}:
             # Every row goes through the box head (X-VLM does too) so that all its parameters join each region
             # step's graph; whole-image rows then weigh 0 in the loss.
             pred = self._boxes(image_embeds[image_idx], text_embeds, text_atts)
-            losses["bbox"], losses["giou"] = box_losses(pred, target_bbox, ~is_image.bool())
+            bbox, giou = box_losses(pred, target_bbox, ~is_image.bool())
+            losses.update({name: value for name, value in (("bbox", bbox), ("giou", giou)) if name in wanted})
         return losses
 
     def _itm_loss(self, vision_embeds: torch.Tensor, vision_atts: torch.Tensor, text_embeds: torch.Tensor,

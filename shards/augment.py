@@ -57,7 +57,7 @@ def _dct_scale(crop: Crop, out_w: int, out_h: int) -> int:
 
 
 def _simplejpeg_pixels(image: Image.Image, crop: Crop, out_w: int, out_h: int) -> tuple[Image.Image, float] | None:
-    """(RGB image decoded by simplejpeg at n/8 scale, n/8), or None when simplejpeg is missing, the image was not
+    """(RGBX image decoded by simplejpeg at n/8 scale, n/8), or None when simplejpeg is missing, the image was not
     opened here from bytes, is not a YCbCr/gray JPEG (CMYK goes through Pillow's conversion), or simplejpeg
     rejects the bytes (it is strict about damage libjpeg only warns about: Pillow then decides)."""
     data = getattr(image, _ENCODED, None)
@@ -66,7 +66,8 @@ def _simplejpeg_pixels(image: Image.Image, crop: Crop, out_w: int, out_h: int) -
     width, height = image.size
     n = _dct_scale(crop, out_w, out_h)
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(width * n / 8),
+        # RGBX: Pillow keeps RGB with a pad byte, so these pixels can be mapped into an image without a copy
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_width=math.ceil(width * n / 8),
                                         min_height=math.ceil(height * n / 8))
     except ValueError:
         return None
@@ -75,7 +76,7 @@ def _simplejpeg_pixels(image: Image.Image, crop: Crop, out_w: int, out_h: int) -
     got_h, got_w = pixels.shape[:2]
     for taken in range(n, 9):
         if (got_w, got_h) == (math.ceil(width * taken / 8), math.ceil(height * taken / 8)):
-            return Image.fromarray(pixels, "RGB"), taken / 8
+            return Image.frombuffer("RGBX", (got_w, got_h), pixels, "raw", "RGBX", 0, 1), taken / 8
     raise RuntimeError(f"unexpected simplejpeg size {got_w}x{got_h} for {width}x{height} at {n}/8")
 
 
@@ -112,7 +113,8 @@ def crop_resize(image: Image.Image, crop: Crop, out_w: int, out_h: int, use_draf
         rgb, scale = (image if image.mode == "RGB" else image.convert("RGB")), 1.0 / k
     x0, y0, w0, h0 = crop
     box = (x0 * scale, y0 * scale, (x0 + w0) * scale, (y0 + h0) * scale)
-    return rgb.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
+    out = rgb.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
+    return out if out.mode == "RGB" else out.convert("RGB")
 
 
 def hflip(image: Image.Image) -> Image.Image:
@@ -124,15 +126,50 @@ def _signed(level: float, rng: np.random.Generator) -> float:
     return -level if rng.random() > 0.5 else level
 
 
+_RAMP = np.arange(256)
+
+
+def autocontrast(image: Image.Image) -> Image.Image:
+    """ImageOps.autocontrast(image) (what torchvision's autocontrast does to a PIL image) for L / RGB images, with
+    the per-band lookup table computed by numpy instead of a Python loop: the same table, so the same pixels."""
+    luts = []
+    for h in np.asarray(image.histogram(), np.int64).reshape(-1, 256):
+        used = np.flatnonzero(h)
+        lo, hi = (int(used[0]), int(used[-1])) if len(used) else (255, 0)
+        if hi <= lo:
+            luts.append(_RAMP)
+            continue
+        scale = 255.0 / (hi - lo)
+        offset = -lo * scale
+        # Pillow: int(ix * scale + offset), clipped to 0..255 (int() truncates; float64 multiply, then add)
+        luts.append(np.clip((_RAMP * scale + offset).astype(np.int64), 0, 255))
+    return image.point(np.concatenate(luts).tolist())
+
+
+def equalize(image: Image.Image) -> Image.Image:
+    """ImageOps.equalize(image) for L / RGB images, the lookup table computed by numpy: the same table, the same
+    pixels."""
+    luts = []
+    for h in np.asarray(image.histogram(), np.int64).reshape(-1, 256):
+        used = h[h != 0]
+        step = (int(used.sum()) - int(used[-1])) // 255 if len(used) > 1 else 0
+        if not step:
+            luts.append(_RAMP)
+            continue
+        # Pillow: n starts at step // 2; lut[i] = n // step, then n += h[i]
+        luts.append((step // 2 + np.concatenate(([0], np.cumsum(h)[:-1]))) // step)
+    return image.point(np.concatenate(luts).tolist())
+
+
 def _apply_op(image: Image.Image, name: str, magnitude: int, rng: np.random.Generator) -> Image.Image:
     """One X-VLM RandomAugment op at level `magnitude` of 10 (ALBEF's level-to-argument mappings)."""
     level = magnitude / MAX_LEVEL
     if name == "Identity":
         return image
     if name == "AutoContrast":
-        return F.autocontrast(image)
+        return autocontrast(image) if image.mode in ("L", "RGB") else F.autocontrast(image)
     if name == "Equalize":
-        return F.equalize(image)
+        return equalize(image) if image.mode in ("L", "RGB") else F.equalize(image)
     if name == "Brightness":
         return F.adjust_brightness(image, level * 1.8 + 0.1)
     if name == "Sharpness":
@@ -171,34 +208,51 @@ _SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD))).astype(np.float32).reshape(3, 1,
 _OFFSET = (-np.asarray(CLIP_MEAN) / np.asarray(CLIP_STD)).astype(np.float32).reshape(3, 1, 1)
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """float32 [3, H, W], CLIP mean/std normalised. A fused numpy multiply-add from the uint8 pixels into one
-    output array: torchvision's to_dtype + normalize make four passes and cost 3x as much per image."""
+def normalise_into(image: Image.Image, out: np.ndarray) -> None:
+    """Write the CLIP-normalised float32 pixels of an RGB image into `out` ([3, H, W], e.g. one row of a batch
+    tensor): a fused numpy multiply-add from the uint8 pixels, with no temporary float image. torchvision's
+    to_dtype + normalize make four passes and cost 3x as much per image."""
     pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB")).transpose(2, 0, 1)
-    out = np.empty(pixels.shape, np.float32)
     np.multiply(pixels, _SCALE, out=out, casting="unsafe")
     out += _OFFSET
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """float32 [3, H, W], CLIP mean/std normalised (normalise_into a new array)."""
+    width, height = image.size
+    out = np.empty((3, height, width), np.float32)
+    normalise_into(image, out)
     return torch.from_numpy(out)
+
+
+def image_text_pixels(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator,
+                      config: LoaderConfig, use_draft: bool = True) -> Image.Image:
+    """Image-text pixels before normalisation: the RandomResizedCrop box resized to R x R, optional mirror,
+    RandAugment with the geometric ops too (RGB uint8). use_draft=False for an image object the caller may use
+    again (draft() shrinks the object itself)."""
+    out = crop_resize(image, crop, config.image_res, config.image_res, config.use_draft and use_draft)
+    if flipped:
+        out = hflip(out)
+    return rand_augment(out, rng, config.randaug_n, config.randaug_m, IMAGE_TEXT_OPS)
+
+
+def region_pixels(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config: LoaderConfig,
+                  use_draft: bool = True) -> Image.Image:
+    """Region pixels before normalisation: the anchor crop resized to R x R (aspect not kept), optional mirror,
+    photometric RandAugment only (boxes must stay where the arithmetic puts them)."""
+    out = crop_resize(image, crop, config.image_res, config.image_res, config.use_draft and use_draft)
+    if flipped:
+        out = hflip(out)
+    return rand_augment(out, rng, config.randaug_n, config.randaug_m, PHOTOMETRIC_OPS)
 
 
 def image_text_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config: LoaderConfig,
                     use_draft: bool = True) -> torch.Tensor:
-    """Image-text pixels: the RandomResizedCrop box resized to R x R, optional mirror, RandAugment with the
-    geometric ops too, normalised. use_draft=False for an image object the caller may use again (draft()
-    shrinks the object itself)."""
-    out = crop_resize(image, crop, config.image_res, config.image_res, config.use_draft and use_draft)
-    if flipped:
-        out = hflip(out)
-    out = rand_augment(out, rng, config.randaug_n, config.randaug_m, IMAGE_TEXT_OPS)
-    return to_tensor(out)
+    """image_text_pixels, normalised to a float32 [3, R, R] tensor."""
+    return to_tensor(image_text_pixels(image, crop, flipped, rng, config, use_draft))
 
 
 def region_view(image: Image.Image, crop: Crop, flipped: bool, rng: np.random.Generator, config: LoaderConfig,
                 use_draft: bool = True) -> torch.Tensor:
-    """Region pixels: the anchor crop resized to R x R (aspect not kept), optional mirror, photometric
-    RandAugment only (boxes must stay where the arithmetic puts them), normalised."""
-    out = crop_resize(image, crop, config.image_res, config.image_res, config.use_draft and use_draft)
-    if flipped:
-        out = hflip(out)
-    out = rand_augment(out, rng, config.randaug_n, config.randaug_m, PHOTOMETRIC_OPS)
-    return to_tensor(out)
+    """region_pixels, normalised to a float32 [3, R, R] tensor."""
+    return to_tensor(region_pixels(image, crop, flipped, rng, config, use_draft))

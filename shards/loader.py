@@ -138,7 +138,7 @@ def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPla
             rng = sample_rng(config.seed, plan.epoch, position)
             build = samples.region_sample if region else samples.image_text_sample
             try:
-                sample = build(item.files["jpg"], item.files["json"], rng, config)
+                sample = build(item.files["jpg"], item.files["json"], rng, config, normalise=False)
             except samples.SkipSample as err:
                 skips[err.reason] += 1
                 continue

@@ -117,7 +117,7 @@ def _open_checked(image: bytes | Image.Image, meta: dict) -> Image.Image:
 
 
 def _pixels(view, image: bytes | Image.Image, opened: Image.Image, crop: boxes.Crop, flipped: bool,
-            rng: np.random.Generator, config: LoaderConfig) -> torch.Tensor:
+            rng: np.random.Generator, config: LoaderConfig) -> torch.Tensor | Image.Image:
     # draft() shrinks the image object in place: only use it on an image we opened ourselves from bytes
     own = not isinstance(image, Image.Image)
     try:
@@ -136,17 +136,18 @@ def _token_ids(phrase: str, config: LoaderConfig) -> list[int] | None:
 
 
 def _encode_rows(ids: list[list[int]], rng: np.random.Generator, config: LoaderConfig) -> dict[str, torch.Tensor]:
-    vocab = text.load_vocab(config.tokenizer)
-    encoded = [text.encode_with(row, vocab, rng, config) for row in ids]
-    return {name: torch.from_numpy(np.stack([getattr(e, name) for e in encoded])) for name in TEXT_FIELDS}
+    encoded = text.encode_rows_with(ids, text.load_vocab(config.tokenizer), rng, config)
+    return {name: torch.from_numpy(encoded[name]) for name in TEXT_FIELDS}
 
 
 # ---------------------------------------------------------------- image-text
 
 def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.random.Generator,
-                      config: LoaderConfig) -> dict[str, Any]:
+                      config: LoaderConfig, normalise: bool = True) -> dict[str, Any]:
     """One image-text sample: a caption drawn at random, RandomResizedCrop + flip (left/right words swapped) +
-    RandAugment. Text fields are 1-D ([T], [M]); `image` is float32 [3, R, R]. Raises SkipSample."""
+    RandAugment. Text fields are 1-D ([T], [M]); `image` is float32 [3, R, R]. With normalise=False the sample
+    has `pixels` instead (the R x R RGB image before normalisation), which the collate functions normalise
+    straight into the batch tensor. Raises SkipSample."""
     meta = parse_meta(meta)
     captions = _captions(meta, config)
     if not captions:
@@ -161,10 +162,11 @@ def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng:
     ids = _token_ids(caption, config)
     if ids is None:
         raise SkipSample("no_caption", f"caption {caption!r} has no WordPiece tokens")
-    pixels = _pixels(augment.image_text_view, image, opened, crop, flipped, rng, config)
+    view = augment.image_text_view if normalise else augment.image_text_pixels
+    pixels = _pixels(view, image, opened, crop, flipped, rng, config)
     rows = _encode_rows([ids], rng, config)
     return {"kind": "image_text", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
-            "image": pixels, **{name: value[0] for name, value in rows.items()},
+            ("image" if normalise else "pixels"): pixels, **{name: value[0] for name, value in rows.items()},
             "text": caption, "crop": crop, "flipped": flipped}
 
 
@@ -187,11 +189,11 @@ def _region_rows(meta: dict, width: int, height: int, config: LoaderConfig) -> t
 
 
 def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.random.Generator,
-                  config: LoaderConfig) -> dict[str, Any]:
+                  config: LoaderConfig, normalise: bool = True) -> dict[str, Any]:
     """One region sample: a random anchor box, a random crop containing it, flip, resize to R x R; rows = the
     whole-image caption first (when there is one), then the anchor, then other boxes more than
     min_region_inside inside the crop, in random order, up to max_regions rows. Row fields are [K, ...];
-    `image` is float32 [3, R, R]. Raises SkipSample."""
+    `image` is float32 [3, R, R] (`pixels` with normalise=False, as image_text_sample). Raises SkipSample."""
     meta = parse_meta(meta)
     opened = _open_checked(image, meta)
     width, height = opened.size
@@ -237,10 +239,11 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
 
     if not texts:
         raise SkipSample("no_region", f"sample {meta.get('key')!r}: no row has WordPiece tokens")
-    pixels = _pixels(augment.region_view, image, opened, crop, flipped, rng, config)
+    view = augment.region_view if normalise else augment.region_pixels
+    pixels = _pixels(view, image, opened, crop, flipped, rng, config)
     encoded = _encode_rows(ids, rng, config)
     return {"kind": "region", "key": str(meta.get("key", "")), "source": str(meta.get("source", "")),
-            "image": pixels, **encoded,
+            ("image" if normalise else "pixels"): pixels, **encoded,
             "patch_mask": torch.from_numpy(np.stack(masks)),
             "target_bbox": torch.tensor(targets, dtype=torch.float32),
             "is_image": torch.tensor(is_image, dtype=torch.bool),

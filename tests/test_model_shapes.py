@@ -166,3 +166,45 @@ def test_bad_inputs_raise_clear_errors(tiny):
         tiny(kind="region", **image_text_batch(2, 64, 1200))
     with pytest.raises(ModelError, match="unexpected batch keys"):
         tiny(**image_text_batch(2, 64, 1200), captions=["x"])
+
+
+def test_objectives_compute_only_the_named_losses(tiny):
+    region = region_batch(2, 3, 64, tiny.grid_size, 1200)
+    tiny.eval()   # no dropout: the two calls must see the same network
+    try:
+        everything = tiny(**region)
+        some = tiny(**region, objectives=["itc", "giou"])
+    finally:
+        tiny.train()
+    assert sorted(some) == ["giou", "itc"]
+    assert all(torch.equal(some[name], everything[name]) for name in some)
+    assert sorted(tiny(**image_text_batch(3, 64, 1200), objectives={"itc", "bbox"})) == ["itc"]
+    with pytest.raises(ModelError, match="objectives"):
+        tiny(**region, objectives=["itc", "contrastive"])
+    with pytest.raises(ModelError, match="objectives"):
+        tiny(**region, objectives=[])
+
+
+def test_text_cls_mean_puts_the_mean_token_state_first():
+    torch.manual_seed(0)
+    plain = build_model(preset("tiny", vocab_size=1200)).eval()
+    torch.manual_seed(0)
+    pooled = build_model(preset("tiny", vocab_size=1200, text_cls="mean")).eval()
+    ids = torch.randint(1, 1200, (3, 7))
+    atts = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
+    hidden = plain.text(ids, atts)
+    mean_hidden = pooled.text(ids, atts)
+    assert torch.equal(mean_hidden[:, 1:], hidden[:, 1:])   # the same weights: only position 0 differs
+    for row, length in enumerate((7, 5, 3)):
+        assert torch.allclose(mean_hidden[row, 0], hidden[row, :length].mean(dim=0), atol=1e-6)
+    with pytest.raises(ModelError, match="text_cls"):
+        preset("tiny", text_cls="max")
+
+
+def test_vit_without_class_token_pools_its_patches():
+    config = preset("tiny", vision_kwargs={"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2,
+                                           "class_token": False, "global_pool": "avg"})
+    model = build_model(config).eval()
+    embeds = model.vision(torch.randn(2, 3, 64, 64))
+    assert embeds.shape == (2, 1 + 64, 64)
+    assert torch.allclose(embeds[:, 0], embeds[:, 1:].mean(dim=1), atol=1e-6)

@@ -57,6 +57,8 @@ def test_overrides_are_yaml_scalars_and_reach_every_section():
     ("schedule.warmup_steps=999", "schedule.warmup_steps=999 must lie in [0, schedule.steps=200]"),
     ("optim.betas=[0.9]", "optim.betas=[0.9]: expected a list of 2 values"),
     ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
+    ("loss.itm=-1", "loss.itm=-1.0 must be >= 0 (0 skips that loss)"),
+    ("loss.contrast=1", "unknown config key loss.contrast; valid keys in loss: ['bbox', 'giou', 'itc', 'itm', 'mlm']"),
     ("data.region_max_images=99", "region_max_images (99) must be <= region_batch_size"),
     ("schedule", "is not of the form dotted.key=value"),
     ("schedule.steps.x=1", "schedule.steps is a value, not a section"),
@@ -65,6 +67,13 @@ def test_bad_overrides_are_clear_errors(override, message):
     with pytest.raises(XvlmError) as err:
         load_config(TINY, [override])
     assert message in str(err.value)
+
+
+def test_a_config_must_keep_an_image_text_loss():
+    with pytest.raises(XvlmError, match="must keep at least one of itc, itm, mlm above 0"):
+        load_config(TINY, ["loss.itc=0", "loss.itm=0", "loss.mlm=0"])
+    assert load_config(TINY, ["loss.itm=0", "loss.mlm=0", "loss.bbox=0.5"]).loss.weights() == \
+        {"itc": 1.0, "bbox": 0.5, "giou": 1.0}
 
 
 def test_bad_files_are_clear_errors(tmp_path):

@@ -58,3 +58,18 @@ def test_gradient_accumulation_takes_several_batches_per_step(tmp_path):
     assert summary["last"]["step"] == 2
     # the lr follows the warmup-then-decay schedule: 0 at step 1 (warmup from 0), the peak at step 2
     assert [e["lr"] for e in entries] == [0.0, 3e-4]
+
+
+def test_loss_weights_scale_the_sum_and_zero_skips_a_loss(tmp_path):
+    no_dropout = ("model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0")
+    train(config(tmp_path / "full", *no_dropout))
+    full = losses(tmp_path / "full")
+    train(config(tmp_path / "weighted", "loss.itm=0", "loss.mlm=0", "loss.giou=2", *no_dropout))
+    weighted = losses(tmp_path / "weighted")
+    assert all(not any(name.endswith(("/itm", "/mlm")) for name in parts) for _, _, parts in weighted)
+    first_step, first_total, first_parts = weighted[0]
+    # The step's total is the weighted sum of what it logged (each batch's losses, giou counted twice).
+    assert first_total == pytest.approx(sum(v * (2 if k.endswith("/giou") else 1) for k, v in first_parts.items()),
+                                        rel=1e-5)
+    # The first step sees the same initial weights and batches: ITC is the same number with or without the others.
+    assert first_parts["image_text/itc"] == pytest.approx(full[0][2]["image_text/itc"], rel=1e-6)

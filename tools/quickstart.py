@@ -177,7 +177,7 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool):
         cfg.schedule.steps = steps or SMOKE["steps"]
         cfg.data.overrides.update(image_text_batch_size=16, region_batch_size=16, region_max_images=8,
                                   shuffle_buffer=32)
-        cfg.eval.options = {**cfg.eval.options, "k_test": 4}
+        cfg.eval.options = {**cfg.eval.options, "k_test": 4 if cfg.loss.itm > 0 else 0}
     total = cfg.schedule.steps
     cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, total // 10))
     cfg.checkpoint.every = min(cfg.checkpoint.every, total)
@@ -199,7 +199,9 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     if path is None:
         raise XvlmError(f"training left no committed checkpoint in {cfg.out}")
     loader = cfg.data.build()
-    options = {**cfg.eval.options, "progress": True, "k_test": FINAL_K_TEST if not smoke else 4}
+    # Without a trained ITM head (loss.itm: 0) the ranking is ITC's; re-ranking by an untrained head would be noise.
+    k_test = 0 if cfg.loss.itm == 0 else (FINAL_K_TEST if not smoke else 4)
+    options = {**cfg.eval.options, "progress": True, "k_test": k_test}
     print(f"[4/6] evaluation ({box_head} box head) on {layout.val_shards}")
     model = load_model(storage.join(path, ckpt.MODEL_FILE))
     metrics = evaluate(model, [str(layout.val_shards)],

@@ -82,6 +82,22 @@ class ScheduleSection:
 
 
 @dataclass
+class LossSection:
+    """Weight of each X-VLM loss in the step's sum (X-VLM: all 1). A weight of 0 skips that loss entirely: it is
+    not computed, so turning ITM and MLM off halves a step (ITC + box trains the quickstart fastest)."""
+
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+    bbox: float = 1.0
+    giou: float = 1.0
+
+    def weights(self) -> dict[str, float]:
+        """{loss name: weight} of the losses to compute (weight > 0)."""
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) > 0}
+
+
+@dataclass
 class CheckpointSection:
     """Where and how often checkpoints go; the run folder's `--out` decides the location (local or s3://)."""
 
@@ -121,6 +137,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    loss: LossSection = field(default_factory=LossSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -142,6 +159,11 @@ class TrainConfig:
         _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
         _check(o.new_param_lr_mult > 0, "optim.new_param_lr_mult", o.new_param_lr_mult, "must be > 0")
         _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 turns clipping off)")
+        for f in dataclasses.fields(self.loss):
+            _check(getattr(self.loss, f.name) >= 0, f"loss.{f.name}", getattr(self.loss, f.name),
+                   "must be >= 0 (0 skips that loss)")
+        _check(bool(set(self.loss.weights()) & {"itc", "itm", "mlm"}), "loss", dataclasses.asdict(self.loss),
+               "must keep at least one of itc, itm, mlm above 0 (image-text batches have no box loss)")
         _check(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
         _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
         _check(bool(c.resume), "checkpoint.resume", c.resume, "must be 'auto', 'none' or a checkpoint path")

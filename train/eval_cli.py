@@ -32,6 +32,9 @@ EPILOG = (
 )
 
 
+DEFAULT_K_TEST = 16
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH|auto",
                         help="a checkpoint folder (…/checkpoints/ckpt-XXXXXXXX), `auto` (newest committed checkpoint "
@@ -42,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's data.tokenizer)")
     parser.add_argument("--max-words", type=int, help="pre_caption word limit (default: the run config's)")
     parser.add_argument("--max-tokens", type=int, help="token limit incl. [CLS] (default: the run config's)")
-    parser.add_argument("--k-test", type=int, default=16, help="ITM re-ranks each query's top-k ITC candidates "
-                                                               "(default 16; X-VLM uses 128 on COCO-5k)")
+    parser.add_argument("--k-test", type=int, default=None,
+                        help="ITM re-ranks each query's top-k ITC candidates (default 16, X-VLM uses 128 on COCO-5k; "
+                             "0 = ITC ranking only, the default when the run trained without ITM: loss.itm 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images / texts / pairs per forward (default 64)")
     parser.add_argument("--max-images", type=int, help="evaluate the first N held-out samples only")
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a correct box (default 0.5)")
@@ -90,12 +94,25 @@ def text_settings(config_path: str | None, args: argparse.Namespace) -> dict:
     return {k: v for k, v in settings.items() if v is not None}
 
 
+def k_test_for(config_path: str | None, k_test: int | None) -> int:
+    """--k-test, else 16 — or 0 when the run's config trained no ITM head (re-ranking by it would be noise)."""
+    if k_test is not None:
+        return k_test
+    if config_path and storage.exists(config_path):
+        from train.config import load_config
+
+        if load_config(config_path).loss.itm == 0:
+            log.info("the run trained without ITM (loss.itm: 0): ranking by ITC only (--k-test 0)")
+            return 0
+    return DEFAULT_K_TEST
+
+
 def run(args: argparse.Namespace) -> int:
     from model.io import load_model
     from train.evaluate import EvalConfig, evaluate
 
     model_path, config_path = resolve_checkpoint(args.checkpoint, args.run)
-    cfg = EvalConfig(k_test=args.k_test, batch_size=args.batch_size, iou_threshold=args.iou,
+    cfg = EvalConfig(k_test=k_test_for(config_path, args.k_test), batch_size=args.batch_size, iou_threshold=args.iou,
                      max_images=args.max_images, progress=not args.no_progress, **text_settings(config_path, args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(model_path).to(device)

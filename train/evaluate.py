@@ -26,7 +26,8 @@ RECALL_KS = (1, 5, 10)
 class EvalConfig:
     """What `evaluate` computes and how much at a time."""
 
-    k_test: int = 16                 # ITM re-ranks each query's top-k ITC candidates (X-VLM: 128 on COCO-5k)
+    k_test: int = 16                 # ITM re-ranks each query's top-k ITC candidates (X-VLM: 128 on COCO-5k);
+                                     # 0: ITC ranking only (a model trained without ITM)
     batch_size: int = 64             # images / texts / ITM pairs per forward
     iou_threshold: float = 0.5       # a grounding counts when IoU >= this
     max_images: int | None = None    # evaluate on the first N held-out images only (None: all)
@@ -37,8 +38,8 @@ class EvalConfig:
     max_tokens: int = 40
 
     def __post_init__(self) -> None:
-        if self.k_test < 1:
-            raise XvlmError(f"eval k_test must be >= 1, got {self.k_test}")
+        if self.k_test < 0:
+            raise XvlmError(f"eval k_test must be >= 0 (0: no ITM re-ranking), got {self.k_test}")
         if self.batch_size < 1:
             raise XvlmError(f"eval batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.iou_threshold <= 1.0:
@@ -420,10 +421,13 @@ def evaluate(model, data: Any, cfg: EvalConfig | dict | None = None,
             sim_i2t = (enc.image_feat[gallery.to(device)] @ enc.caption_feat.t()).float().cpu()
             itc = retrieval_metrics(sim_i2t, sim_i2t.t(), text_image)
             out.update({f"itc_{k}": v for k, v in itc.items()})
-            score = _itm_pairs(model, enc, data, gallery, device, cfg.batch_size)
-            i2t = rerank_top_k(sim_i2t, cfg.k_test, score)
-            t2i = rerank_top_k(sim_i2t.t().contiguous(), cfg.k_test, lambda t, i: score(i, t))
-            out.update(retrieval_metrics(i2t, t2i, text_image))
+            if cfg.k_test == 0:     # no ITM head trained: the ITC ranking is the result
+                out.update(itc)
+            else:
+                score = _itm_pairs(model, enc, data, gallery, device, cfg.batch_size)
+                i2t = rerank_top_k(sim_i2t, cfg.k_test, score)
+                t2i = rerank_top_k(sim_i2t.t().contiguous(), cfg.k_test, lambda t, i: score(i, t))
+                out.update(retrieval_metrics(i2t, t2i, text_image))
         else:
             log.warning("eval: the held-out split has no captions; retrieval skipped")
         if len(data.region_texts):

