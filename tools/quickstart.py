@@ -36,9 +36,10 @@ DESCRIPTION = (
     "  1. sample data     `xvlm sample-data`: 1,000 synthetic training pictures in the COCO / VG / SBU / CC layouts\n"
     "                     + 200 held-out COCO val2017 pictures, and a WordPiece tokenizer\n"
     "  2. shards          `xvlm build-shards`: train shards from all four sources, held-out shards from val2017\n"
-    "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml), budgeted in steps (600: 17 min\n"
-    "                     measured on 2 busy cores), with a progress bar and ETA; held-out evaluations for the curves\n"
-    "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC + ITM re-ranking) and grounding acc@IoU 0.5 on the\n"
+    "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml; ITC + box losses), budgeted in\n"
+    "                     steps (800: ~10 min on 2 idle cores, 12.7 min measured on busy ones), with a progress bar\n"
+    "                     and ETA; held-out evaluations for the curves\n"
+    "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC; ITM re-ranking when trained) and grounding acc@0.5 on the\n"
     "                     200 held-out scenes\n"
     "  5. report          OUT/report/: loss and metric curves (PNG), metrics.json, report.md, report.html\n"
     "  6. statistics      `xvlm stats` of the train shards: OUT/report/dataset_stats.html\n"
@@ -47,7 +48,7 @@ DESCRIPTION = (
 )
 EPILOG = (
     "examples:\n"
-    "  xvlm quickstart                         # ~20 minutes on 2 cores: data, shards, training, report\n"
+    "  xvlm quickstart                         # ~12-15 minutes on 2 cores: data, shards, training, report\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 300             # a shorter training budget\n"
     "  xvlm quickstart --box-head xvlm         # the paper's box head instead of the soft-argmax one\n"
