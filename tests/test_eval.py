@@ -200,6 +200,10 @@ def test_evaluate_tiny_model_end_to_end(held_out):
         assert first["skipped"] == {"corrupt_image": 1}
         # deterministic: no augmentation, dropout off
         assert evaluate(model, [dataset], cfg) == first
+        # k_test 0 (a model trained without ITM): the ITC ranking is the result
+        itc_only = evaluate(model, [dataset], EvalConfig(**{**cfg.__dict__, "k_test": 0}))
+        assert all(itc_only[key] == first[f"itc_{key}"] for key in ("i2t_r1", "i2t_r10", "t2i_r1", "r_mean"))
+        assert itc_only["grounding_acc"] == first["grounding_acc"]
 
 
 def test_evaluate_from_a_train_config(held_out):
@@ -225,7 +229,7 @@ def test_evaluate_errors(held_out, tmp_path):
     with pytest.raises(XvlmError, match="unknown eval option"):
         evaluate(tiny_model(), [dataset], {"k": 3})
     with pytest.raises(XvlmError, match="k_test"):
-        EvalConfig(k_test=0)
+        EvalConfig(k_test=-1)
 
 
 def test_eval_cli_on_a_trained_checkpoint(held_out, tmp_path, capsys):
@@ -251,3 +255,25 @@ def test_eval_cli_on_a_trained_checkpoint(held_out, tmp_path, capsys):
     assert metrics["images"] == 11 and 0.0 <= metrics["grounding_acc"] <= 1.0
     assert json.loads(capsys.readouterr().out) == metrics
     assert main(["eval", "--checkpoint", "auto", "--run", str(tmp_path / "none"), "--data", dataset]) == 2
+
+
+def test_eval_cli_ranks_by_itc_for_a_run_trained_without_itm(held_out, tmp_path):
+    import json
+
+    from tools.cli import main
+    from train.config import load_config
+    from train.loop import train
+
+    dataset, tokenizer = held_out
+    run = str(tmp_path / "run")
+    train(load_config("train/configs/tiny_cpu.yaml", [f"out={run}", "data.synthetic=true", "schedule.steps=1",
+                                                      "schedule.warmup_steps=1", "loss.itm=0",
+                                                      "logging.progress=false", "logging.tensorboard=false"]))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", "auto", "--run", run, "--data", dataset, "--tokenizer", tokenizer,
+                 "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["k_test"] == 0 and metrics["i2t_r1"] == metrics["itc_i2t_r1"]
+    assert main(["eval", "--checkpoint", "auto", "--run", run, "--data", dataset, "--tokenizer", tokenizer,
+                 "--k-test", "2", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["k_test"] == 2
