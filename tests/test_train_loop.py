@@ -73,3 +73,21 @@ def test_loss_weights_scale_the_sum_and_zero_skips_a_loss(tmp_path):
                                         rel=1e-5)
     # The first step sees the same initial weights and batches: ITC is the same number with or without the others.
     assert first_parts["image_text/itc"] == pytest.approx(full[0][2]["image_text/itc"], rel=1e-6)
+
+
+def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(config(tmp_path / "tb", "logging.tensorboard=true"))
+    entries = read_metrics(str(tmp_path / "tb" / "metrics.jsonl"))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "samples_per_s", "data_wait_frac"} <= tags
+    for name in ("loss", "lr"):
+        logged = [(s.step, s.value) for s in events.Scalars(name)]
+        assert [step for step, _ in logged] == [e["step"] for e in entries]
+        assert [value for _, value in logged] == pytest.approx([e[name] for e in entries], rel=1e-6)
+    losses_logged = {tag for tag in tags if tag.startswith("losses/")}
+    assert losses_logged == {f"losses/{name}" for e in entries for name in e["losses"]}
