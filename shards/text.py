@@ -206,7 +206,8 @@ def encode_rows(rows: list[list[int]], vocab: Vocab, rng: np.random.Generator, *
     k = len(rows)
     out = {"text_ids": np.full((k, max_tokens), PAD_ID, np.int64), "text_atts": np.zeros((k, max_tokens), np.int64),
            "text_ids_masked": np.full((k, max_tokens), PAD_ID, np.int64),
-           "masked_pos": np.zeros((k, max_masks), np.int64), "masked_ids": np.full((k, max_masks), IGNORE_INDEX, np.int64)}
+           "masked_pos": np.zeros((k, max_masks), np.int64),
+           "masked_ids": np.full((k, max_masks), IGNORE_INDEX, np.int64)}
     for r, ids in enumerate(rows):
         positions = choose_masked_positions(ids, vocab, rng, mask_prob=mask_prob, max_masks=max_masks,
                                             skipgram_prb=skipgram_prb, skipgram_size=skipgram_size)

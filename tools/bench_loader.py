@@ -4,7 +4,8 @@ Rows: a bare decode+resize loop over the same JPEGs (Pillow full decode, Pillow 
 the MultiGrainedLoader's image-text and region batches from local disk and from a SeaweedFS S3 server, and
 mosaicml-streaming reading the same samples converted to MDS followed by the same per-sample transform. The
 loader's local rows also run with simplejpeg switched off (Pillow decode + draft(), the path without it).
-Everything runs in this one process (num_workers=0), so samples/s is per core.
+Everything runs in this one process (num_workers=0), so samples/s is per core; each row is also given per CPU
+second of this process, which moves less with other jobs' load on a shared machine.
 
     python tools/bench_loader.py --samples 400 --image-res 224
     python tools/bench_loader.py --source-size 1024x768 --no-s3 --no-mds
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import math
 import os
 import shutil
 import tarfile
@@ -142,8 +141,10 @@ class bare_transform:
         from shards import samples
 
         def build(jpg, meta, rng, config, normalise=True):
-            image = Image.open(io.BytesIO(jpg)).convert("RGB").resize((config.image_res, config.image_res),
-                                                                      Image.Resampling.BICUBIC)
+            image = Image.open(io.BytesIO(jpg))
+            image.load()                # as the bare loop: decode, convert only when not RGB, resize
+            image = (image if image.mode == "RGB" else image.convert("RGB")).resize(
+                (config.image_res, config.image_res), Image.Resampling.BICUBIC)
             zeros = torch.zeros(config.max_tokens, dtype=torch.int64)
             masks = torch.zeros(config.max_masks, dtype=torch.int64)
             return {"kind": "image_text", "key": "", "source": "", "image": torch.from_numpy(np.array(image)),
