@@ -209,7 +209,7 @@ def run_fed(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in tqdm(range(args.warmup), desc="(a) warmup, loader-fed", unit="step"):
-        trainer.train_step(trainer._step_batches())
+        trainer.train_step(trainer.step_batches())
     state = trainer.stream.state_dict()
     epoch = trainer.stream.epoch
     steps: list[list[tuple]] = []
@@ -218,7 +218,7 @@ def run_fed(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     for _ in tqdm(range(args.steps), desc="(a) loader-fed", unit="step"):
         t0 = time.perf_counter()
-        batches = trainer._step_batches()
+        batches = trainer.step_batches()
         waited += time.perf_counter() - t0
         trainer.train_step(batches)
         steps.append([signature(b) for b in batches])

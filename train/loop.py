@@ -209,7 +209,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             return next(self.batches)
 
-    def _step_batches(self) -> list[dict[str, Any]]:
+    def step_batches(self) -> list[dict[str, Any]]:
         """The batches of the next optimizer step, from the loader's plan."""
         out: list[dict[str, Any]] = []
         for _ in range(self.cfg.schedule.grad_accum):
@@ -374,7 +374,7 @@ class Trainer:
         last = {}
         while self.step < total_steps:
             t0 = time.perf_counter()
-            batches = self._step_batches()
+            batches = self.step_batches()
             waited = time.perf_counter() - t0
             local = self.train_step(batches)
             reduced = self._reduce(local)
