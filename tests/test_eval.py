@@ -216,6 +216,9 @@ def test_evaluate_from_a_train_config(held_out):
                              "eval.every=1", "eval.max_samples=6", "eval.options={k_test: 3}"])
     result = evaluate(tiny_model(), cfg, "cpu")
     assert result["images"] == 6 and result["k_test"] == 3
+    cfg.loss.itm = 0.0
+    cfg.eval.options = {}
+    assert evaluate(tiny_model(), cfg, "cpu")["k_test"] == 0   # no ITM head trained: ITC ranking
 
 
 def test_evaluate_errors(held_out, tmp_path):

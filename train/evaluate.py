@@ -365,6 +365,8 @@ def _as_eval_inputs(data: Any, cfg: EvalConfig | dict | None, model) -> tuple[Ev
         options.setdefault("max_words", loader.max_words)
         options.setdefault("max_tokens", loader.max_tokens)
         options.setdefault("progress", False)
+        if train_cfg.loss.itm == 0:       # no ITM head trained: rank by ITC (as `xvlm eval` does for such runs)
+            options.setdefault("k_test", 0)
         return _as_eval_inputs(list(train_cfg.eval.datasets), options, model)
     if cfg is None:
         cfg = EvalConfig()
