@@ -5,6 +5,7 @@ import timm
 import torch
 from torch import nn
 
+from model import convstem  # noqa: F401  (registers the vit_convstem timm model with timm)
 from model.config import ModelConfig
 
 

@@ -1,6 +1,7 @@
 """The loader's faster per-sample paths give the same bytes as the plain ones: numpy-built RandAugment lookup
 tables (AutoContrast, Equalize), normalisation straight into the batch tensor, all text rows of a sample encoded
-into one set of arrays, and simplejpeg pixels mapped into Pillow without a copy."""
+into one set of arrays, and simplejpeg pixels mapped into Pillow without a copy. Whole-pixel crops are resized by
+torch's kernel: the same filter as Pillow, equal up to rounding."""
 from __future__ import annotations
 
 import importlib.util
@@ -116,10 +117,36 @@ def test_simplejpeg_pixels_are_mapped_and_resize_like_rgb():
     data, _ = scene()
     crop = (7.5, 3.25, 120.0, 100.5)
     image = augment.open_image(data)
-    decoded, scale = augment._simplejpeg_pixels(image, crop, 64, 64)
+    pixels, scale = augment._simplejpeg_array(image, crop, 64, 64)
+    decoded = augment._as_rgbx_image(pixels)
     assert decoded.mode == "RGBX" and decoded.readonly and scale == 1.0
     rgb = Image.open(io.BytesIO(data)).convert("RGB")
     box = (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
     want = rgb.resize((64, 64), Image.Resampling.BICUBIC, box=box)
     got = augment.crop_resize(augment.open_image(data), crop, 64, 64)
     assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("use_simplejpeg", [True, False])
+def test_whole_pixel_crops_resize_with_torch_like_pillow(monkeypatch, use_simplejpeg):
+    """A crop on whole pixels (every crop the loader draws at full decode scale) is resized by torch's bicubic
+    antialiased kernel: exactly resize_pixels of the decoded pixels, and Pillow's resize up to rounding."""
+    if use_simplejpeg and augment.simplejpeg is None:
+        pytest.skip("simplejpeg not installed")
+    if not use_simplejpeg:
+        monkeypatch.setattr(augment, "simplejpeg", None)
+    from tools.scenes import jpeg_bytes, render, sample_scene
+
+    data = jpeg_bytes(render(sample_scene(np.random.default_rng(5))))
+    rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = rgb.size
+    crops = [(0, 0, width, height), (13, 7, width // 2, height // 3), (width // 3, height // 4, 150, 120),
+             (5, 9, 40, 30)]                       # shrinking by various factors, and enlarging a small crop
+    for crop in crops:
+        box = (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
+        got = augment.crop_resize(augment.open_image(data), crop, 96, 80, use_draft=False)
+        assert got.mode == "RGB" and got.size == (96, 80)
+        assert np.array_equal(np.asarray(got), np.asarray(augment.resize_pixels(np.asarray(rgb), box, 96, 80)))
+        pillow = np.asarray(rgb.resize((96, 80), Image.Resampling.BICUBIC, box=box)).astype(np.int16)
+        diff = np.abs(np.asarray(got).astype(np.int16) - pillow)
+        assert diff.mean() < 0.05 and np.percentile(diff, 99.5) <= 1 and diff.max() <= 3, (crop, diff.max())

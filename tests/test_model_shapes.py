@@ -208,3 +208,29 @@ def test_vit_without_class_token_pools_its_patches():
     embeds = model.vision(torch.randn(2, 3, 64, 64))
     assert embeds.shape == (2, 1 + 64, 64)
     assert torch.allclose(embeds[:, 0], embeds[:, 1:].mean(dim=1), atol=1e-6)
+
+
+def test_vit_with_conv_stem_tokenises_by_convolutions():
+    """vit_convstem: the grid stride is 2 ** (stem stages); tokens are the stem's output cells, so moving one
+    pixel changes only the tokens whose receptive field holds it (before the transformer blocks)."""
+    config = preset("tiny", vision_name="vit_convstem",
+                    vision_kwargs={"embed_dim": 64, "depth": 1, "num_heads": 2, "stem_channels": [16, 32, 64]})
+    model = build_model(config).eval()
+    assert (model.grid_size, model.grid_stride) == (8, 8)
+    stem = model.vision.backbone.patch_embed
+    assert [m.stride for m in stem.modules() if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3
+    images = torch.randn(2, 3, 64, 64)
+    assert model.vision(images).shape == (2, 1 + 64, 64)
+    tokens = stem(images)
+    nudged = images.clone()
+    nudged[:, :, 60, 3] += 1.0                      # bottom-left corner: grid cell (row 7, column 0)
+    changed = (stem(nudged) - tokens).abs().flatten(2).amax(dim=(0, 2)) > 0      # per token
+    assert changed.reshape(8, 8)[7, 0] and changed.reshape(8, 8)[:5].sum() == 0 and changed.reshape(8, 8)[:, 3:].sum() == 0
+    losses = build_model(config)(**region_batch(2, 2, 64, 8, config.vocab_size))
+    assert all(torch.isfinite(v) for v in losses.values())
+    two_stages = build_model(preset("tiny", vision_name="vit_convstem", vision_kwargs={"embed_dim": 64, "depth": 1,
+                                                                                     "num_heads": 2, "stem_channels": [32, 48]}))
+    assert (two_stages.grid_size, two_stages.grid_stride) == (16, 4)   # 48 -> 64 channels through a 1x1 projection
+    for bad, match in (({"patch_size": 8}, "patch_size"), ({"stem_channels": []}, "stem_channels")):
+        with pytest.raises(ModelError, match=match):
+            build_model(preset("tiny", vision_name="vit_convstem", vision_kwargs=bad))

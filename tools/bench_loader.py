@@ -1,6 +1,7 @@
 """Loader throughput, samples/s per core, with ratios against baselines measured in the same run.
 
-Rows: a bare decode+resize loop over the same JPEGs (Pillow full decode, Pillow draft(), simplejpeg DCT-scaled),
+Rows: a bare decode+resize loop over the same JPEGs (Pillow full decode, Pillow draft(), simplejpeg DCT-scaled,
+simplejpeg full decode + torch's resize kernel, which the loader uses for whole-pixel crops),
 the MultiGrainedLoader's image-text and region batches from local disk and from a SeaweedFS S3 server, and
 mosaicml-streaming reading the same samples converted to MDS followed by the same per-sample transform. The
 loader's local rows also run with simplejpeg switched off (Pillow decode + draft(), the path without it).
@@ -136,6 +137,18 @@ def bare_simplejpeg(jpegs: list[bytes], res: int) -> int:
     for data in jpegs:
         array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=res, min_width=res)
         Image.fromarray(array).resize((res, res), Image.Resampling.BICUBIC)
+    return len(jpegs)
+
+
+def bare_simplejpeg_torch(jpegs: list[bytes], res: int) -> int:
+    """simplejpeg full-size decode + torch's bicubic antialiased uint8 resize (the loader's resize kernel)."""
+    import simplejpeg
+
+    from shards.augment import resize_pixels
+
+    for data in jpegs:
+        array = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        resize_pixels(array, (0, 0, array.shape[1], array.shape[0]), res, res)
     return len(jpegs)
 
 
@@ -316,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         import simplejpeg  # noqa: F401
 
         runs["bare: simplejpeg scaled + resize"] = lambda: bare_simplejpeg(jpegs, res)
+        runs["bare: simplejpeg + torch resize"] = lambda: bare_simplejpeg_torch(jpegs, res)
     except ImportError:
         print("simplejpeg not installed: row skipped")
     bare_rows = {"loader, bare transform, local": lambda: loader_run(path, it_config, limit)}
