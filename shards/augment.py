@@ -57,18 +57,21 @@ def _dct_scale(crop: Crop, out_w: int, out_h: int) -> int:
     return n
 
 
-def _simplejpeg_array(image: Image.Image, crop: Crop, out_w: int, out_h: int) -> tuple[np.ndarray, float] | None:
-    """(uint8 [H, W, 4] RGBX pixels decoded by simplejpeg at n/8 scale, n/8), or None when simplejpeg is missing, the
-    image was not opened here from bytes, is not a YCbCr/gray JPEG (CMYK goes through Pillow's conversion), or
-    simplejpeg rejects the bytes (it is strict about damage libjpeg only warns about: Pillow then decides)."""
+def _simplejpeg_array(image: Image.Image, crop: Crop, out_w: int, out_h: int,
+                      colorspace: str = "RGBX") -> tuple[np.ndarray, float] | None:
+    """(uint8 [H, W, 4] RGBX pixels, or [H, W, 3] with colorspace "RGB", decoded by simplejpeg at n/8 scale, n/8), or
+    None when simplejpeg is missing, the image was not opened here from bytes, is not a YCbCr/gray JPEG (CMYK goes
+    through Pillow's conversion), or simplejpeg rejects the bytes (it is strict about damage libjpeg only warns
+    about: Pillow then decides)."""
     data = getattr(image, _ENCODED, None)
     if simplejpeg is None or data is None or image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return None
     width, height = image.size
     n = _dct_scale(crop, out_w, out_h)
     try:
-        # RGBX: Pillow keeps RGB with a pad byte, so these pixels can be mapped into an image without a copy
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_width=math.ceil(width * n / 8),
+        # RGBX: Pillow keeps RGB with a pad byte, so these pixels can be mapped into an image without a copy;
+        # RGB: torch's resize kernel reads 3 packed channels ~1.8x faster than 3 of 4
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, min_width=math.ceil(width * n / 8),
                                         min_height=math.ceil(height * n / 8))
     except ValueError:
         return None
@@ -130,19 +133,24 @@ def crop_resize(image: Image.Image, crop: Crop, out_w: int, out_h: int, use_draf
 
     A box that lands on whole pixels of the decoded image (every crop the loader draws at s = 1) is resized by
     torch (resize_pixels); a fractional one by Pillow, whose resize takes fractional boxes."""
-    decoded = _simplejpeg_array(image, crop, out_w, out_h) if use_draft else None
+    x0, y0, w0, h0 = crop
+    decoded = None
+    if use_draft:
+        # the box on whole pixels at the scale libjpeg should take -> torch resizes it -> decode to packed RGB
+        planned = _dct_scale(crop, out_w, out_h) / 8
+        whole = all(float(v * planned).is_integer() for v in (x0, y0, x0 + w0, y0 + h0))
+        decoded = _simplejpeg_array(image, crop, out_w, out_h, "RGB" if whole else "RGBX")
     if decoded is not None:
         pixels, scale = decoded
     else:
         k = _draft_scale(image, crop, out_w, out_h) if use_draft else 1
         rgb, scale = (image if image.mode == "RGB" else image.convert("RGB")), 1.0 / k
-    x0, y0, w0, h0 = crop
     box = (x0 * scale, y0 * scale, (x0 + w0) * scale, (y0 + h0) * scale)
     if all(float(v).is_integer() for v in box):
         return resize_pixels(pixels if decoded is not None else np.asarray(rgb), tuple(int(v) for v in box),
                              out_w, out_h)
-    if decoded is not None:
-        rgb = _as_rgbx_image(pixels)
+    if decoded is not None:    # RGBX as planned; RGB only when libjpeg took another scale than planned
+        rgb = _as_rgbx_image(pixels) if pixels.shape[2] == 4 else Image.fromarray(pixels, "RGB")
     out = rgb.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
     return out if out.mode == "RGB" else out.convert("RGB")
 

@@ -130,23 +130,34 @@ def test_simplejpeg_pixels_are_mapped_and_resize_like_rgb():
 @pytest.mark.parametrize("use_simplejpeg", [True, False])
 def test_whole_pixel_crops_resize_with_torch_like_pillow(monkeypatch, use_simplejpeg):
     """A crop on whole pixels (every crop the loader draws at full decode scale) is resized by torch's bicubic
-    antialiased kernel: exactly resize_pixels of the decoded pixels, and Pillow's resize up to rounding."""
+    antialiased kernel: exactly resize_pixels of the decoded pixels, and Pillow's resize up to rounding. With
+    simplejpeg such a crop is decoded to packed RGB (torch reads it faster than RGBX)."""
     if use_simplejpeg and augment.simplejpeg is None:
         pytest.skip("simplejpeg not installed")
-    if not use_simplejpeg:
+    decodes = []
+    if use_simplejpeg:
+        real = augment.simplejpeg.decode_jpeg
+
+        def spy(data, **kwargs):
+            decodes.append(kwargs["colorspace"])
+            return real(data, **kwargs)
+
+        monkeypatch.setattr(augment.simplejpeg, "decode_jpeg", spy)
+    else:
         monkeypatch.setattr(augment, "simplejpeg", None)
     from tools.scenes import jpeg_bytes, render, sample_scene
 
     data = jpeg_bytes(render(sample_scene(np.random.default_rng(5))))
     rgb = Image.open(io.BytesIO(data)).convert("RGB")
     width, height = rgb.size
-    crops = [(0, 0, width, height), (13, 7, width // 2, height // 3), (width // 3, height // 4, 150, 120),
-             (5, 9, 40, 30)]                       # shrinking by various factors, and enlarging a small crop
+    # no crop keeps 2x the output on both sides, so none is DCT-scaled: shrinking by various factors, and enlarging
+    crops = [(13, 7, 180, 150), (width // 3, height // 4, 150, 120), (width - 190, height - 159, 190, 159), (5, 9, 40, 30)]
     for crop in crops:
         box = (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
-        got = augment.crop_resize(augment.open_image(data), crop, 96, 80, use_draft=False)
+        got = augment.crop_resize(augment.open_image(data), crop, 96, 80)
         assert got.mode == "RGB" and got.size == (96, 80)
         assert np.array_equal(np.asarray(got), np.asarray(augment.resize_pixels(np.asarray(rgb), box, 96, 80)))
         pillow = np.asarray(rgb.resize((96, 80), Image.Resampling.BICUBIC, box=box)).astype(np.int16)
         diff = np.abs(np.asarray(got).astype(np.int16) - pillow)
         assert diff.mean() < 0.05 and np.percentile(diff, 99.5) <= 1 and diff.max() <= 3, (crop, diff.max())
+    assert decodes == (["RGB"] * len(crops) if use_simplejpeg else [])
