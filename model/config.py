@@ -44,7 +44,7 @@ register_vision_tower("vit_base_patch16_384", "vit")
 register_vision_tower("vit_small_patch16_224", "vit")
 register_vision_tower("vit_tiny_patch16_224", "vit")
 register_vision_tower("vit_base_patch16_clip_224", "vit")
-# A ViT with a convolutional stem (model/convstem.py): learns shape from scratch much sooner (the CPU quickstart).
+# A ViT with a convolutional stem (model/convstem.py): trained from scratch it learns sooner (docs/model.md).
 register_vision_tower("vit_convstem", "vit")
 
 BoxHead = Literal["xvlm", "softargmax"]
