@@ -165,6 +165,7 @@ def _val_only_coco(layout: Layout) -> Path:
 def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool):
     """The quickstart config with this run's paths, budget and box head."""
     from train.config import load_config
+    from train.evaluate import run_k_test
 
     overrides = [f"out={json.dumps(str(layout.run(box_head)))}",
                  f"data.datasets=[{json.dumps(str(layout.train_shards))}]",
@@ -178,7 +179,7 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool):
         cfg.schedule.steps = steps or SMOKE["steps"]
         cfg.data.overrides.update(image_text_batch_size=16, region_batch_size=16, region_max_images=8,
                                   shuffle_buffer=32)
-        cfg.eval.options = {**cfg.eval.options, "k_test": 4 if cfg.loss.itm > 0 else 0}
+        cfg.eval.options = {**cfg.eval.options, "k_test": run_k_test(cfg, 4)}
     total = cfg.schedule.steps
     cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, total // 10))
     cfg.checkpoint.every = min(cfg.checkpoint.every, total)
@@ -190,7 +191,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     """Steps 3 and 4 for one box head: train (resuming when a checkpoint exists), then the final evaluation."""
     from model.io import load_model
     from train import checkpoint as ckpt
-    from train.evaluate import EvalConfig, evaluate
+    from train.evaluate import EvalConfig, evaluate, run_k_test
     from train.loop import train
 
     cfg = train_config(layout, box_head, steps, smoke)
@@ -200,9 +201,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     if path is None:
         raise XvlmError(f"training left no committed checkpoint in {cfg.out}")
     loader = cfg.data.build()
-    # Without a trained ITM head (loss.itm: 0) the ranking is ITC's; re-ranking by an untrained head would be noise.
-    k_test = 0 if cfg.loss.itm == 0 else (FINAL_K_TEST if not smoke else 4)
-    options = {**cfg.eval.options, "progress": True, "k_test": k_test}
+    options = {**cfg.eval.options, "progress": True, "k_test": run_k_test(cfg, 4 if smoke else FINAL_K_TEST)}
     print(f"[4/6] evaluation ({box_head} box head) on {layout.val_shards}")
     model = load_model(storage.join(path, ckpt.MODEL_FILE))
     metrics = evaluate(model, [str(layout.val_shards)],

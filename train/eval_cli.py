@@ -100,8 +100,9 @@ def k_test_for(config_path: str | None, k_test: int | None) -> int:
         return k_test
     if config_path and storage.exists(config_path):
         from train.config import load_config
+        from train.evaluate import run_k_test
 
-        if load_config(config_path).loss.itm == 0:
+        if run_k_test(load_config(config_path), DEFAULT_K_TEST) == 0:
             log.info("the run trained without ITM (loss.itm: 0): ranking by ITC only (--k-test 0)")
             return 0
     return DEFAULT_K_TEST

@@ -353,6 +353,12 @@ def _itm_pairs(model, enc: _Encoded, data: EvalSet, gallery: torch.Tensor, devic
     return score
 
 
+def run_k_test(train_cfg, k_test: int) -> int:
+    """k_test for a model trained with `train_cfg` (a TrainConfig): 0, ranking by ITC only, when the run trained
+    no ITM head (loss.itm: 0), since re-ranking by an untrained head is noise; else k_test."""
+    return k_test if train_cfg.loss.itm > 0 else 0
+
+
 def _as_eval_inputs(data: Any, cfg: EvalConfig | dict | None, model) -> tuple[EvalSet, EvalConfig]:
     """Accept an EvalSet, dataset path(s) (with cfg's tokenizer settings), or a TrainConfig (its eval section)."""
     if hasattr(data, "eval") and hasattr(data, "data"):     # a TrainConfig: the trainer's periodic evaluation
@@ -365,8 +371,7 @@ def _as_eval_inputs(data: Any, cfg: EvalConfig | dict | None, model) -> tuple[Ev
         options.setdefault("max_words", loader.max_words)
         options.setdefault("max_tokens", loader.max_tokens)
         options.setdefault("progress", False)
-        if train_cfg.loss.itm == 0:       # no ITM head trained: rank by ITC (as `xvlm eval` does for such runs)
-            options.setdefault("k_test", 0)
+        options.setdefault("k_test", run_k_test(train_cfg, EvalConfig.k_test))
         return _as_eval_inputs(list(train_cfg.eval.datasets), options, model)
     if cfg is None:
         cfg = EvalConfig()
