@@ -47,7 +47,8 @@ register_vision_tower("vit_base_patch16_clip_224", "vit")
 # A ViT with a convolutional stem (model/convstem.py): trained from scratch it learns sooner (docs/model.md).
 register_vision_tower("vit_convstem", "vit")
 
-BoxHead = Literal["xvlm", "softargmax"]
+BoxHead = Literal["xvlm", "softargmax", "dense"]
+BOX_HEADS: tuple[str, ...] = ("xvlm", "softargmax", "dense")
 TextCls = Literal["cls", "mean"]
 
 
@@ -78,14 +79,14 @@ class ModelConfig:
     temp: float = 0.07               # initial ITC temperature
     temp_min: float = 0.001
     temp_max: float = 0.5
-    box_head: BoxHead = "xvlm"       # "xvlm" (paper's MLP on the fused [CLS]) or "softargmax" (ours)
+    box_head: BoxHead = "xvlm"       # "xvlm" (paper's MLP on the fused [CLS]), "softargmax" or "dense" (ours)
 
     def __post_init__(self) -> None:
         if self.vision_name not in VISION_TOWERS:
             raise ModelError(f"unknown vision tower {self.vision_name!r}; registered: {sorted(VISION_TOWERS)} "
                             "(add one with model.config.register_vision_tower)")
-        if self.box_head not in ("xvlm", "softargmax"):
-            raise ModelError(f"box_head must be 'xvlm' or 'softargmax', got {self.box_head!r}")
+        if self.box_head not in BOX_HEADS:
+            raise ModelError(f"box_head must be one of {', '.join(BOX_HEADS)}, got {self.box_head!r}")
         if self.text_cls not in ("cls", "mean"):
             raise ModelError(f"text_cls must be 'cls' or 'mean', got {self.text_cls!r}")
         if self.hidden_size % self.num_attention_heads:

@@ -128,3 +128,36 @@ class SoftArgmaxBoxHead(nn.Module):
         weights = logits.softmax(dim=-1)
         centre = weights @ self.centres.to(weights.dtype) + self.offset(fused_cls).tanh() / self.grid
         return torch.cat([centre, self.size(fused_cls).sigmoid()], dim=-1)
+
+
+class DenseBoxHead(nn.Module):
+    """Ours: every patch predicts the whole box (its centre as an offset of up to `reach` patches from the patch's
+    own centre, and w, h), reading its own features and the fused text [CLS]; the box is the soft-argmax-weighted
+    mean of the patches' boxes, the weights being where the fused text attends (as in `SoftArgmaxBoxHead`).
+
+    Why: the offset is read off the patch that sees the object's edges, so the box is exact below the patch
+    size, and patches that share the attention agree on one box instead of averaging their centres
+    (one-stage detectors such as FCOS regress per location the same way).
+    """
+
+    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-12, reach: float = 2.0) -> None:
+        super().__init__()
+        dim = hidden - hidden % 4
+        self.grid, self.reach = grid, reach
+        self.query = nn.Linear(hidden, dim)
+        self.key = nn.Linear(vision_width, dim)
+        self.patch_in = nn.Linear(vision_width, hidden)
+        self.text_in = nn.Linear(hidden, hidden)
+        self.regress = nn.Sequential(nn.LayerNorm(hidden, eps=eps), nn.GELU(), nn.Linear(hidden, 4))
+        init_bert_weights(self)
+        self.register_buffer("pos_embed", sincos_2d(grid, dim), persistent=False)
+        self.register_buffer("centres", patch_centres(grid), persistent=False)
+
+    def forward(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        keys = self.key(patches) + self.pos_embed.to(patches.dtype)            # [K, N, D]
+        query = self.query(fused_cls)                                          # [K, D]
+        weights = (torch.einsum("knd,kd->kn", keys, query) / math.sqrt(query.shape[-1])).softmax(dim=-1)
+        per_patch = self.regress(self.patch_in(patches) + self.text_in(fused_cls)[:, None])   # [K, N, 4]
+        centres = self.centres.to(per_patch.dtype) + per_patch[..., :2].tanh() * (self.reach / self.grid)
+        boxes = torch.cat([centres, per_patch[..., 2:].sigmoid()], dim=-1)    # [K, N, 4] (cx, cy, w, h)
+        return torch.einsum("kn,knc->kc", weights, boxes)

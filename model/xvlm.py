@@ -9,7 +9,7 @@ from torch import nn
 
 from model.concept import concept_embeds, whole_image_atts
 from model.config import ModelConfig
-from model.heads import ContrastiveHead, MLMHead, MLPHead, SoftArgmaxBoxHead, XVLMBoxHead
+from model.heads import ContrastiveHead, DenseBoxHead, MLMHead, MLPHead, SoftArgmaxBoxHead, XVLMBoxHead
 from model.losses import box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
 from model.text import FusionEncoder, TextEncoder, bert_config
 from model.vision import VisionTower
@@ -41,6 +41,8 @@ class XVLM(nn.Module):
         self.mlm_head = MLMHead(bert_config(config), self.text.embeddings.word_embeddings)
         if config.box_head == "xvlm":
             self.box_head: nn.Module = XVLMBoxHead(hidden, config.layer_norm_eps)
+        elif config.box_head == "dense":
+            self.box_head = DenseBoxHead(hidden, self.vision.width, self.vision.grid_size, config.layer_norm_eps)
         else:
             self.box_head = SoftArgmaxBoxHead(hidden, self.vision.width, self.vision.grid_size, config.layer_norm_eps)
 

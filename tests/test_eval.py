@@ -187,7 +187,7 @@ def test_evaluate_tiny_model_end_to_end(held_out):
 
     dataset, tokenizer = held_out
     cfg = EvalConfig(k_test=4, batch_size=5, tokenizer=tokenizer, max_words=16, max_tokens=16, progress=False)
-    for box_head in ("xvlm", "softargmax"):
+    for box_head in ("xvlm", "softargmax", "dense"):
         model = tiny_model(box_head)
         model.train()
         first = evaluate(model, [dataset], cfg)

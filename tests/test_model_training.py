@@ -22,7 +22,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("box_head", ["xvlm", "softargmax"])
+@pytest.mark.parametrize("box_head", ["xvlm", "softargmax", "dense"])
 def test_every_trainable_parameter_receives_a_gradient(box_head):
     torch.manual_seed(0)
     model = build_model(preset("tiny", vocab_size=VOCAB, box_head=box_head))

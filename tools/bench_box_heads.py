@@ -1,8 +1,9 @@
-"""Benchmark: the paper's box head vs our soft-argmax head on shapes scenes, at equal steps (grounding acc@0.5).
+"""Benchmark: the paper's box head vs our soft-argmax and dense heads on shapes scenes, at equal steps (acc@0.5).
 
 Both heads train the same `tiny` model (same seed, same batches) on the box losses only (L1 + GIoU), texts
 being the scenes' region phrases; accuracy is the share of held-out phrases whose predicted box has IoU >= 0.5
-with the true one. Prints both curves and the ratio soft-argmax / X-VLM (the baseline, measured in this run).
+with the true one. Prints the curves and the ratio of each of our heads to X-VLM's (the baseline, measured in
+this run).
 
     python tools/bench_box_heads.py --steps 300 --batch 64 --out /tmp/box_heads
 """
@@ -19,7 +20,7 @@ import torch
 from torchvision.ops import box_convert, box_iou
 from tqdm import tqdm
 
-from model.config import preset
+from model.config import BOX_HEADS, preset
 from model.losses import box_losses
 from model.params import param_groups
 from model.xvlm import build_model
@@ -119,13 +120,17 @@ def main() -> int:
     train = make_split(args.train_scenes, 1, image_res, vocab)
     val = make_split(args.val_scenes, 2, image_res, vocab)
     curves = {head: train_head(head, train, val, len(vocab), args.steps, args.batch, args.lr, args.eval_every,
-                               args.seed) for head in ("xvlm", "softargmax")}
+                               args.seed) for head in BOX_HEADS}
+    ours = [head for head in BOX_HEADS if head != "xvlm"]
     print(f"\ngrounding acc@0.5 on {len(val['text_ids'])} held-out phrases ({args.val_scenes} scenes), "
           f"batch {args.batch}, lr {args.lr}")
-    print(f"{'step':>6} {'xvlm':>8} {'softargmax':>11} {'ratio':>7}")
-    for a, b in zip(curves["xvlm"], curves["softargmax"]):
-        ratio = b["acc"] / a["acc"] if a["acc"] else float("inf")
-        print(f"{a['step']:>6} {a['acc']:>8.3f} {b['acc']:>11.3f} {ratio:>7.2f}")
+    print(f"{'step':>6} {'xvlm':>8} " + " ".join(f"{head:>11} {'ratio':>7}" for head in ours))
+    for i, base in enumerate(curves["xvlm"]):
+        cells = []
+        for head in ours:
+            acc = curves[head][i]["acc"]
+            cells.append(f"{acc:>11.3f} {acc / base['acc'] if base['acc'] else float('inf'):>7.2f}")
+        print(f"{base['step']:>6} {base['acc']:>8.3f} " + " ".join(cells))
     if args.out:
         out = args.out.rstrip("/")
         storage.write_text(f"{out}/box_heads.json", json.dumps({"args": vars(args), "curves": curves}, indent=2))

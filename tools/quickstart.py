@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model.config import BOX_HEADS
 from shards import storage
 from shards.errors import XvlmError
 
@@ -52,8 +53,15 @@ EPILOG = (
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 300             # a shorter training budget\n"
     "  xvlm quickstart --box-head xvlm         # the paper's box head instead of the soft-argmax one\n"
-    "  xvlm quickstart --compare-heads         # also train the other box head at the same budget, report both"
+    "  xvlm quickstart --compare-heads         # also train the paper's box head at the same budget, report both"
 )
+
+
+def config_box_head() -> str:
+    """The box head the quickstart config trains."""
+    import yaml
+
+    return (yaml.safe_load(CONFIG.read_text()).get("model") or {}).get("box_head", "xvlm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=None,
                         help=f"training pictures of the sample data (default {DEFAULT_IMAGES}; --smoke: "
                              f"{SMOKE['images']})")
-    parser.add_argument("--box-head", choices=("softargmax", "xvlm"), default=None,
-                        help="box head of the trained model (default: the config's, softargmax)")
+    parser.add_argument("--box-head", choices=BOX_HEADS, default=None,
+                        help=f"box head of the trained model (default: the config's, {config_box_head()})")
     parser.add_argument("--compare-heads", action="store_true",
-                        help="also train the other box head with the same budget and report both")
+                        help="also train the paper's box head (xvlm; with --box-head xvlm: the config's) with the "
+                             "same budget and report both")
     parser.add_argument("--seed", type=int, default=0, help="sample-data seed (default 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"torch CPU threads for the model (default: cores - {LOADER_WORKERS} loader worker)")
@@ -384,10 +393,9 @@ def run(args: argparse.Namespace) -> int:
     val_images = SMOKE["val_images"] if args.smoke else VAL_IMAGES
     make_sample_data(layout, images, val_images, args.seed)
     build_shards(layout)
-    import yaml
-
-    head = args.box_head or (yaml.safe_load(CONFIG.read_text()).get("model") or {}).get("box_head", "xvlm")
-    heads = [head] + ([h for h in ("softargmax", "xvlm") if h != head] if args.compare_heads else [])
+    head = args.box_head or config_box_head()
+    other = "xvlm" if head != "xvlm" else config_box_head()
+    heads = [head] + ([other] if args.compare_heads and other != head else [])
     results = [train_and_evaluate(layout, h, args.steps, args.smoke) for h in heads]
     print(f"[5/6] report -> {layout.report}")
     document = write_report(layout, results, args.smoke, None, torch.get_num_threads())
