@@ -211,7 +211,7 @@ def test_vit_without_class_token_pools_its_patches():
 
 
 def test_vit_with_conv_stem_tokenises_by_convolutions():
-    """vit_convstem: the grid stride is 2 ** (stem stages); tokens are the stem's output cells, so moving one
+    """vit_convstem: the grid stride is the product of the stem's strides (2 each by default); tokens are the stem's output cells, so moving one
     pixel changes only the tokens whose receptive field holds it (before the transformer blocks)."""
     config = preset("tiny", vision_name="vit_convstem",
                     vision_kwargs={"embed_dim": 64, "depth": 1, "num_heads": 2, "stem_channels": [16, 32, 64]})
@@ -231,6 +231,12 @@ def test_vit_with_conv_stem_tokenises_by_convolutions():
     two_stages = build_model(preset("tiny", vision_name="vit_convstem", vision_kwargs={"embed_dim": 64, "depth": 1,
                                                                                      "num_heads": 2, "stem_channels": [32, 48]}))
     assert (two_stages.grid_size, two_stages.grid_stride) == (16, 4)   # 48 -> 64 channels through a 1x1 projection
-    for bad, match in (({"patch_size": 8}, "patch_size"), ({"stem_channels": []}, "stem_channels")):
+    deeper = build_model(preset("tiny", vision_name="vit_convstem", vision_kwargs={
+        "embed_dim": 64, "depth": 1, "num_heads": 2, "stem_channels": [16, 16, 32, 32, 64], "stem_strides": [2, 1, 2, 1, 2]}))
+    convs = [m.stride for m in deeper.vision.backbone.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(2, 2), (1, 1), (2, 2), (1, 1), (2, 2)] and (deeper.grid_size, deeper.grid_stride) == (8, 8)
+    for bad, match in (({"patch_size": 8}, "patch_size"), ({"stem_channels": []}, "stem_channels"),
+                       ({"stem_channels": [16, 64], "stem_strides": [2]}, "stem_strides"),
+                       ({"stem_channels": [16, 64], "stem_strides": [2, 3]}, "stem_strides")):
         with pytest.raises(ModelError, match=match):
             build_model(preset("tiny", vision_name="vit_convstem", vision_kwargs=bad))
