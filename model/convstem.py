@@ -2,8 +2,8 @@
 
 Xiao et al. 2021 ("Early Convolutions Help Transformers See Better") replace ViT's patchify layer with a few
 stride-2 3x3 convolutions; trained from scratch, the ViT then optimises faster and better. On the quickstart's
-64 px sample scenes it reached the retrieval of the 8 px patchify ViT in about half the steps; it did not make
-the model learn shapes there (docs/quickstart.md).
+64 px sample scenes it reached the retrieval of the 8 px patchify ViT in about half the steps; with stride-1
+convolutions between the stride-2 ones (the quickstart's stem) it also learned shapes sooner (docs/quickstart.md).
 
 The stem is timm's `ConvStem` (conv3x3 stride 2 + BatchNorm + GELU per stage, the last conv without norm or
 activation), fed to timm's `HybridEmbed`; the grid stride is the product of the convolutions' strides. Registered with timm on

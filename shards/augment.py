@@ -115,7 +115,10 @@ def resize_pixels(pixels: np.ndarray, box: tuple[int, int, int, int], out_w: int
     torch's uint8 kernel (vectorised; what torchvision's tensor RandomResizedCrop runs) does Pillow's resampling in
     0.4-0.5x Pillow's time: the same filter (bicubic, a = -0.5, support widened by the scale when shrinking),
     pixels equal to Pillow's but for rounding (mean |difference| 0.006 of 255 on photo-like pictures, at most a few
-    levels on sharp edges where Pillow clips its overshoot). Measured in tools/bench_loader.py; see docs/loader.md."""
+    levels on sharp edges where Pillow clips its overshoot), except on the output's outermost pixels: there
+    Pillow's kernel also reads the pixels just outside the box, while torch, given the box alone, repeats its
+    edge (up to ~10 levels where a sharp edge lies just outside). Measured in tools/bench_loader.py; see
+    docs/loader.md."""
     x0, y0, x1, y1 = box
     with warnings.catch_warnings():   # read-only pixels (simplejpeg's, Pillow's) are only read here
         warnings.simplefilter("ignore", UserWarning)

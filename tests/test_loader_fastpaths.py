@@ -159,5 +159,9 @@ def test_whole_pixel_crops_resize_with_torch_like_pillow(monkeypatch, use_simple
         assert np.array_equal(np.asarray(got), np.asarray(augment.resize_pixels(np.asarray(rgb), box, 96, 80)))
         pillow = np.asarray(rgb.resize((96, 80), Image.Resampling.BICUBIC, box=box)).astype(np.int16)
         diff = np.abs(np.asarray(got).astype(np.int16) - pillow)
-        assert diff.mean() < 0.05 and np.percentile(diff, 99.5) <= 1 and diff.max() <= 3, (crop, diff.max())
+        # Inside, the same filter up to rounding. On the outer output pixels Pillow's kernel also reads the source
+        # pixels just outside the box, where torch repeats the box's edge: they differ where an edge lies there.
+        inner = diff[3:-3, 3:-3]
+        assert inner.mean() < 0.05 and np.percentile(inner, 99.5) <= 1 and inner.max() <= 3, (crop, inner.max())
+        assert diff.mean() < 0.2 and diff.max() <= 16, (crop, diff.max())
     assert decodes == (["RGB"] * len(crops) if use_simplejpeg else [])

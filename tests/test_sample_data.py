@@ -183,34 +183,40 @@ def test_vg_phrases_labels_and_relations_are_true_to_the_pixels(out):
     root = out / "vg"
     objects = {o["image_id"]: o["objects"] for o in load(root / "objects.json")}
     attributes = {a["image_id"]: a["attributes"] for a in load(root / "attributes.json")}
-    relations_checked = 0
+    relations_checked = repeated_colours = 0
     for item in load(root / "region_descriptions.json"):
         with Image.open(root / "VG_100K" / f"{item['id']}.jpg") as image:
             image = image.convert("RGB")
             width = image.width
             # Labels: the attribute colour is the colour at the object's box centre.
-            by_colour = {}
+            by_shape, colours = {}, []
             for attr in attributes[item["id"]]:
                 box = (attr["x"], attr["y"], attr["w"], attr["h"])
                 colour, size = attr["attributes"]
                 assert centre_colour(image, box) == colour
                 assert size in scenes.SIZES
-                by_colour[colour] = (attr["names"][0], size, box)
-            assert len(by_colour) == len(objects[item["id"]])  # colours are unique: phrases can name one object
+                by_shape[attr["names"][0]] = (colour, size, box)
+                colours.append(colour)
+            assert len(by_shape) == len(objects[item["id"]])  # shapes are unique: phrases can name one object
+            repeated_colours += len(colours) - len(set(colours))
             for region in item["regions"]:
                 phrase = region["phrase"]
                 box = (region["x"], region["y"], region["width"], region["height"])
                 nouns = list(NOUN.finditer(phrase))
                 size, colour, shape = nouns[0].groups()
                 assert centre_colour(image, box) == colour, phrase
-                assert shape in ("shape", by_colour[colour][0]) and size in (None, by_colour[colour][1]), phrase
+                if shape == "shape":  # "the red shape" names one object only when red is unique in the picture
+                    assert colours.count(colour) == 1, phrase
+                    shape = next(name for name, (c, _, _) in by_shape.items() if c == colour)
+                assert by_shape[shape][0] == colour and size in (None, by_shape[shape][1]), phrase
+                assert by_shape[shape][2] == box, phrase
                 relation = RELATION.search(phrase)
                 if relation is None:
                     assert len(nouns) == 1, phrase
                     continue
                 other_size, other_colour, other_shape = nouns[1].groups()
-                other_name, other_true_size, other_box = by_colour[other_colour]
-                assert other_shape == other_name and other_size in (None, other_true_size), phrase
+                other_true_colour, other_true_size, other_box = by_shape[other_shape]
+                assert other_colour == other_true_colour and other_size in (None, other_true_size), phrase
                 word = relation.group(1).replace("to the ", "")
                 assert holds(word, box, other_box), phrase
                 # Horizontal flip with left<->right swapped in the text stays true.
@@ -218,6 +224,7 @@ def test_vg_phrases_labels_and_relations_are_true_to_the_pixels(out):
                 assert holds(swapped, flip(box, width), flip(other_box, width)), phrase
                 relations_checked += 1
     assert relations_checked > 20
+    assert repeated_colours > 5  # colours repeat, so texts must name shapes to single an object out
 
 
 def flip(box, width: int):

@@ -38,7 +38,7 @@ DESCRIPTION = (
     "                     + 200 held-out COCO val2017 pictures, and a WordPiece tokenizer\n"
     "  2. shards          `xvlm build-shards`: train shards from all four sources, held-out shards from val2017\n"
     "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml; ITC + box losses), budgeted in\n"
-    "                     steps (800: ~10 min on 2 idle cores, 12.7 min measured on busy ones), with a progress bar\n"
+    "                     steps (560: 10.2 min measured on 2 idle cores), with a progress bar\n"
     "                     and ETA; held-out evaluations for the curves\n"
     "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC; ITM re-ranking when trained) and grounding acc@0.5 on the\n"
     "                     200 held-out scenes\n"

@@ -33,6 +33,9 @@ TONES = ("light", "dark")
 # Size of a shape as a fraction of the image's shorter side; the gap between the ranges keeps "small" and
 # "large" visibly different.
 SIZE_RANGES = {"small": (0.12, 0.18), "large": (0.27, 0.36)}
+# Chance that a shape takes a colour already used in its scene. Were colours unique, every text could be matched
+# by colour alone and a model would never need to learn shapes (docs/quickstart.md measured exactly that).
+REPEAT_COLOUR = 0.5
 COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 RELATIONS = ("left of", "right of", "above", "below")
 
@@ -158,14 +161,25 @@ def _background_colours(rng: np.random.Generator, tone: str) -> tuple[tuple[int,
     return colours[0], colours[1]
 
 
+def _scene_colours(rng: np.random.Generator, count: int) -> list[str]:
+    """`count` shape colours; each after the first repeats an earlier one with probability REPEAT_COLOUR."""
+    fresh = [COLOURS_LIST[i] for i in rng.permutation(len(COLOURS_LIST))]
+    colours = [fresh.pop(0)]
+    while len(colours) < count:
+        repeat = rng.random() < REPEAT_COLOUR
+        colours.append(colours[int(rng.integers(len(colours)))] if repeat else fresh.pop(0))
+    return colours
+
+
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """Draw a scene: size, background, and 2-5 non-overlapping shapes with distinct colours and distinct shapes
-    (so "the red circle", "the red object" and "the circle" each name one object)."""
+    """Draw a scene: size, background, and 2-5 non-overlapping shapes with distinct shapes; colours repeat
+    (REPEAT_COLOUR), so "the circle" and "the red circle" each name one object but "the red shape" only when
+    red is unique, and a text names an object's shape, not only its colour, to single it out."""
     width, height = _image_size(rng)
     tone = TONES[int(rng.integers(len(TONES)))]
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
     wanted = int(rng.integers(2, 6))
-    colours = [COLOURS_LIST[i] for i in rng.permutation(len(COLOURS_LIST))[:wanted]]
+    colours = _scene_colours(rng, wanted)
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:wanted]]
     short = min(width, height)
     gap = max(4, short // 50)
@@ -303,11 +317,15 @@ class RegionPhrase:
 
 def region_phrases(scene: Scene, rng: np.random.Generator) -> list[RegionPhrase]:
     """Per object: one naming phrase and up to two relation phrases with it as the subject. Each names its
-    subject uniquely (colours and shapes are distinct within a scene); relations are checked on the boxes."""
+    subject uniquely (shapes are distinct within a scene; "the red shape" only when red is); relations are
+    checked on the boxes."""
     result = []
+    colour_counts = {c: sum(o.colour == c for o in scene.objects) for c in {o.colour for o in scene.objects}}
     for i, obj in enumerate(scene.objects):
         naming = [f"the {obj.noun()}", f"{with_article(obj.noun(with_size=True))}", f"the {obj.colour} shape",
                   f"the {obj.size} {obj.colour} {obj.shape}"]
+        if colour_counts[obj.colour] > 1:
+            naming.remove(f"the {obj.colour} shape")
         result.append(RegionPhrase(naming[int(rng.integers(len(naming)))], i))
         pairs = [(j, rel) for j, other in enumerate(scene.objects) if j != i for rel in relation(obj, other)]
         for k in rng.permutation(len(pairs))[:2]:
