@@ -5,9 +5,9 @@ stride-2 3x3 convolutions; trained from scratch, the ViT then optimises faster a
 64 px sample scenes it reached the retrieval of the 8 px patchify ViT in about half the steps; with stride-1
 convolutions between the stride-2 ones (the quickstart's stem) it also learned shapes sooner (docs/quickstart.md).
 
-The stem is timm's `ConvStem` (conv3x3 stride 2 + BatchNorm + GELU per stage, the last conv without norm or
-activation), fed to timm's `HybridEmbed`; the grid stride is the product of the convolutions' strides. Registered with timm on
-import (model.vision imports this module), and as a vision tower in model.config.
+The stem is timm's `ConvStem` (conv3x3 + BatchNorm + GELU per stage, the last conv without norm or activation),
+fed to timm's `HybridEmbed`; the grid stride is the product of the convolutions' strides. Registered with timm
+on import (model.vision imports this module), and as a vision tower in model.config.
 """
 from __future__ import annotations
 

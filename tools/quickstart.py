@@ -52,7 +52,7 @@ EPILOG = (
     "  xvlm quickstart                         # ~12-15 minutes on 2 cores: data, shards, training, report\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 300             # a shorter training budget\n"
-    "  xvlm quickstart --box-head xvlm         # the paper's box head instead of the soft-argmax one\n"
+    "  xvlm quickstart --box-head xvlm         # the paper's box head instead of the dense one\n"
     "  xvlm quickstart --compare-heads         # also train the paper's box head at the same budget, report both"
 )
 
