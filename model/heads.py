@@ -101,7 +101,28 @@ def patch_centres(grid: int) -> torch.Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
 
 
-class SoftArgmaxBoxHead(nn.Module):
+class PatchAttention(nn.Module):
+    """Where the fused text [CLS] attends over the patches: softmax(query(cls) . (key(patch) + sin-cos position)).
+    The base of the two soft-argmax box heads, which read the box off these weights. Subclasses initialise
+    `query` and `key` (creation order fixes the random init, so each head keeps its own)."""
+
+    def __init__(self, hidden: int, vision_width: int, grid: int) -> None:
+        super().__init__()
+        dim = hidden - hidden % 4
+        self.grid = grid
+        self.query = nn.Linear(hidden, dim)
+        self.key = nn.Linear(vision_width, dim)
+        self.register_buffer("pos_embed", sincos_2d(grid, dim), persistent=False)
+        self.register_buffer("centres", patch_centres(grid), persistent=False)
+
+    def attention(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """[K, N] weights over the patches, each row summing to 1."""
+        keys = self.key(patches) + self.pos_embed.to(patches.dtype)            # [K, N, D]
+        query = self.query(fused_cls)                                          # [K, D]
+        return (torch.einsum("knd,kd->kn", keys, query) / math.sqrt(query.shape[-1])).softmax(dim=-1)
+
+
+class SoftArgmaxBoxHead(PatchAttention):
     """Ours: the box centre is the attention-weighted mean of the patch centres (a soft-argmax of the fused text [CLS]
     over the patches, keyed with fixed sin-cos positions) plus a learned offset of at most one patch; w, h from an MLP.
 
@@ -109,28 +130,19 @@ class SoftArgmaxBoxHead(nn.Module):
     """
 
     def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-12) -> None:
-        super().__init__()
-        dim = hidden - hidden % 4
-        self.grid = grid
-        self.query = nn.Linear(hidden, dim)
-        self.key = nn.Linear(vision_width, dim)
+        super().__init__(hidden, vision_width, grid)
         self.offset = MLPHead(hidden, 2, eps)
         self.size = MLPHead(hidden, 2, eps)
         init_bert_weights(self.query)
         init_bert_weights(self.key)
-        self.register_buffer("pos_embed", sincos_2d(grid, dim), persistent=False)
-        self.register_buffer("centres", patch_centres(grid), persistent=False)
 
     def forward(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        keys = self.key(patches) + self.pos_embed.to(patches.dtype)            # [K, N, D]
-        query = self.query(fused_cls)                                          # [K, D]
-        logits = torch.einsum("knd,kd->kn", keys, query) / math.sqrt(query.shape[-1])
-        weights = logits.softmax(dim=-1)
+        weights = self.attention(fused_cls, patches)
         centre = weights @ self.centres.to(weights.dtype) + self.offset(fused_cls).tanh() / self.grid
         return torch.cat([centre, self.size(fused_cls).sigmoid()], dim=-1)
 
 
-class DenseBoxHead(nn.Module):
+class DenseBoxHead(PatchAttention):
     """Ours: every patch predicts the whole box (its centre as an offset of up to `reach` patches from the patch's
     own centre, and w, h), reading its own features and the fused text [CLS]; the box is the soft-argmax-weighted
     mean of the patches' boxes, the weights being where the fused text attends (as in `SoftArgmaxBoxHead`).
@@ -141,22 +153,15 @@ class DenseBoxHead(nn.Module):
     """
 
     def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-12, reach: float = 2.0) -> None:
-        super().__init__()
-        dim = hidden - hidden % 4
-        self.grid, self.reach = grid, reach
-        self.query = nn.Linear(hidden, dim)
-        self.key = nn.Linear(vision_width, dim)
+        super().__init__(hidden, vision_width, grid)
+        self.reach = reach
         self.patch_in = nn.Linear(vision_width, hidden)
         self.text_in = nn.Linear(hidden, hidden)
         self.regress = nn.Sequential(nn.LayerNorm(hidden, eps=eps), nn.GELU(), nn.Linear(hidden, 4))
         init_bert_weights(self)
-        self.register_buffer("pos_embed", sincos_2d(grid, dim), persistent=False)
-        self.register_buffer("centres", patch_centres(grid), persistent=False)
 
     def forward(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        keys = self.key(patches) + self.pos_embed.to(patches.dtype)            # [K, N, D]
-        query = self.query(fused_cls)                                          # [K, D]
-        weights = (torch.einsum("knd,kd->kn", keys, query) / math.sqrt(query.shape[-1])).softmax(dim=-1)
+        weights = self.attention(fused_cls, patches)
         per_patch = self.regress(self.patch_in(patches) + self.text_in(fused_cls)[:, None])   # [K, N, 4]
         centres = self.centres.to(per_patch.dtype) + per_patch[..., :2].tanh() * (self.reach / self.grid)
         boxes = torch.cat([centres, per_patch[..., 2:].sigmoid()], dim=-1)    # [K, N, 4] (cx, cy, w, h)
