@@ -14,11 +14,11 @@ ROW_FIELDS = TEXT_FIELDS + ("patch_mask", "target_bbox", "is_image")
 
 
 def stack_images(samples: list[dict[str, Any]]) -> torch.Tensor:
-    """image [B, ...]: the samples' `image` tensors stacked, or their `pixels` (normalise=False samples)
-    normalised straight into the batch tensor, which saves a float image per sample and the copy of it."""
+    """image [B, ...]: the samples' `image` tensors stacked, or their `pixels` (normalise=False samples: uint8
+    [R, R, 3] arrays) normalised straight into the batch tensor, which saves a float image per sample and the copy of it."""
     if all("image" in s for s in samples):
         return torch.stack([s["image"] for s in samples])
-    width, height = next(s["pixels"] for s in samples if "pixels" in s).size
+    height, width = next(s["pixels"] for s in samples if "pixels" in s).shape[:2]
     out = torch.empty((len(samples), 3, height, width), dtype=torch.float32)
     rows = out.numpy()
     for i, sample in enumerate(samples):

@@ -117,7 +117,7 @@ def _open_checked(image: bytes | Image.Image, meta: dict) -> Image.Image:
 
 
 def _pixels(view, image: bytes | Image.Image, opened: Image.Image, crop: boxes.Crop, flipped: bool,
-            rng: np.random.Generator, config: LoaderConfig) -> torch.Tensor | Image.Image:
+            rng: np.random.Generator, config: LoaderConfig) -> torch.Tensor | np.ndarray:
     # draft() shrinks the image object in place: only use it on an image we opened ourselves from bytes
     own = not isinstance(image, Image.Image)
     try:
@@ -146,7 +146,7 @@ def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng:
                       config: LoaderConfig, normalise: bool = True) -> dict[str, Any]:
     """One image-text sample: a caption drawn at random, RandomResizedCrop + flip (left/right words swapped) +
     RandAugment. Text fields are 1-D ([T], [M]); `image` is float32 [3, R, R]. With normalise=False the sample
-    has `pixels` instead (the R x R RGB image before normalisation), which the collate functions normalise
+    has `pixels` instead (uint8 [R, R, 3] RGB before normalisation), which the collate functions normalise
     straight into the batch tensor. Raises SkipSample."""
     meta = parse_meta(meta)
     captions = _captions(meta, config)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from shards import augment, text
 from shards.collate import collate_image_text, collate_region
@@ -54,10 +54,66 @@ def pictures(count: int, seed: int = 0) -> list[Image.Image]:
 def test_autocontrast_and_equalize_match_pillow(mode):
     for i, picture in enumerate(pictures(600)):
         picture = picture.convert(mode)
-        assert np.array_equal(np.asarray(augment.autocontrast(picture)),
+        pixels = np.asarray(picture)
+        assert np.array_equal(augment.autocontrast(pixels),
                               np.asarray(ImageOps.autocontrast(picture))), f"autocontrast, picture {i}"
-        assert np.array_equal(np.asarray(augment.equalize(picture)),
+        assert np.array_equal(augment.equalize(pixels),
                               np.asarray(ImageOps.equalize(picture))), f"equalize, picture {i}"
+
+
+@pytest.mark.parametrize("factor", [0.1, 0.55, 1.0, 1.36, 1.9])
+def test_brightness_and_sharpness_match_pillow(factor):
+    """The OpenCV / lookup-table ops against Pillow's ImageEnhance: Brightness and Sharpness pixel for
+    pixel (borders kept as Pillow keeps them)."""
+    for i, picture in enumerate(pictures(120, seed=1)):
+        if min(picture.size) < 3:
+            continue
+        pixels = np.asarray(picture)
+        bright = augment.brightness(pixels, factor).astype(int)
+        assert np.array_equal(bright, np.asarray(ImageEnhance.Brightness(picture).enhance(factor))), i
+        sharp = augment.sharpness(pixels, factor).astype(int)
+        reference = np.asarray(ImageEnhance.Sharpness(picture).enhance(factor)).astype(int)
+        assert np.array_equal(sharp, reference), f"sharpness, picture {i}"
+        assert np.array_equal(sharp[0], pixels[0]) and np.array_equal(sharp[:, -1], pixels[:, -1])
+
+
+def dot_picture(x: int, y: int, size=(40, 30)) -> np.ndarray:
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[y, x] = 255
+    return pixels
+
+
+def brightest(pixels: np.ndarray) -> tuple[int, int]:
+    y, x = np.unravel_index(int(pixels[..., 0].astype(int).argmax()), pixels.shape[:2])
+    return int(x), int(y)
+
+
+def test_geometric_ops_move_pixels_where_the_arithmetic_says():
+    """Hand-computed cases on a 40x30 picture (centre (19.5, 14.5)): a shear moves a point by factor x its offset
+    from the centre line, a translation by whole pixels, a rotation about the centre; uncovered pixels take
+    X-VLM's grey fill; the flip mirrors."""
+    assert brightest(augment.shear(dot_picture(10, 24), 0.3, "x")) == (13, 24)      # 10 + 0.3 * (24 - 14.5)
+    assert brightest(augment.shear(dot_picture(30, 5), -0.2, "y")) == (30, 3)      # 5 - 0.2 * (30 - 19.5)
+    assert brightest(augment.translate(dot_picture(10, 24), 7, -4)) == (17, 20)
+    # 90 degrees counter-clockwise about (19.5, 14.5): (29, 14) lies (9.5, -0.5) from it -> (-0.5, -9.5)
+    assert brightest(augment.rotate(dot_picture(29, 14), 90.0)) == (19, 5)
+    shifted = augment.translate(np.zeros((30, 40, 3), np.uint8), 5, 0)
+    assert (shifted[:, :5] == 128).all() and (shifted[:, 5:] == 0).all()
+    assert brightest(augment.hflip(dot_picture(3, 7))) == (36, 7)
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    assert np.array_equal(augment.hflip(picture), picture[:, ::-1])
+    assert np.array_equal(augment.rotate(picture, 0.0), picture)
+    assert np.array_equal(augment.shear(picture, 0.0, "x"), picture)
+
+
+@pytest.mark.parametrize("ops", [augment.IMAGE_TEXT_OPS, augment.PHOTOMETRIC_OPS])
+def test_rand_augment_keeps_shape_and_dtype_and_is_seeded(ops):
+    picture = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    for seed in range(40):
+        out = augment.rand_augment(picture, np.random.default_rng(seed), 2, 9, ops)
+        assert out.shape == picture.shape and out.dtype == np.uint8
+        assert np.array_equal(out, augment.rand_augment(picture, np.random.default_rng(seed), 2, 9, ops))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +180,7 @@ def test_simplejpeg_pixels_are_mapped_and_resize_like_rgb():
     box = (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
     want = rgb.resize((64, 64), Image.Resampling.BICUBIC, box=box)
     got = augment.crop_resize(augment.open_image(data), crop, 64, 64)
-    assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want))
+    assert got.shape == (64, 64, 3) and np.array_equal(got, np.asarray(want))
 
 
 @pytest.mark.parametrize("use_simplejpeg", [True, False])
@@ -155,7 +211,7 @@ def test_whole_pixel_crops_resize_with_torch_like_pillow(monkeypatch, use_simple
     for crop in crops:
         box = (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
         got = augment.crop_resize(augment.open_image(data), crop, 96, 80)
-        assert got.mode == "RGB" and got.size == (96, 80)
+        assert got.shape == (80, 96, 3) and got.dtype == np.uint8
         assert np.array_equal(np.asarray(got), np.asarray(augment.resize_pixels(np.asarray(rgb), box, 96, 80)))
         pillow = np.asarray(rgb.resize((96, 80), Image.Resampling.BICUBIC, box=box)).astype(np.int16)
         diff = np.abs(np.asarray(got).astype(np.int16) - pillow)
