@@ -50,6 +50,7 @@ register_vision_tower("vit_convstem", "vit")
 BoxHead = Literal["xvlm", "softargmax", "dense"]
 BOX_HEADS: tuple[str, ...] = ("xvlm", "softargmax", "dense")
 TextCls = Literal["cls", "mean"]
+SameText = Literal["negative", "ignore"]
 
 
 @dataclass
@@ -79,6 +80,9 @@ class ModelConfig:
     temp: float = 0.07               # initial ITC temperature
     temp_min: float = 0.001
     temp_max: float = 0.5
+    # ITC pairs (i, j != i) whose texts are identical (repeated object names: "hexagon", "man"): "negative" as in
+    # X-VLM, or "ignore": left out of both softmaxes, so a name is not pushed away from other images' instances
+    itc_same_text: SameText = "negative"
     box_head: BoxHead = "xvlm"       # "xvlm" (paper's MLP on the fused [CLS]), "softargmax" or "dense" (ours)
 
     def __post_init__(self) -> None:
@@ -89,6 +93,8 @@ class ModelConfig:
             raise ModelError(f"box_head must be one of {', '.join(BOX_HEADS)}, got {self.box_head!r}")
         if self.text_cls not in ("cls", "mean"):
             raise ModelError(f"text_cls must be 'cls' or 'mean', got {self.text_cls!r}")
+        if self.itc_same_text not in ("negative", "ignore"):
+            raise ModelError(f"itc_same_text must be 'negative' or 'ignore', got {self.itc_same_text!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                             f"{self.num_attention_heads}")

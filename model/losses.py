@@ -30,12 +30,22 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(all_gather(padded), sizes)], dim=0)
 
 
-def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over L2-normalised features gathered from all ranks; row i of each side is a pair."""
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
+             text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over L2-normalised features gathered from all ranks; row i of each side is a pair.
+
+    With `text_ids` ([K, T], padded token ids), pairs (i, j != i) whose texts are identical are left out of both
+    softmaxes: neither positive nor negative (X-VLM counts them as negatives, which pushes a repeated name away
+    from every other image's instance of it)."""
     image_all = gather_with_grad(image_feat)
     text_all = gather_with_grad(text_feat)
     logits = image_all @ text_all.t() / temp
     labels = torch.arange(logits.shape[0], device=logits.device)
+    if text_ids is not None:
+        ids = gather_with_grad(text_ids)
+        same = (ids[:, None, :] == ids[None, :, :]).all(dim=-1)
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 

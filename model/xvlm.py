@@ -140,7 +140,8 @@ class XVLM(nn.Module):
 
         losses = {}
         if "itc" in wanted:
-            losses["itc"] = itc_loss(vision_feat, text_feat, temp)
+            same_text = text_ids if self.config.itc_same_text == "ignore" else None
+            losses["itc"] = itc_loss(vision_feat, text_feat, temp, same_text)
         if "itm" in wanted:
             losses["itm"] = self._itm_loss(vision_embeds, vision_atts, text_embeds, text_atts,
                                            (vision_feat @ text_feat.t() / temp), positives, generator)

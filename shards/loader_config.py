@@ -34,6 +34,7 @@ class LoaderConfig:
     # ---- region samples
     max_regions: int = 5                 # text rows per region image, whole-image caption included
     min_region_inside: float = 0.5       # a box is kept when more than this fraction lies inside the crop
+    region_crop_prob: float = 1.0        # X-VLM's anchor crop with this probability, else the whole picture
     # ---- batches
     image_text_batch_size: int = 128     # images (= text rows) per image-text batch
     region_batch_size: int = 128         # text-region rows per region batch
@@ -71,6 +72,8 @@ class LoaderConfig:
         need(0.0 <= self.hflip_prob <= 1.0, f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
         need(self.randaug_n >= 0 and 0 <= self.randaug_m <= 10,
              f"randaug_n must be >= 0 and randaug_m in [0, 10], got {self.randaug_n}, {self.randaug_m}")
+        need(0.0 <= self.region_crop_prob <= 1.0,
+             f"region_crop_prob must be in [0, 1], got {self.region_crop_prob}")
         need(0.0 <= self.min_region_inside < 1.0,
              f"min_region_inside must be in [0, 1), got {self.min_region_inside}")
         need(self.region_max_images <= self.region_batch_size,

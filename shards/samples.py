@@ -190,10 +190,11 @@ def _region_rows(meta: dict, width: int, height: int, config: LoaderConfig) -> t
 
 def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.random.Generator,
                   config: LoaderConfig, normalise: bool = True) -> dict[str, Any]:
-    """One region sample: a random anchor box, a random crop containing it, flip, resize to R x R; rows = the
-    whole-image caption first (when there is one), then the anchor, then other boxes more than
-    min_region_inside inside the crop, in random order, up to max_regions rows. Row fields are [K, ...];
-    `image` is float32 [3, R, R] (`pixels` with normalise=False, as image_text_sample). Raises SkipSample."""
+    """One region sample: a random anchor box, a random crop containing it (or, with 1 - region_crop_prob, the
+    whole picture), flip, resize to R x R; rows = the whole-image caption first (when there is one), then the
+    anchor, then other boxes more than min_region_inside inside the crop, in random order, up to max_regions
+    rows. Row fields are [K, ...]; `image` is float32 [3, R, R] (`pixels` with normalise=False, as
+    image_text_sample). Raises SkipSample."""
     meta = parse_meta(meta)
     opened = _open_checked(image, meta)
     width, height = opened.size
@@ -203,7 +204,12 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
     captions = _captions(meta, config)
 
     anchor_index = int(rng.integers(len(candidates)))
-    crop = boxes.anchor_crop(candidates[anchor_index].box, width, height, rng)
+    # the whole picture instead (what grounding evaluation sees) with 1 - region_crop_prob; X-VLM always crops,
+    # and then draws nothing more here
+    if config.region_crop_prob >= 1.0 or rng.random() < config.region_crop_prob:
+        crop = boxes.anchor_crop(candidates[anchor_index].box, width, height, rng)
+    else:
+        crop = (0, 0, width, height)
     flipped = bool(rng.random() < config.hflip_prob)
 
     rows: list[Row] = []

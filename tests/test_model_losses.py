@@ -57,6 +57,30 @@ def test_itc_matches_a_plain_computation():
     assert math.isclose(float(loss), float((i2t + t2i) / 2), rel_tol=1e-5)
 
 
+def test_itc_leaves_identical_texts_out_of_both_softmaxes():
+    """Rows 0, 2 and 4 share a text ("hexagon"): with text_ids, the pairs among them are neither positive nor
+    negative; every other pair counts as before. Without text_ids they are negatives (X-VLM)."""
+    g = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    ids = torch.tensor([[101, 7, 0], [101, 8, 9], [101, 7, 0], [101, 8, 0], [101, 7, 0], [101, 9, 0]])
+    same = {0: (2, 4), 2: (0, 4), 4: (0, 2)}
+    sim = (image @ text.t() / 0.07).double()
+
+    def nll(scores: torch.Tensor, i: int) -> torch.Tensor:
+        keep = [j for j in range(6) if j not in same.get(i, ())]
+        return -scores[keep].log_softmax(0)[keep.index(i)]
+
+    i2t = torch.stack([nll(sim[i], i) for i in range(6)]).mean()
+    t2i = torch.stack([nll(sim[:, i], i) for i in range(6)]).mean()
+    loss = itc_loss(image, text, torch.tensor(0.07), ids)
+    assert math.isclose(float(loss), float((i2t + t2i) / 2), rel_tol=1e-5)
+    plain = itc_loss(image, text, torch.tensor(0.07))
+    assert float(loss) < float(plain)                # the left-out pairs were negatives before
+    distinct = torch.arange(6)[:, None].expand(6, 3)   # no two texts alike: the same as X-VLM's loss
+    assert torch.allclose(itc_loss(image, text, torch.tensor(0.07), distinct), plain)
+
+
 def test_itm_and_mlm_losses():
     logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0]])
     expected = (F.cross_entropy(logits[:1], torch.tensor([1])) + F.cross_entropy(logits[1:], torch.tensor([0, 0])) * 2) / 3

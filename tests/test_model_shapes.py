@@ -162,6 +162,8 @@ def test_bad_inputs_raise_clear_errors(tiny):
         preset("tiny", hiden_size=3)
     with pytest.raises(ModelError, match="box_head"):
         preset("tiny", box_head="detr")
+    with pytest.raises(ModelError, match="itc_same_text must be 'negative' or 'ignore'"):
+        preset("tiny", itc_same_text="positive")
     with pytest.raises(ModelError, match="does not match"):
         tiny(kind="region", **image_text_batch(2, 64, 1200))
     with pytest.raises(ModelError, match="unexpected batch keys"):

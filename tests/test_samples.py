@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from shards import augment, boxes
 from shards.collate import collate_image_text, collate_region, take_rows
 from shards.loader_config import preset
+from shards.errors import XvlmError
 from shards.samples import SkipSample, image_text_sample, region_sample
 
 RED_BOX = (260.0, 180.0, 200.0, 120.0)        # x, y, w, h of the red rectangle in an 800x600 picture
@@ -144,6 +145,31 @@ def test_region_rows_follow_the_rules(config):
             expected = boxes.target_bbox(boxes.box_in_output(by_text[t], crop, s["flipped"], 128, 128), 128)
             assert target.tolist() == pytest.approx(expected, abs=1e-5)
         assert s["text_ids"].shape == (k, cfg.max_tokens) and s["patch_mask"].shape == (k, cfg.grid ** 2)
+
+
+def test_region_crop_prob_mixes_whole_pictures_with_anchor_crops(config):
+    """region_crop_prob 0: always the whole picture, every box > 50% inside kept and targets in picture
+    coordinates; 0.5: both kinds; 1 (X-VLM, the default): the anchor crop with the same draws as before the knob
+    existed (no extra draw), so its samples are those of region_crop_prob left unset."""
+    meta = scene_meta()
+    data = jpeg(Image.new("RGB", (800, 600), (10, 200, 30)))
+    whole = (0, 0, 800, 600)
+    by_text = {"white cup": (300, 250, 60, 60), "a tall lamp": (350, 100, 100, 300), "the whole scene": whole}
+    for seed in range(12):
+        s = region_sample(data, meta, np.random.default_rng(seed), config.replace(region_crop_prob=0.0, max_regions=7))
+        assert s["crop"] == whole and len(s["texts"]) == 7           # the caption + all 6 boxes
+        for text, box in by_text.items():
+            expected = boxes.target_bbox(boxes.box_in_output(box, whole, s["flipped"], 128, 128), 128)
+            assert s["target_bbox"][s["texts"].index(text)].tolist() == pytest.approx(expected, abs=1e-5)
+    kinds = {region_sample(data, meta, np.random.default_rng(seed), config.replace(region_crop_prob=0.5))["crop"]
+             == whole for seed in range(40)}
+    assert kinds == {True, False}
+    for seed in range(8):
+        a = region_sample(data, meta, np.random.default_rng(seed), config)
+        b = region_sample(data, meta, np.random.default_rng(seed), config.replace(region_crop_prob=1.0))
+        assert a["crop"] == b["crop"] and torch.equal(a["image"], b["image"])
+    with pytest.raises(XvlmError, match="region_crop_prob must be in"):
+        config.replace(region_crop_prob=1.5)
 
 
 def test_max_regions_caps_rows_and_caption_takes_a_slot(config):
