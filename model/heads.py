@@ -103,8 +103,8 @@ def patch_centres(grid: int) -> torch.Tensor:
 
 class PatchAttention(nn.Module):
     """Where the fused text [CLS] attends over the patches: softmax(query(cls) . (key(patch) + sin-cos position)).
-    The base of the two soft-argmax box heads, which read the box off these weights. Subclasses initialise
-    `query` and `key` (creation order fixes the random init, so each head keeps its own)."""
+    The base of the two soft-argmax box heads, which read the box off these weights (`boxes_from`). Subclasses
+    initialise `query` and `key` (creation order fixes the random init, so each head keeps its own)."""
 
     def __init__(self, hidden: int, vision_width: int, grid: int) -> None:
         super().__init__()
@@ -115,11 +115,27 @@ class PatchAttention(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(grid, dim), persistent=False)
         self.register_buffer("centres", patch_centres(grid), persistent=False)
 
-    def attention(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """[K, N] weights over the patches, each row summing to 1."""
+    def logits(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """[K, N] attention logits over the patches (the `centre` loss trains them directly)."""
         keys = self.key(patches) + self.pos_embed.to(patches.dtype)            # [K, N, D]
         query = self.query(fused_cls)                                          # [K, D]
-        return (torch.einsum("knd,kd->kn", keys, query) / math.sqrt(query.shape[-1])).softmax(dim=-1)
+        return torch.einsum("knd,kd->kn", keys, query) / math.sqrt(query.shape[-1])
+
+    def attention(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """[K, N] weights over the patches, each row summing to 1."""
+        return self.logits(fused_cls, patches).softmax(dim=-1)
+
+    def boxes_from(self, weights: torch.Tensor, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """(cx, cy, w, h) [K, 4] given the attention weights."""
+        raise NotImplementedError
+
+    def forward(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        return self.boxes_from(self.attention(fused_cls, patches), fused_cls, patches)
+
+    def boxes_and_logits(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes [K, 4], attention logits [K, N]) from one attention pass."""
+        logits = self.logits(fused_cls, patches)
+        return self.boxes_from(logits.softmax(dim=-1), fused_cls, patches), logits
 
 
 class SoftArgmaxBoxHead(PatchAttention):
@@ -136,8 +152,8 @@ class SoftArgmaxBoxHead(PatchAttention):
         init_bert_weights(self.query)
         init_bert_weights(self.key)
 
-    def forward(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        weights = self.attention(fused_cls, patches)
+    def boxes_from(self, weights: torch.Tensor, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        del patches  # the centre comes from the weights, the offset and size from the fused [CLS]
         centre = weights @ self.centres.to(weights.dtype) + self.offset(fused_cls).tanh() / self.grid
         return torch.cat([centre, self.size(fused_cls).sigmoid()], dim=-1)
 
@@ -160,8 +176,7 @@ class DenseBoxHead(PatchAttention):
         self.regress = nn.Sequential(nn.LayerNorm(hidden, eps=eps), nn.GELU(), nn.Linear(hidden, 4))
         init_bert_weights(self)
 
-    def forward(self, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        weights = self.attention(fused_cls, patches)
+    def boxes_from(self, weights: torch.Tensor, fused_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         per_patch = self.regress(self.patch_in(patches) + self.text_in(fused_cls)[:, None])   # [K, N, 4]
         centres = self.centres.to(per_patch.dtype) + per_patch[..., :2].tanh() * (self.reach / self.grid)
         boxes = torch.cat([centres, per_patch[..., 2:].sigmoid()], dim=-1)    # [K, N, 4] (cx, cy, w, h)

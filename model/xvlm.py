@@ -9,8 +9,9 @@ from torch import nn
 
 from model.concept import concept_embeds, whole_image_atts
 from model.config import ModelConfig
-from model.heads import ContrastiveHead, DenseBoxHead, MLMHead, MLPHead, SoftArgmaxBoxHead, XVLMBoxHead
-from model.losses import box_losses, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
+from model.heads import (ContrastiveHead, DenseBoxHead, MLMHead, MLPHead, PatchAttention, SoftArgmaxBoxHead,
+                         XVLMBoxHead)
+from model.losses import box_losses, centre_loss, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
 from model.text import FusionEncoder, TextEncoder, bert_config
 from model.vision import VisionTower
 from model.errors import ModelError
@@ -18,11 +19,14 @@ from model.errors import ModelError
 # Parameters X-VLM initialises from scratch on top of the pretrained towers; they train at lr x 2.
 NEW_PARAMETERS = re.compile(r"^(fusion\.layer\.\d+\.crossattention\.|itc\.|itm_head\.|box_head\.)")
 IGNORED_BATCH_KEYS = {"keys", "sources"}
-OBJECTIVES = frozenset({"itc", "itm", "mlm", "bbox", "giou"})  # the losses forward() can compute
+XVLM_OBJECTIVES = frozenset({"itc", "itm", "mlm", "bbox", "giou"})   # X-VLM's losses: forward()'s default
+OBJECTIVES = XVLM_OBJECTIVES | {"centre"}                  # the losses forward() can compute
+BOX_OBJECTIVES = frozenset({"bbox", "giou", "centre"})     # region batches only
 
 
 class XVLM(nn.Module):
-    """`model(**batch)` -> {"itc", "itm", "mlm"} (+ {"bbox", "giou"} for region batches), each a scalar loss.
+    """`model(**batch)` -> {"itc", "itm", "mlm"} (+ {"bbox", "giou"} for region batches, and "centre" when asked
+    for), each a scalar loss.
 
     Batches follow docs/batches.md. Hard negatives for ITM are drawn with `generator` when given (it must live on
     the model's device), otherwise with the global torch RNG, like dropout.
@@ -94,8 +98,11 @@ class XVLM(nn.Module):
         """(cx, cy, w, h) in [0, 1] [K, 4] for row k's text in row k's whole image (image_embeds [K, 1 + N, C])."""
         return self._boxes(image_embeds, text_embeds, text_atts).clamp(0.0, 1.0)
 
-    def _boxes(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+    def _boxes(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor,
+               with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         fused = self.fuse_cls(image_embeds, whole_image_atts(image_embeds), text_embeds, text_atts)
+        if with_logits:   # (boxes, attention logits) of a head that attends over the patches
+            return self.box_head.boxes_and_logits(fused, image_embeds[:, 1:])
         return self.box_head(fused, image_embeds[:, 1:])
 
     # ------------------------------------------------------------------ training forward
@@ -105,12 +112,12 @@ class XVLM(nn.Module):
                 patch_mask: torch.Tensor | None = None, target_bbox: torch.Tensor | None = None,
                 is_image: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 objectives: Collection[str] | None = None, **ignored: object) -> dict[str, torch.Tensor]:
-        """The losses of one batch, by name: itc, itm, mlm (+ bbox, giou for a region batch).
+        """The losses of one batch, by name: itc, itm, mlm (+ bbox, giou, and centre when named, for a region batch).
 
-        `objectives` (default: all) names the losses to compute; the others are skipped, not computed and
+        `objectives` (default: X-VLM's five) names the losses to compute; the others are skipped, not computed and
         thrown away (ITM runs the fusion on 3x the rows and MLM runs text + fusion again).
         """
-        wanted = OBJECTIVES if objectives is None else frozenset(objectives)
+        wanted = XVLM_OBJECTIVES if objectives is None else frozenset(objectives)
         if not wanted or not wanted <= OBJECTIVES:
             raise ModelError(f"objectives must be a non-empty subset of {sorted(OBJECTIVES)}, got {sorted(wanted)}")
         unexpected = sorted(set(ignored) - IGNORED_BATCH_KEYS)
@@ -148,11 +155,19 @@ class XVLM(nn.Module):
         if "mlm" in wanted:
             losses["mlm"] = self._mlm_loss(text_ids_masked, text_atts, vision_embeds, vision_atts, masked_pos,
                                            masked_ids)
-        if region and wanted & {"bbox", "giou"}:
+        if region and wanted & BOX_OBJECTIVES:
             # Every row goes through the box head (X-VLM does too) so that all its parameters join each region
             # step's graph; whole-image rows then weigh 0 in the loss.
-            pred = self._boxes(image_embeds[image_idx], text_embeds, text_atts)
-            bbox, giou = box_losses(pred, target_bbox, ~is_image.bool())
+            is_region = ~is_image.bool()
+            if "centre" in wanted:
+                if not isinstance(self.box_head, PatchAttention):
+                    raise ModelError(f"the centre loss trains the attention of a softargmax or dense box head; "
+                                     f"box_head {self.config.box_head!r} has none: set its weight to 0")
+                pred, logits = self._boxes(image_embeds[image_idx], text_embeds, text_atts, with_logits=True)
+                losses["centre"] = centre_loss(logits, target_bbox, is_region, self.box_head.grid)
+            else:
+                pred = self._boxes(image_embeds[image_idx], text_embeds, text_atts)
+            bbox, giou = box_losses(pred, target_bbox, is_region)
             losses.update({name: value for name, value in (("bbox", bbox), ("giou", giou)) if name in wanted})
         return losses
 

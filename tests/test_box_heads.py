@@ -1,10 +1,13 @@
 """The box heads read the box off the image: the soft-argmax heads put the centre where the text attends, and the
-dense head adds the attended patch's own offset and size."""
+dense head adds the attended patch's own offset and size; the centre loss trains that attention directly."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from model.heads import DenseBoxHead, SoftArgmaxBoxHead, patch_centres
+from model.losses import centre_loss
 
 GRID, HIDDEN, WIDTH = 4, 32, 24
 
@@ -62,3 +65,33 @@ def test_dense_head_averages_the_patch_boxes_by_attention():
     centres = patch_centres(GRID) + per_patch[..., :2].tanh() * 2.0 / GRID
     expected = (weights[..., None] * torch.cat([centres, per_patch[..., 2:].sigmoid()], -1)).sum(1)
     torch.testing.assert_close(box, expected)
+
+
+def test_boxes_and_logits_are_the_forward_and_its_attention():
+    """One attention pass gives both: the boxes equal forward()'s, the logits' softmax is attention()."""
+    for head in (SoftArgmaxBoxHead(HIDDEN, WIDTH, GRID), DenseBoxHead(HIDDEN, WIDTH, GRID)):
+        torch.manual_seed(1)
+        fused, patches = torch.randn(5, HIDDEN), torch.randn(5, GRID * GRID, WIDTH)
+        boxes, logits = head.boxes_and_logits(fused, patches)
+        torch.testing.assert_close(boxes, head(fused, patches))
+        torch.testing.assert_close(logits.softmax(-1), head.attention(fused, patches))
+
+
+def test_centre_loss_is_the_cross_entropy_on_the_centre_patch():
+    """Hand case on a 4x4 grid: a box centred at (0.6, 0.3) lies in patch (x 2, y 1) = 6; whole-image rows do
+    not count; rows with no region give 0 that still backpropagates."""
+    logits = torch.zeros(3, GRID * GRID, requires_grad=True)
+    with torch.no_grad():
+        logits[0, 6] = 2.0
+        logits[1, 0] = 5.0
+    target = torch.tensor([[0.6, 0.3, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1], [0.5, 0.5, 1.0, 1.0]])
+    is_region = torch.tensor([True, True, False])
+    loss = centre_loss(logits, target, is_region, GRID)
+    row0 = -(2.0 - math.log(math.exp(2.0) + 15))
+    row1 = -(5.0 - math.log(math.exp(5.0) + 15))
+    assert math.isclose(loss.item(), (row0 + row1) / 2, rel_tol=1e-5)
+    edge = centre_loss(logits, torch.tensor([[1.0, 1.0, 0.1, 0.1]] * 3), torch.tensor([True, False, False]), GRID)
+    assert math.isclose(float(edge), -(0.0 - math.log(math.exp(2.0) + 15)), rel_tol=1e-5)   # cell 15, clamped
+    none = centre_loss(logits, target, torch.zeros(3, dtype=torch.bool), GRID)
+    none.backward()
+    assert float(none) == 0.0 and torch.isfinite(logits.grad).all()

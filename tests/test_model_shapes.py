@@ -187,6 +187,27 @@ def test_objectives_compute_only_the_named_losses(tiny):
         tiny(**region, objectives=[])
 
 
+@pytest.mark.parametrize("head", ["softargmax", "dense"])
+def test_centre_loss_trains_the_box_heads_attention(head):
+    """Named, `centre` joins the region losses (image-text batches have none) and its gradient reaches the box
+    head's attention and the vision tower; the other losses are unchanged by asking for it; the paper's head,
+    which has no attention over the patches, refuses it."""
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=1200, box_head=head)).eval()
+    region = region_batch(2, 3, 64, model.grid_size, 1200)
+    losses = model(**region, objectives={"itc", "bbox", "giou", "centre"})
+    assert sorted(losses) == ["bbox", "centre", "giou", "itc"] and torch.isfinite(losses["centre"])
+    plain = model(**region, objectives={"itc", "bbox", "giou"})
+    assert all(torch.equal(plain[name], losses[name]) for name in plain)
+    losses["centre"].backward()
+    for name in ("box_head.query.weight", "box_head.key.weight", "vision.backbone.pos_embed"):
+        assert float(dict(model.named_parameters())[name].grad.abs().sum()) > 0, name
+    assert sorted(model(**image_text_batch(3, 64, 1200), objectives={"itc", "centre"})) == ["itc"]
+    paper = build_model(preset("tiny", vocab_size=1200, box_head="xvlm"))
+    with pytest.raises(ModelError, match="centre loss trains the attention of a softargmax or dense box head"):
+        paper(**region, objectives={"itc", "centre"})
+
+
 def test_text_cls_mean_puts_the_mean_token_state_first():
     torch.manual_seed(0)
     plain = build_model(preset("tiny", vocab_size=1200)).eval()

@@ -58,7 +58,7 @@ def test_overrides_are_yaml_scalars_and_reach_every_section():
     ("optim.betas=[0.9]", "optim.betas=[0.9]: expected a list of 2 values"),
     ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
     ("loss.itm=-1", "loss.itm=-1.0 must be >= 0 (0 skips that loss)"),
-    ("loss.contrast=1", "unknown config key loss.contrast; valid keys in loss: ['bbox', 'giou', 'itc', 'itm', 'mlm']"),
+    ("loss.contrast=1", "unknown config key loss.contrast; valid keys in loss: ['bbox', 'centre', 'giou', 'itc', 'itm', 'mlm']"),
     ("data.region_max_images=99", "region_max_images (99) must be <= region_batch_size"),
     ("schedule", "is not of the form dotted.key=value"),
     ("schedule.steps.x=1", "schedule.steps is a value, not a section"),
@@ -74,6 +74,12 @@ def test_a_config_must_keep_an_image_text_loss():
         load_config(TINY, ["loss.itc=0", "loss.itm=0", "loss.mlm=0"])
     assert load_config(TINY, ["loss.itm=0", "loss.mlm=0", "loss.bbox=0.5"]).loss.weights() == \
         {"itc": 1.0, "bbox": 0.5, "giou": 1.0}
+
+
+def test_centre_loss_needs_a_box_head_that_attends():
+    with pytest.raises(XvlmError, match="loss.centre=1.0 trains the attention of a softargmax or dense box head"):
+        load_config(TINY, ["loss.centre=1", "model.box_head=xvlm"])
+    assert load_config(TINY, ["loss.centre=1", "model.box_head=dense"]).loss.weights()["centre"] == 1.0
 
 
 def test_bad_files_are_clear_errors(tmp_path):

@@ -181,6 +181,8 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool):
                  f"data.tokenizer={json.dumps(str(layout.sample / 'tokenizer'))}",
                  f"eval.datasets=[{json.dumps(str(layout.val_shards))}]",
                  f"model.box_head={box_head}"]
+    if box_head == "xvlm":   # the paper's head has no attention over the patches for the centre loss to train
+        overrides.append("loss.centre=0")
     cfg = load_config(str(CONFIG), overrides)
     if steps is not None:
         cfg.schedule.steps = steps

@@ -83,14 +83,16 @@ class ScheduleSection:
 
 @dataclass
 class LossSection:
-    """Weight of each X-VLM loss in the step's sum (X-VLM: all 1). A weight of 0 skips that loss entirely: it is
-    not computed, so turning ITM and MLM off halves a step (ITC + box trains the quickstart fastest)."""
+    """Weight of each loss in the step's sum (X-VLM's five: all 1; `centre` is ours, 0 = off). A weight of 0 skips
+    that loss entirely: it is not computed, so turning ITM and MLM off halves a step (ITC + box trains the
+    quickstart fastest)."""
 
     itc: float = 1.0
     itm: float = 1.0
     mlm: float = 1.0
     bbox: float = 1.0
     giou: float = 1.0
+    centre: float = 0.0   # ours: the box head's attention trained on the patch of the box centre (softargmax, dense)
 
     def weights(self) -> dict[str, float]:
         """{loss name: weight} of the losses to compute (weight > 0)."""
@@ -173,9 +175,12 @@ class TrainConfig:
         _check(bool(self.data.datasets) or self.data.synthetic, "data.datasets", self.data.datasets,
                "must list at least one built dataset (a folder or s3:// prefix from `xvlm build-shards`)")
         try:
-            self.model.build()
+            model = self.model.build()
         except (XvlmError, ModelError) as err:
             raise XvlmError(f"config model section: {err}") from err
+        _check(self.loss.centre == 0 or model.box_head in ("softargmax", "dense"), "loss.centre", self.loss.centre,
+               "trains the attention of a softargmax or dense box head: set model.box_head to one of them, or the "
+               "weight to 0")
         try:
             self.data.build()
         except ImportError:  # the loader is optional for config-only work; checked again when training starts

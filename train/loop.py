@@ -38,7 +38,7 @@ from train.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 
 KINDS = ("region", "image_text")
-LOSS_NAMES = {"region": ("itc", "itm", "mlm", "bbox", "giou"), "image_text": ("itc", "itm", "mlm")}
+LOSS_NAMES = {"region": ("itc", "itm", "mlm", "bbox", "giou", "centre"), "image_text": ("itc", "itm", "mlm")}
 METRIC_KEYS = [f"{kind}/{name}" for kind in KINDS for name in LOSS_NAMES[kind]]
 MAX_REGION_BATCHES_PER_GROUP = 8   # summed mode: a group closes after this many region batches without image-text
 EvaluateFn = Callable[..., dict]
