@@ -15,7 +15,7 @@ from shards import augment, boxes
 from shards.collate import collate_image_text, collate_region, take_rows
 from shards.loader_config import preset
 from shards.errors import XvlmError
-from shards.samples import SkipSample, image_text_sample, region_sample
+from shards.samples import SkipSample, _region_rows, image_text_sample, region_sample
 
 RED_BOX = (260.0, 180.0, 200.0, 120.0)        # x, y, w, h of the red rectangle in an 800x600 picture
 
@@ -164,10 +164,13 @@ def test_region_crop_prob_mixes_whole_pictures_with_anchor_crops(config):
     kinds = {region_sample(data, meta, np.random.default_rng(seed), config.replace(region_crop_prob=0.5))["crop"]
              == whole for seed in range(40)}
     assert kinds == {True, False}
+    candidates, _ = _region_rows(meta, 800, 600, config)
     for seed in range(8):
-        a = region_sample(data, meta, np.random.default_rng(seed), config)
-        b = region_sample(data, meta, np.random.default_rng(seed), config.replace(region_crop_prob=1.0))
-        assert a["crop"] == b["crop"] and torch.equal(a["image"], b["image"])
+        # the draws of the code before the knob: the anchor, then its crop, nothing in between
+        rng = np.random.default_rng(seed)
+        anchor = candidates[int(rng.integers(len(candidates)))].box
+        assert region_sample(data, meta, np.random.default_rng(seed), config)["crop"] == \
+            boxes.anchor_crop(anchor, 800, 600, rng)
     with pytest.raises(XvlmError, match="region_crop_prob must be in"):
         config.replace(region_crop_prob=1.5)
 
