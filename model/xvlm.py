@@ -98,12 +98,13 @@ class XVLM(nn.Module):
         """(cx, cy, w, h) in [0, 1] [K, 4] for row k's text in row k's whole image (image_embeds [K, 1 + N, C])."""
         return self._boxes(image_embeds, text_embeds, text_atts).clamp(0.0, 1.0)
 
-    def _boxes(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor,
-               with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        fused = self.fuse_cls(image_embeds, whole_image_atts(image_embeds), text_embeds, text_atts)
-        if with_logits:   # (boxes, attention logits) of a head that attends over the patches
-            return self.box_head.boxes_and_logits(fused, image_embeds[:, 1:])
-        return self.box_head(fused, image_embeds[:, 1:])
+    def _boxes(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+        return self.box_head(self._fuse_whole(image_embeds, text_embeds, text_atts), image_embeds[:, 1:])
+
+    def _fuse_whole(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                    text_atts: torch.Tensor) -> torch.Tensor:
+        """Fused [CLS] of each text attending to its whole image (what every box head reads)."""
+        return self.fuse_cls(image_embeds, whole_image_atts(image_embeds), text_embeds, text_atts)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, kind: str | None = None, *, image: torch.Tensor, text_ids: torch.Tensor,
@@ -159,14 +160,16 @@ class XVLM(nn.Module):
             # Every row goes through the box head (X-VLM does too) so that all its parameters join each region
             # step's graph; whole-image rows then weigh 0 in the loss.
             is_region = ~is_image.bool()
+            rows = image_embeds[image_idx]
             if "centre" in wanted:
                 if not isinstance(self.box_head, PatchAttention):
                     raise ModelError(f"the centre loss trains the attention of a softargmax or dense box head; "
                                      f"box_head {self.config.box_head!r} has none: set its weight to 0")
-                pred, logits = self._boxes(image_embeds[image_idx], text_embeds, text_atts, with_logits=True)
+                fused = self._fuse_whole(rows, text_embeds, text_atts)
+                pred, logits = self.box_head.boxes_and_logits(fused, rows[:, 1:])   # one attention pass for both
                 losses["centre"] = centre_loss(logits, target_bbox, is_region, self.box_head.grid)
             else:
-                pred = self._boxes(image_embeds[image_idx], text_embeds, text_atts)
+                pred = self._boxes(rows, text_embeds, text_atts)
             bbox, giou = box_losses(pred, target_bbox, is_region)
             losses.update({name: value for name, value in (("bbox", bbox), ("giou", giou)) if name in wanted})
         return losses
