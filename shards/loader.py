@@ -4,15 +4,18 @@ exact mid-epoch resume (design in docs/loader.md).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import Counter, deque
-from typing import Any, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import collate, samples, text
+from shards import collate, samples, storage, text
 from shards.dataset import Dataset, open_datasets
 from shards.errors import XvlmError
 from shards.loader_config import LoaderConfig
@@ -33,6 +36,42 @@ def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
 # ------------------------------------------------------------------------------------------ slot stream
 
 
+class ReadAhead:
+    """One daemon thread that runs submitted reads in order, one at a time (so at most one block is read ahead),
+    for the reader's whole life; a daemon, so a read still in flight never holds up the process's exit."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="xvlm-read-ahead", daemon=True)
+            self._thread.start()
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - handed to the reader, which re-raises it in its thread
+                future.set_exception(err)
+
+    def close(self) -> None:
+        """Stops the thread after the read in flight, if any (its result is dropped)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
 class SlotReader:
     """The samples of one slice in block-shuffled order, from slot `start` on. Slot s lies in pass s // L of the
     slice (a worker that skipped many samples wraps into a second pass rather than yield fewer batches); each
@@ -45,25 +84,52 @@ class SlotReader:
     def __init__(self, datasets: list[Dataset], plan: EpochPlan, slice_id: int, config: LoaderConfig):
         self.datasets, self.plan, self.slice_id, self.config = datasets, plan, slice_id, config
         self.block = max(1, config.shuffle_buffer)
+        # "auto": only where a read waits on the network. On local disk the reads are quick and the thread would
+        # only compete with the decoding for the GIL (measured: 5-25% fewer samples/s on one core).
+        self.read_ahead = config.read_ahead is True or (
+            config.read_ahead == "auto" and any(storage.is_s3(d.path) for d in datasets))
 
     def global_position(self, pass_: int, position: int) -> int:
         return pass_ * self.plan.total + self.slice_id * self.plan.slice_len + position
 
     def iter_from(self, slot: int) -> Iterator[tuple[int, int, RawSample | Skipped, tuple[int, int]]]:
-        """(slot, global position, raw sample or skip, (dataset, shard) numbers) for slots slot, slot+1, ..."""
+        """(slot, global position, raw sample or skip, (dataset, shard) numbers) for slots slot, slot+1, ...
+
+        With read-ahead (by default for datasets on S3), the next block's bytes are read in a background thread
+        while this block's samples are decoded: the wait for each GET (the time to first byte, tens of milliseconds
+        on a remote object store) overlaps the work instead of stalling it. What is read, and in which order it is
+        yielded, do not change; it costs one more block of raw sample bytes in memory."""
         length = self.plan.slice_len
-        while True:
-            pass_, q = divmod(slot, length)
-            begin = (q // self.block) * self.block
-            end = min(length, begin + self.block)
-            perm = begin + rng_for(self.config.seed, self.plan.epoch, TAG_BLOCK, self.slice_id, pass_,
-                                   begin // self.block).permutation(end - begin)
-            items = self._read(begin, end, set(perm[q - begin:].tolist()))
-            for k in range(q - begin, end - begin):
-                position = int(perm[k])
-                item, ref = items.pop(position)
-                yield slot, self.global_position(pass_, position), item, ref
-                slot += 1
+        ahead = ReadAhead() if self.read_ahead else None
+        pending: tuple[tuple[int, int], Future] | None = None   # ((pass, block begin), the read of that block)
+        try:
+            while True:
+                pass_, q = divmod(slot, length)
+                begin = (q // self.block) * self.block
+                end = min(length, begin + self.block)
+                perm = begin + rng_for(self.config.seed, self.plan.epoch, TAG_BLOCK, self.slice_id, pass_,
+                                       begin // self.block).permutation(end - begin)
+                if pending is not None and pending[0] == (pass_, begin) and q == begin:
+                    items = pending[1].result()
+                else:
+                    items = self._read(begin, end, set(perm[q - begin:].tolist()))
+                pending = None
+                if ahead is not None and end < length:
+                    # The whole next block of this pass (a block after the first is always read whole). Not past the
+                    # slice's end: a second pass is rare (many skipped samples), and at the epoch's end it would be
+                    # a wasted read.
+                    next_end = min(length, end + self.block)
+                    pending = ((pass_, end), ahead.submit(self._read, end, next_end, set(range(end, next_end))))
+                for k in range(q - begin, end - begin):
+                    position = int(perm[k])
+                    item, ref = items.pop(position)
+                    yield slot, self.global_position(pass_, position), item, ref
+                    slot += 1
+        finally:
+            if pending is not None:
+                pending[1].cancel()
+            if ahead is not None:
+                ahead.close()
 
     def _read(self, begin: int, end: int, needed: set[int]) -> dict[int, tuple[RawSample | Skipped, tuple[int, int]]]:
         """Raw samples at the needed slice positions in [begin, end), read in tar order."""

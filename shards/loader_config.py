@@ -43,6 +43,8 @@ class LoaderConfig:
     # ---- streaming
     seed: int = 42
     shuffle_buffer: int = 1000           # samples in the shuffle buffer of each worker
+    read_ahead: bool | str = "auto"      # read the next shuffle block in a thread while this one is decoded:
+                                         # "auto" = for datasets on S3 only; true / false = always / never
     num_workers: int = 0                 # DataLoader workers per rank
     source_weights: dict[str, float] = field(default_factory=dict)  # mixture between sources; {} = by size
 
@@ -72,6 +74,8 @@ class LoaderConfig:
         need(0.0 <= self.hflip_prob <= 1.0, f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
         need(self.randaug_n >= 0 and 0 <= self.randaug_m <= 10,
              f"randaug_n must be >= 0 and randaug_m in [0, 10], got {self.randaug_n}, {self.randaug_m}")
+        need(isinstance(self.read_ahead, bool) or self.read_ahead == "auto",
+             f"read_ahead must be auto, true or false, got {self.read_ahead!r}")
         need(0.0 <= self.region_crop_prob <= 1.0,
              f"region_crop_prob must be in [0, 1], got {self.region_crop_prob}")
         need(0.0 <= self.min_region_inside < 1.0,

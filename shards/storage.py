@@ -63,12 +63,14 @@ def join(base: str, *parts: str) -> str:
 
 
 def s3_client():
-    """A boto3 S3 client per (process, thread, endpoint): standard retries with backoff, connect/read timeouts."""
+    """A boto3 S3 client per (process, endpoint), shared by the process's threads (a client is thread-safe once
+    made; making one, ~0.5 s of loading service models, is not, hence the lock): standard retries with backoff,
+    connect/read timeouts, a pool of 32 connections."""
     import boto3
     from botocore.config import Config
 
     endpoint = _endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    key = (os.getpid(), threading.get_ident(), endpoint)
+    key = (os.getpid(), endpoint)   # a forked child makes its own: connections must not cross processes
     with _clients_lock:
         client = _clients.get(key)
         if client is None:

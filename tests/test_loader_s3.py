@@ -65,6 +65,26 @@ def test_s3_gives_the_local_batches(small):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["text_ids_masked"], y["text_ids_masked"])
 
 
+def test_s3_reads_ahead_by_default(small, monkeypatch):
+    """On S3 the next shuffle block's GETs run in the read-ahead thread ("auto"); the batches stay the local ones."""
+    local, remote = small
+    threads = []
+    real = storage.open_read
+
+    def recording(path, start=0, end=None, **kwargs):
+        if path.endswith(".tar"):
+            threads.append(threading.current_thread().name)
+        return real(path, start=start, end=end, **kwargs)
+
+    monkeypatch.setattr(storage, "open_read", recording)
+    b = list(MultiGrainedLoader([remote], config(shuffle_buffer=5, iter_perc=0.0)))
+    assert threads[0] == "MainThread" and threads.count("xvlm-read-ahead") > len(threads) / 2
+    c = list(MultiGrainedLoader([local], config(shuffle_buffer=5, iter_perc=0.0)))
+    assert [x["keys"] for x in b] == [x["keys"] for x in c] and len(b) > 0
+    for x, y in zip(b, c):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["text_ids_masked"], y["text_ids_masked"])
+
+
 def test_server_restart_mid_object_is_survived(datasets, server, monkeypatch):
     local, remote = datasets
     expected = list(MultiGrainedLoader([local], config()))

@@ -6,7 +6,9 @@ the MultiGrainedLoader's image-text and region batches from local disk and from 
 mosaicml-streaming reading the same samples converted to MDS followed by the same per-sample transform. The
 loader's local rows also run with simplejpeg switched off (Pillow decode + draft(), the path without it).
 Everything runs in this one process (num_workers=0), so samples/s is per core; each row is also given per CPU
-second of this process, which moves less with other jobs' load on a shared machine.
+second of this process, which moves less with other jobs' load on a shared machine. With the S3 rows on a machine
+of two or more CPUs, this process is pinned to one CPU and the SeaweedFS server to the others (--no-pin: both
+share every CPU), so the server's work does not slow the loader it serves, as with a server on its own machine.
 
     python tools/bench_loader.py --samples 400 --image-res 224
     python tools/bench_loader.py --source-size 1024x768 --no-s3 --no-mds
@@ -294,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the sample MiniLM vocab)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS rows")
     parser.add_argument("--no-mds", action="store_true", help="skip the mosaicml-streaming rows")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="with the S3 rows, do not pin (default on a machine of >= 2 CPUs: this process runs on "
+                             "one CPU and the SeaweedFS server on the others, as a server on its own machine would; "
+                             "unpinned, the server takes CPU time from the loader it serves)")
     args = parser.parse_args(argv)
     try:
         source_size = tuple(int(v) for v in args.source_size.lower().split("x"))
@@ -346,7 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_s3:
         from tools.seaweed import start_seaweed
 
-        server = start_seaweed(os.path.join(work, "seaweed"), bucket="bench")
+        cpus = sorted(os.sched_getaffinity(0))
+        pin = not args.no_pin and len(cpus) >= 2
+        if pin:  # the server's processes inherit the other CPUs; every row then runs on the first one
+            os.sched_setaffinity(0, cpus[1:])
+        try:
+            server = start_seaweed(os.path.join(work, "seaweed"), bucket="bench")
+        finally:
+            if pin:
+                os.sched_setaffinity(0, cpus[:1])
+        print(f"S3 rows: SeaweedFS on CPU(s) {cpus[1:]}, every row on CPU {cpus[0]}" if pin else
+              "S3 rows: SeaweedFS unpinned, sharing the CPUs with the rows it serves")
         os.environ.update(server.env())
         storage.set_endpoint_url(None)
         remote = server.url("ds")
