@@ -33,6 +33,17 @@ def test_quickstart_smoke(tmp_path, capsys):
     curve = [json.loads(line) for line in (out / f"run-{result['box_head']}" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in curve] == list(range(1, 13))
     assert sum("eval" in e for e in curve) >= 2                   # held-out evaluations along the run
+    # The box warm-up ran first: region batches only, one a step, COCO-heavy; the main run started from its weights.
+    assert result["box_warmup_steps"] == 4
+    warm = out / f"warmup-{result['box_head']}"
+    warm_curve = [json.loads(line) for line in (warm / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in warm_curve] == [1, 2, 3, 4]
+    assert all(e["kinds"] == {"region": 1, "image_text": 0} and "eval" not in e for e in warm_curve)
+    warm_config = (warm / "config.yaml").read_text()
+    assert "coco: 1.0" in warm_config and "mode: alternating" in warm_config
+    assert f"init: {warm}/checkpoints/ckpt-00000004/model.safetensors" in \
+        (out / f"run-{result['box_head']}" / "config.yaml").read_text()
+    assert "a box warm-up of 4 steps" in (out / "report" / "report.md").read_text()
     assert (out / "report" / "dataset_stats.html").is_file()
     printed = capsys.readouterr().out
     assert "[6/6]" in printed and "report:" in printed
@@ -43,6 +54,20 @@ def test_quickstart_smoke(tmp_path, capsys):
 
 def test_quickstart_rejects_bad_arguments(tmp_path):
     assert main(["quickstart", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quickstart", "--box-warmup-steps", "-1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_box_warmup_weights_follow_the_sources(tmp_path):
+    """COCO (bare object names) weighted most, other sources with boxes less, caption-only sources least."""
+    from tools import quickstart
+
+    layout = quickstart.Layout(tmp_path / "qs")
+    quickstart.make_sample_data(layout, 40, 20, 0)
+    quickstart.build_shards(layout)
+    weights = quickstart.box_warmup_weights(layout.train_shards)
+    assert weights["coco"] == quickstart.BOX_WARMUP_WEIGHTS["coco"]
+    assert weights["vg"] == quickstart.BOX_WARMUP_OTHER
+    assert weights["cc"] == weights["sbu"] == quickstart.BOX_WARMUP_NO_BOXES
 
 
 @pytest.mark.slow

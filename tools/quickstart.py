@@ -24,7 +24,15 @@ CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "quickstart
 DEFAULT_OUT = "xvlm-quickstart"
 DEFAULT_IMAGES = 1000        # training pictures of the sample data (the held-out split is 200 COCO val2017 scenes)
 VAL_IMAGES = 200
-SMOKE = {"images": 60, "val_images": 40, "steps": 12}
+SMOKE = {"images": 60, "val_images": 40, "steps": 12, "box_warmup_steps": 4}
+# The box warm-up before the main training: region batches only, one per step, drawn mostly from the pictures whose
+# box texts are bare category names (COCO objects: what held-out grounding is scored on). Sources not named here
+# get BOX_WARMUP_OTHER when they have boxes, BOX_WARMUP_NO_BOXES when they have none (captions only).
+BOX_WARMUP_STEPS = 600
+MAIN_STEPS_AFTER_WARMUP = 300   # the main training's default after the warm-up (without one: the config's 560)
+BOX_WARMUP_WEIGHTS = {"coco": 1.0}
+BOX_WARMUP_OTHER = 0.3
+BOX_WARMUP_NO_BOXES = 0.01
 # What "visibly learns" means on the 200 held-out scenes (chance: R@1 = 1/200; a constant box scores ~0.01).
 TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves
@@ -38,8 +46,10 @@ DESCRIPTION = (
     "                     + 200 held-out COCO val2017 pictures, and a WordPiece tokenizer\n"
     "  2. shards          `xvlm build-shards`: train shards from all four sources, held-out shards from val2017\n"
     "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml; ITC + box losses), budgeted in\n"
-    "                     steps (560: 10.2 min measured on 2 idle cores), with a progress bar\n"
-    "                     and ETA; held-out evaluations for the curves\n"
+    "                     steps: a box warm-up (600 steps of region batches only, mostly the COCO pictures whose\n"
+    "                     box texts are bare object names), then the main training from its weights (300 steps\n"
+    "                     of region + image-text batches); ~10 minutes on 2 idle cores, with progress bars and\n"
+    "                     ETA; held-out evaluations for the curves\n"
     "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC; ITM re-ranking when trained) and grounding acc@0.5 on the\n"
     "                     200 held-out scenes\n"
     "  5. report          OUT/report/: loss and metric curves (PNG), metrics.json, report.md, report.html\n"
@@ -51,7 +61,8 @@ EPILOG = (
     "examples:\n"
     "  xvlm quickstart                         # ~12-15 minutes on 2 cores: data, shards, training, report\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
-    "  xvlm quickstart --steps 300             # a shorter training budget\n"
+    "  xvlm quickstart --steps 150             # a shorter main training\n"
+    "  xvlm quickstart --box-warmup-steps 0    # no box warm-up: the main training alone, 560 steps\n"
     "  xvlm quickstart --box-head xvlm         # the paper's box head instead of the dense one\n"
     "  xvlm quickstart --compare-heads         # also train the paper's box head at the same budget, report both"
 )
@@ -67,8 +78,13 @@ def config_box_head() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: the config's, ~10 minutes on 2 cores; --smoke: "
-                             f"{SMOKE['steps']})")
+                        help=f"main training steps (default {MAIN_STEPS_AFTER_WARMUP} after the box warm-up, "
+                             f"~5.5 minutes on 2 cores; with --box-warmup-steps 0 the config's 560, ~10 minutes; "
+                             f"--smoke: {SMOKE['steps']})")
+    parser.add_argument("--box-warmup-steps", type=int, default=None,
+                        help=f"steps of region batches only, mostly COCO pictures (bare object names), before the "
+                             f"main training (default {BOX_WARMUP_STEPS}, ~4.5 minutes; --smoke: "
+                             f"{SMOKE['box_warmup_steps']}; 0: none)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"about one minute: {SMOKE['images']} training + {SMOKE['val_images']} held-out "
                              f"pictures, {SMOKE['steps']} steps; no thresholds")
@@ -114,6 +130,9 @@ class Layout:
 
     def run(self, box_head: str) -> Path:
         return self.root / f"run-{box_head}"
+
+    def warmup(self, box_head: str) -> Path:
+        return self.root / f"warmup-{box_head}"
 
     @property
     def report(self) -> Path:
@@ -171,18 +190,37 @@ def _val_only_coco(layout: Layout) -> Path:
     return root
 
 
-def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool):
-    """The quickstart config with this run's paths, budget and box head."""
+def box_warmup_weights(train_shards: Path) -> dict[str, float]:
+    """data.source_weights of the box warm-up, for the sources the train shards hold."""
+    from shards.dataset import open_dataset
+
+    boxes: dict[str, bool] = {}
+    for shard in open_dataset(str(train_shards)).shards:
+        for source, has_region in zip(shard.sources, shard.has_region):
+            boxes[source] = boxes.get(source, False) or bool(has_region)
+    return {source: BOX_WARMUP_WEIGHTS.get(source, BOX_WARMUP_OTHER if has else BOX_WARMUP_NO_BOXES)
+            for source, has in sorted(boxes.items())}
+
+
+def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool, init: str | None = None,
+                 warmup: bool = False):
+    """The quickstart config with this run's paths, budget and box head; `warmup`: the box warm-up's config
+    (region batches only, one a step, COCO-heavy); `init`: the weights to start from."""
     from train.config import load_config
     from train.evaluate import run_k_test
 
-    overrides = [f"out={json.dumps(str(layout.run(box_head)))}",
+    overrides = [f"out={json.dumps(str(layout.warmup(box_head) if warmup else layout.run(box_head)))}",
                  f"data.datasets=[{json.dumps(str(layout.train_shards))}]",
                  f"data.tokenizer={json.dumps(str(layout.sample / 'tokenizer'))}",
                  f"eval.datasets=[{json.dumps(str(layout.val_shards))}]",
                  f"model.box_head={box_head}"]
     if box_head == "xvlm":   # the paper's head has no attention over the patches for the centre loss to train
         overrides.append("loss.centre=0")
+    if warmup:
+        overrides += ["schedule.mode=alternating", "schedule.iter_perc=1.0",
+                      f"data.source_weights={json.dumps(box_warmup_weights(layout.train_shards))}"]
+    if init:
+        overrides.append(f"model.init={json.dumps(init)}")
     cfg = load_config(str(CONFIG), overrides)
     if steps is not None:
         cfg.schedule.steps = steps
@@ -194,19 +232,32 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool):
     total = cfg.schedule.steps
     cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, total // 10))
     cfg.checkpoint.every = min(cfg.checkpoint.every, total)
-    cfg.eval.every = max(1, total // EVAL_POINTS)
+    cfg.eval.every = 0 if warmup else max(1, total // EVAL_POINTS)
     return cfg.validate()
 
 
-def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: bool) -> dict[str, Any]:
-    """Steps 3 and 4 for one box head: train (resuming when a checkpoint exists), then the final evaluation."""
+def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: bool,
+                       warmup_steps: int = 0) -> dict[str, Any]:
+    """Steps 3 and 4 for one box head: the box warm-up (when `warmup_steps`), the main training starting from its
+    weights (each resuming when a checkpoint exists), then the final evaluation."""
     from model.io import load_model
     from train import checkpoint as ckpt
     from train.evaluate import EvalConfig, evaluate, run_k_test
     from train.loop import train
 
-    cfg = train_config(layout, box_head, steps, smoke)
-    print(f"[3/6] training ({box_head} box head): {cfg.schedule.steps} steps -> {cfg.out}")
+    init, warmup_wall = None, 0.0
+    if warmup_steps:
+        warm = train_config(layout, box_head, warmup_steps, smoke, warmup=True)
+        print(f"[3/6] box warm-up ({box_head} box head): {warmup_steps} steps of region batches only, weighted "
+              f"{warm.data.overrides['source_weights']} -> {warm.out}")
+        warmup_wall = train(warm)["wall_s"]
+        done = ckpt.resolve_resume(warm.out, "auto")
+        if done is None:
+            raise XvlmError(f"the box warm-up left no committed checkpoint in {warm.out}")
+        init = storage.join(done, ckpt.MODEL_FILE)
+    cfg = train_config(layout, box_head, steps, smoke, init=init)
+    print(f"[3/6] training ({box_head} box head): {cfg.schedule.steps} steps"
+          + (" from the warm-up's weights" if init else "") + f" -> {cfg.out}")
     summary = train(cfg)
     path = ckpt.resolve_resume(cfg.out, "auto")
     if path is None:
@@ -219,6 +270,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
                        EvalConfig(tokenizer=loader.tokenizer, max_words=loader.max_words,
                                   max_tokens=loader.max_tokens, **options))
     return {"box_head": box_head, "steps": summary["steps"], "train_wall_s": summary["wall_s"],
+            "box_warmup_steps": warmup_steps, "box_warmup_wall_s": warmup_wall,
             "checkpoint": path, "metrics": metrics, "run": cfg.out,
             "curve": _read_curve(Path(cfg.out) / "metrics.jsonl")}
 
@@ -296,8 +348,12 @@ def render_markdown(document: dict) -> str:
     lines = ["# xvlm quickstart report", ""]
     main = document["results"][0]
     m = main["metrics"]
+    warmup = ""
+    if main.get("box_warmup_steps"):
+        warmup = (f"a box warm-up of {main['box_warmup_steps']} steps (region batches only, mostly COCO pictures) "
+                  f"in {main['box_warmup_wall_s'] / 60:.1f} min, then ")
     lines += [f"Held-out: {m['images']} COCO val2017 sample scenes, {m['captions']} captions, {m['regions']} box "
-              f"texts. Training: {main['steps']} steps in {main['train_wall_s'] / 60:.1f} min on CPU "
+              f"texts. Training: {warmup}{main['steps']} steps in {main['train_wall_s'] / 60:.1f} min on CPU "
               f"({document['threads']} threads).", ""]
     lines += ["| box head | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | ITC-only i2t R@1 | "
               "grounding acc@0.5 | mean IoU | constant box |", "|" + "---|" * 11]
@@ -384,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise XvlmError(f"--steps must be >= 1, got {args.steps}")
+    if args.box_warmup_steps is not None and args.box_warmup_steps < 0:
+        raise XvlmError(f"--box-warmup-steps must be >= 0, got {args.box_warmup_steps}")
     if args.threads is not None and args.threads < 1:
         raise XvlmError(f"--threads must be >= 1, got {args.threads}")
     # The loader's worker process decodes and augments on one core; the model gets the others. (Two intra-op
@@ -398,7 +456,13 @@ def run(args: argparse.Namespace) -> int:
     head = args.box_head or config_box_head()
     other = "xvlm" if head != "xvlm" else config_box_head()
     heads = [head] + ([other] if args.compare_heads and other != head else [])
-    results = [train_and_evaluate(layout, h, args.steps, args.smoke) for h in heads]
+    warmup_steps = args.box_warmup_steps
+    if warmup_steps is None:
+        warmup_steps = SMOKE["box_warmup_steps"] if args.smoke else BOX_WARMUP_STEPS
+    steps = args.steps
+    if steps is None and warmup_steps and not args.smoke:
+        steps = MAIN_STEPS_AFTER_WARMUP
+    results = [train_and_evaluate(layout, h, steps, args.smoke, warmup_steps) for h in heads]
     print(f"[5/6] report -> {layout.report}")
     document = write_report(layout, results, args.smoke, None, torch.get_num_threads())
     stats = None if args.no_stats else dataset_stats(layout)
