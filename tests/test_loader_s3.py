@@ -38,9 +38,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def datasets(server, tmp_path_factory):
-    # 48 noise JPEGs of ~0.6 MB in one shard: a GET of the shard lasts long enough to be cut mid-object
+    # 48 noise JPEGs of 1280x960 in one shard (> 40 MB, asserted in the test): more than the kernel may buffer on
+    # loopback (the receive buffer autotunes up to net.ipv4.tcp_rmem's max, 32 MB here, plus the server's send
+    # buffer), so the server cannot have sent the whole object before it stops and the GET is cut mid-object.
+    # With 640x480 pictures (~15 MB) it sometimes was not, and the test failed for want of a retry.
     local = shardkit.make_dataset(str(tmp_path_factory.mktemp("big")), samples=48, per_shard=48,
-                                  size=(640, 480), noise=True)
+                                  size=(1280, 960), noise=True)
     return local, shardkit.upload(local, server.url("big"))
 
 
@@ -87,6 +90,7 @@ def test_s3_reads_ahead_by_default(small, monkeypatch):
 
 def test_server_restart_mid_object_is_survived(datasets, server, monkeypatch):
     local, remote = datasets
+    assert os.path.getsize(os.path.join(local, "shard-000000.tar")) > 40 * 2 ** 20
     expected = list(MultiGrainedLoader([local], config()))
     streams, restarts = [], []
     real_open = storage.open_read
