@@ -101,7 +101,7 @@ class SlotReader:
         yielded, do not change; it costs one more block of raw sample bytes in memory."""
         length = self.plan.slice_len
         ahead = ReadAhead() if self.read_ahead else None
-        pending: tuple[tuple[int, int], Future] | None = None   # ((pass, block begin), the read of that block)
+        pending: Future | None = None   # the read of the next block: the one the slots reach next
         try:
             while True:
                 pass_, q = divmod(slot, length)
@@ -109,8 +109,8 @@ class SlotReader:
                 end = min(length, begin + self.block)
                 perm = begin + rng_for(self.config.seed, self.plan.epoch, TAG_BLOCK, self.slice_id, pass_,
                                        begin // self.block).permutation(end - begin)
-                if pending is not None and pending[0] == (pass_, begin) and q == begin:
-                    items = pending[1].result()
+                if pending is not None:
+                    items = pending.result()
                 else:
                     items = self._read(begin, end, set(perm[q - begin:].tolist()))
                 pending = None
@@ -119,7 +119,7 @@ class SlotReader:
                     # slice's end: a second pass is rare (many skipped samples), and at the epoch's end it would be
                     # a wasted read.
                     next_end = min(length, end + self.block)
-                    pending = ((pass_, end), ahead.submit(self._read, end, next_end, set(range(end, next_end))))
+                    pending = ahead.submit(self._read, end, next_end, set(range(end, next_end)))
                 for k in range(q - begin, end - begin):
                     position = int(perm[k])
                     item, ref = items.pop(position)
@@ -127,7 +127,7 @@ class SlotReader:
                     slot += 1
         finally:
             if pending is not None:
-                pending[1].cancel()
+                pending.cancel()
             if ahead is not None:
                 ahead.close()
 

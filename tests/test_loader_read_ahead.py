@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
+from test_loader_resume import config as resume_config  # noqa: E402
 from test_loader_split import TOKENIZER  # noqa: E402
 
 from shards import storage  # noqa: E402
@@ -28,9 +29,7 @@ def dataset(tmp_path_factory):
 
 
 def config(**overrides):
-    base = dict(tokenizer=TOKENIZER, iter_perc=0.5, shuffle_buffer=7, image_text_batch_size=4,
-                region_batch_size=6, region_max_images=3, read_ahead=True)
-    return preset("tiny", **{**base, **overrides})
+    return resume_config(**{"shuffle_buffer": 7, "read_ahead": True, **overrides})
 
 
 def assert_same_batches(a, b):
