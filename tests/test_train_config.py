@@ -74,6 +74,11 @@ def test_a_config_must_keep_an_image_text_loss():
         load_config(TINY, ["loss.itc=0", "loss.itm=0", "loss.mlm=0"])
     assert load_config(TINY, ["loss.itm=0", "loss.mlm=0", "loss.bbox=0.5"]).loss.weights() == \
         {"itc": 1.0, "bbox": 0.5, "giou": 1.0}
+    # region batches alone (iter_perc 1: the quickstart's box warm-up) may train the box losses alone, but not nothing
+    boxes_only = ["loss.itc=0", "loss.itm=0", "loss.mlm=0", "schedule.iter_perc=1.0"]
+    assert load_config(TINY, boxes_only).loss.weights() == {"bbox": 1.0, "giou": 1.0}
+    with pytest.raises(XvlmError, match="must keep at least one loss above 0"):
+        load_config(TINY, boxes_only + ["loss.bbox=0", "loss.giou=0"])
 
 
 def test_centre_loss_needs_a_box_head_that_attends():

@@ -164,8 +164,10 @@ class TrainConfig:
         for f in dataclasses.fields(self.loss):
             _check(getattr(self.loss, f.name) >= 0, f"loss.{f.name}", getattr(self.loss, f.name),
                    "must be >= 0 (0 skips that loss)")
-        _check(bool(set(self.loss.weights()) & {"itc", "itm", "mlm"}), "loss", dataclasses.asdict(self.loss),
-               "must keep at least one of itc, itm, mlm above 0 (image-text batches have no box loss)")
+        _check(s.iter_perc == 1.0 or bool(set(self.loss.weights()) & {"itc", "itm", "mlm"}), "loss",
+               dataclasses.asdict(self.loss), "must keep at least one of itc, itm, mlm above 0 (image-text batches "
+               "have no box loss; only schedule.iter_perc=1, region batches alone, may train the box losses alone)")
+        _check(bool(self.loss.weights()), "loss", dataclasses.asdict(self.loss), "must keep at least one loss above 0")
         _check(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
         _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
         _check(bool(c.resume), "checkpoint.resume", c.resume, "must be 'auto', 'none' or a checkpoint path")
