@@ -27,12 +27,15 @@ VAL_IMAGES = 200
 SMOKE = {"images": 60, "val_images": 40, "steps": 12, "box_warmup_steps": 4}
 # The box warm-up before the main training: region batches only, one per step, drawn mostly from the pictures whose
 # box texts are bare category names (COCO objects: what held-out grounding is scored on). Sources not named here
-# get BOX_WARMUP_OTHER when they have boxes, BOX_WARMUP_NO_BOXES when they have none (captions only).
+# get BOX_WARMUP_OTHER when they have boxes, BOX_WARMUP_NO_BOXES when they have none (captions only). It trains
+# with the centre loss (heads that attend over the patches) and half its region samples whole pictures, as scored.
 BOX_WARMUP_STEPS = 600
-MAIN_STEPS_AFTER_WARMUP = 300   # the main training's default after the warm-up (without one: the config's 560)
+MAIN_STEPS_AFTER_WARMUP = 450   # the main training's default after the warm-up (without one: the config's 560)
 BOX_WARMUP_WEIGHTS = {"coco": 1.0}
-BOX_WARMUP_OTHER = 0.3
+BOX_WARMUP_OTHER = 0.1
 BOX_WARMUP_NO_BOXES = 0.01
+BOX_WARMUP_CENTRE = 1.0         # loss.centre of the warm-up (softargmax and dense heads; the xvlm head has none)
+BOX_WARMUP_CROP_PROB = 0.5      # data.region_crop_prob of the warm-up: the other half are whole pictures
 # What "visibly learns" means on the 200 held-out scenes (chance: R@1 = 1/200; a constant box scores ~0.01).
 TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves
@@ -47,9 +50,9 @@ DESCRIPTION = (
     "  2. shards          `xvlm build-shards`: train shards from all four sources, held-out shards from val2017\n"
     "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml; ITC + box losses), budgeted in\n"
     "                     steps: a box warm-up (600 steps of region batches only, mostly the COCO pictures whose\n"
-    "                     box texts are bare object names), then the main training from its weights (300 steps\n"
-    "                     of region + image-text batches); ~10 minutes on 2 idle cores, with progress bars and\n"
-    "                     ETA; held-out evaluations for the curves\n"
+    "                     box texts are bare object names; with the centre loss), then the main training from its\n"
+    "                     weights (450 steps of region + image-text batches); ~13 minutes on 2 idle cores, with\n"
+    "                     progress bars and ETA; held-out evaluations for the curves\n"
     "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC; ITM re-ranking when trained) and grounding acc@0.5 on the\n"
     "                     200 held-out scenes\n"
     "  5. report          OUT/report/: loss and metric curves (PNG), metrics.json, report.md, report.html\n"
@@ -59,7 +62,7 @@ DESCRIPTION = (
 )
 EPILOG = (
     "examples:\n"
-    "  xvlm quickstart                         # ~12-15 minutes on 2 cores: data, shards, training, report\n"
+    "  xvlm quickstart                         # ~14 minutes on 2 idle cores: data, shards, training, report\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 150             # a shorter main training\n"
     "  xvlm quickstart --box-warmup-steps 0    # no box warm-up: the main training alone, 560 steps\n"
@@ -79,11 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"main training steps (default {MAIN_STEPS_AFTER_WARMUP} after the box warm-up, "
-                             f"~5.5 minutes on 2 cores; with --box-warmup-steps 0 the config's 560, ~10 minutes; "
+                             f"~9.5 minutes on 2 cores; with --box-warmup-steps 0 the config's 560, ~10 minutes; "
                              f"--smoke: {SMOKE['steps']})")
     parser.add_argument("--box-warmup-steps", type=int, default=None,
                         help=f"steps of region batches only, mostly COCO pictures (bare object names), before the "
-                             f"main training (default {BOX_WARMUP_STEPS}, ~4.5 minutes; --smoke: "
+                             f"main training (default {BOX_WARMUP_STEPS}, ~3.5 minutes; --smoke: "
                              f"{SMOKE['box_warmup_steps']}; 0: none)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"about one minute: {SMOKE['images']} training + {SMOKE['val_images']} held-out "
@@ -218,7 +221,10 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool, 
         overrides.append("loss.centre=0")
     if warmup:
         overrides += ["schedule.mode=alternating", "schedule.iter_perc=1.0",
-                      f"data.source_weights={json.dumps(box_warmup_weights(layout.train_shards))}"]
+                      f"data.source_weights={json.dumps(box_warmup_weights(layout.train_shards))}",
+                      f"data.region_crop_prob={BOX_WARMUP_CROP_PROB}"]
+        if box_head != "xvlm":
+            overrides.append(f"loss.centre={BOX_WARMUP_CENTRE}")
     if init:
         overrides.append(f"model.init={json.dumps(init)}")
     cfg = load_config(str(CONFIG), overrides)
@@ -250,7 +256,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
         warm = train_config(layout, box_head, warmup_steps, smoke, warmup=True)
         print(f"[3/6] box warm-up ({box_head} box head): {warmup_steps} steps of region batches only, weighted "
               f"{warm.data.overrides['source_weights']} -> {warm.out}")
-        warmup_wall = train(warm)["wall_s"]
+        warmup_wall = stage_wall(train(warm), Path(warm.out) / "metrics.jsonl")
         done = ckpt.resolve_resume(warm.out, "auto")
         if done is None:
             raise XvlmError(f"the box warm-up left no committed checkpoint in {warm.out}")
@@ -269,10 +275,20 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     metrics = evaluate(model, [str(layout.val_shards)],
                        EvalConfig(tokenizer=loader.tokenizer, max_words=loader.max_words,
                                   max_tokens=loader.max_tokens, **options))
-    return {"box_head": box_head, "steps": summary["steps"], "train_wall_s": summary["wall_s"],
+    return {"box_head": box_head, "steps": summary["steps"],
+            "train_wall_s": stage_wall(summary, Path(cfg.out) / "metrics.jsonl"),
             "box_warmup_steps": warmup_steps, "box_warmup_wall_s": warmup_wall,
             "checkpoint": path, "metrics": metrics, "run": cfg.out,
             "curve": _read_curve(Path(cfg.out) / "metrics.jsonl")}
+
+
+def stage_wall(summary: dict, metrics: Path) -> float:
+    """Seconds a training stage took: this call's wall time when it ran the whole stage, else (resumed, or already
+    complete and re-used) the span of the stage's metrics.jsonl, from its first logged step to its last."""
+    if summary["start_step"] == 0:
+        return summary["wall_s"]
+    times = [row["time"] for row in _read_curve(metrics) if "time" in row]
+    return max(times) - min(times) if times else summary["wall_s"]
 
 
 def _read_curve(path: Path) -> list[dict]:
