@@ -271,17 +271,34 @@ def resume_times(path: str, config) -> tuple[int, int, float, float, float]:
     return half, len(loader), time.perf_counter() - start, fresh, replay
 
 
-def timed(fn: Callable[[], int], repeats: int) -> tuple[float, float]:
-    """Best (samples per wall-clock second, samples per CPU second of this process) of `repeats` runs (the
-    machine is shared; the best run is the least disturbed). CPU seconds leave out time the process waited for
-    the CPU, so they move less with other jobs' load; they also leave out the S3 server's work."""
-    best = (0.0, 0.0)
-    for _ in range(repeats):
-        start, cpu = time.perf_counter(), time.process_time()
-        n = fn()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        best = (max(best[0], n / wall), max(best[1], n / max(cpu, 1e-9)))
-    return best
+def timed(fn: Callable[[], int]) -> tuple[float, float]:
+    """(samples per wall-clock second, samples per CPU second of this process) of one run. CPU seconds leave out
+    time the process waited for the CPU, so they move less with other jobs' load; they also leave out the S3
+    server's work."""
+    start, cpu = time.perf_counter(), time.process_time()
+    n = fn()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return n / wall, n / max(cpu, 1e-9)
+
+
+def paired_order(names: list[str]) -> list[str]:
+    """The rows in order, each S3 row moved right after its local row: a pair then meets the same machine load."""
+    order = []
+    for name in names:
+        if ", S3" in name:
+            continue
+        order.append(name)
+        twin = name.replace(", local", ", S3")
+        if twin != name and twin in names:
+            order.append(twin)
+    return order
+
+
+def round_ratio(history: dict[str, list[float]], a: str, b: str) -> tuple[float, float, float]:
+    """(median, min, max) over the rounds of row a / row b, each round's pair measured in that round: on a shared
+    machine whose speed drifts, a per-round ratio compares like with like, and the median drops the odd round."""
+    ratios = sorted(x / y for x, y in zip(history[a], history[b]))
+    return float(np.median(ratios)), ratios[0], ratios[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-res", type=int, default=224, help="training image side (default 224)")
     parser.add_argument("--source-size", default="512x384",
                         help="WIDTHxHEIGHT of the synthesized JPEGs (default 512x384; COCO is ~640x480)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per row; the best counts (default 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds (default 3): each row runs once a round; the table shows each row's best round, "
+                             "the ratios are medians of per-round ratios")
     parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the sample MiniLM vocab)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS rows")
     parser.add_argument("--no-mds", action="store_true", help="skip the mosaicml-streaming rows")
@@ -325,8 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{limit} samples, mean JPEG {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB, "
           f"{Image.open(io.BytesIO(jpegs[0])).size} px, image_res {res}, 1 process (per core)")
 
-    # Rows run interleaved, round after round, and each keeps its best round: on a shared machine a burst of
-    # load then hits every row alike instead of one row's whole measurement.
     runs: dict[str, Callable[[], int]] = {
         "bare: Pillow decode + resize": lambda: bare_pillow(jpegs, res, draft=False),
         "bare: Pillow draft() + resize": lambda: bare_pillow(jpegs, res, draft=True),
@@ -384,42 +401,57 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             print(f"mosaicml-streaming not usable ({err}): rows skipped")
 
-    rows: dict[str, float] = {name: 0.0 for name in list(runs) + list(bare_rows)}
-    cpu_rows: dict[str, float] = dict(rows)
+    # Rows run interleaved, round after round (each S3 row right after its local row), so a burst of load hits
+    # every row alike instead of one row's whole measurement. The table shows each row's best round (the least
+    # disturbed); the ratios are the median over rounds of the ratio within each round.
+    history: dict[str, list[float]] = {name: [] for name in list(runs) + list(bare_rows)}
+    cpu_history: dict[str, list[float]] = {name: [] for name in history}
     for _ in tqdm(range(args.repeats), desc="rounds"):
         for group, patch in ((runs, None), (bare_rows, bare_transform)):
             with patch() if patch else contextlib.nullcontext():
-                for name, fn in group.items():
-                    wall, cpu = timed(fn, 1)
-                    rows[name], cpu_rows[name] = max(rows[name], wall), max(cpu_rows[name], cpu)
+                for name in paired_order(list(group)):
+                    wall, cpu = timed(group[name])
+                    history[name].append(wall)
+                    cpu_history[name].append(cpu)
+    rows = {name: max(values) for name, values in history.items()}
+    cpu_rows = {name: max(values) for name, values in cpu_history.items()}
 
-    bare, bare_cpu = rows["bare: Pillow decode + resize"], cpu_rows["bare: Pillow decode + resize"]
+    bare_name = "bare: Pillow decode + resize"
+    bare, bare_cpu = rows[bare_name], cpu_rows[bare_name]
     fastest_bare = max(v for k, v in rows.items() if k.startswith("bare"))
-    print(f"\n{'row':52s} {'samples/s':>10s} {'x bare':>7s} {'x fastest bare':>15s} {'per CPU-s':>10s} {'x bare':>7s}")
+    print(f"\n{'row (best of ' + str(args.repeats) + ' rounds)':52s} {'samples/s':>10s} {'x bare':>7s} "
+          f"{'x fastest bare':>15s} {'per CPU-s':>10s} {'x bare':>7s}")
     for name, value in rows.items():
         print(f"{name:52s} {value:10.1f} {value / bare:7.2f} {value / fastest_bare:15.2f} {cpu_rows[name]:10.1f} "
               f"{cpu_rows[name] / bare_cpu:7.2f}")
-    print("(ratios: wall-clock; the CPU-time ratio in brackets)")
-    own = rows["loader, bare transform, local"]
-    line = (f"streaming layer (bare transform): loader/bare {own / bare:.2f} "
-            f"({cpu_rows['loader, bare transform, local'] / bare_cpu:.2f}) (target >= 0.85)")
+
+    def ratio(a: str, b: str) -> str:
+        """Median of the per-round wall-clock ratios (range), then the same of the CPU-time ratios in brackets."""
+        median, low, high = round_ratio(history, a, b)
+        cpu_median = round_ratio(cpu_history, a, b)[0]
+        return f"{median:.2f} ({low:.2f}-{high:.2f}; per CPU-s {cpu_median:.2f})"
+
+    print(f"ratios: the median over the {args.repeats} rounds of the ratio within each round (the range of rounds; "
+          f"per CPU-second)")
+    own = "loader, bare transform, local"
+    line = f"streaming layer (bare transform): loader/bare {ratio(own, bare_name)} (target >= 0.85)"
     if "loader, bare transform, S3" in rows:
-        line += f"; S3/local {rows['loader, bare transform, S3'] / own:.2f} (target >= 0.9)"
+        line += f"; S3/local {ratio('loader, bare transform, S3', own)} (target >= 0.9)"
     if "mosaicml-streaming, bare transform, local MDS" in rows:
-        line += f"; loader/mosaicml-streaming {own / rows['mosaicml-streaming, bare transform, local MDS']:.2f}"
+        line += f"; loader/mosaicml-streaming {ratio(own, 'mosaicml-streaming, bare transform, local MDS')}"
     print(line)
     for kind in ("image-text", "region"):
-        local = rows[f"loader {kind}, local"]
-        line = (f"{kind}: loader/bare {local / bare:.2f} ({cpu_rows[f'loader {kind}, local'] / bare_cpu:.2f}) "
-                f"(target >= 0.85)")
+        local = f"loader {kind}, local"
+        line = f"{kind}: loader/bare {ratio(local, bare_name)} (target >= 0.85)"
         if f"loader {kind}, S3" in rows:
-            line += f"; S3/local {rows[f'loader {kind}, S3'] / local:.2f} (target >= 0.9)"
+            line += f"; S3/local {ratio(f'loader {kind}, S3', local)} (target >= 0.9)"
         mds_key = f"mosaicml-streaming {kind}, local MDS"
         if mds_key in rows:
-            line += f"; loader/mosaicml-streaming {local / rows[mds_key]:.2f} (target > 1)"
-        pillow = rows.get(f"loader {kind}, local, Pillow decode")
-        if pillow:
-            line += f"; Pillow decode: loader/bare {pillow / bare:.2f}, simplejpeg/Pillow {local / pillow:.2f}"
+            line += f"; loader/mosaicml-streaming {ratio(local, mds_key)} (target > 1)"
+        pillow = f"loader {kind}, local, Pillow decode"
+        if pillow in rows:
+            line += (f"; Pillow decode: loader/bare {ratio(pillow, bare_name)}, simplejpeg/Pillow "
+                     f"{ratio(local, pillow)}")
         print(line)
     if server is not None:
         server.stop()
