@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                              "one CPU and the SeaweedFS server on the others, as a server on its own machine would; "
                              "unpinned, the server takes CPU time from the loader it serves)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.samples < 1:
+        parser.error(f"--repeats and --samples must be >= 1, got {args.repeats} and {args.samples}")
     try:
         source_size = tuple(int(v) for v in args.source_size.lower().split("x"))
         if len(source_size) != 2 or min(source_size) < 64:
