@@ -3,6 +3,7 @@ exact mid-epoch resume (design in docs/loader.md).
 """
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import threading
@@ -34,6 +35,10 @@ def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
 
 
 # ------------------------------------------------------------------------------------------ slot stream
+
+# One shard range read ahead: (piece, first sample, count, first slice position, needed samples, first byte, bytes
+# or None when it could not be read whole).
+Fetched = tuple[Any, int, int, int, set[int], int, "bytes | None"]
 
 
 class ReadAhead:
@@ -97,8 +102,10 @@ class SlotReader:
 
         With read-ahead (by default for datasets on S3), the next block's bytes are read in a background thread
         while this block's samples are decoded: the wait for each GET (the time to first byte, tens of milliseconds
-        on a remote object store) overlaps the work instead of stalling it. What is read, and in which order it is
-        yielded, do not change; it costs one more block of raw sample bytes in memory."""
+        on a remote object store) overlaps the work instead of stalling it. The thread only moves bytes (one ranged
+        read per shard piece); the tar members are parsed here, when the block is reached, so the thread holds the
+        GIL as little as possible. What is read, and in which order it is yielded, do not change; it costs one more
+        block of raw sample bytes in memory."""
         length = self.plan.slice_len
         ahead = ReadAhead() if self.read_ahead else None
         pending: Future | None = None   # the read of the next block: the one the slots reach next
@@ -110,7 +117,7 @@ class SlotReader:
                 perm = begin + rng_for(self.config.seed, self.plan.epoch, TAG_BLOCK, self.slice_id, pass_,
                                        begin // self.block).permutation(end - begin)
                 if pending is not None:
-                    items = pending.result()
+                    items = self._parse(pending.result())
                 else:
                     items = self._read(begin, end, set(perm[q - begin:].tolist()))
                 pending = None
@@ -119,7 +126,7 @@ class SlotReader:
                     # slice's end: a second pass is rare (many skipped samples), and at the epoch's end it would be
                     # a wasted read.
                     next_end = min(length, end + self.block)
-                    pending = ahead.submit(self._read, end, next_end, set(range(end, next_end)))
+                    pending = ahead.submit(self._fetch, end, next_end, set(range(end, next_end)))
                 for k in range(q - begin, end - begin):
                     position = int(perm[k])
                     item, ref = items.pop(position)
@@ -142,6 +149,51 @@ class SlotReader:
             for item in iter_range(shard, first, count, needed=want):
                 out[position + item.index - first] = (item, (piece.dataset, piece.shard))
         return out
+
+    def _fetch(self, begin: int, end: int, needed: set[int]) -> list[Fetched]:
+        """In the read-ahead thread: the bytes of each shard range that the needed positions of [begin, end) lie in,
+        one ranged read each (S3: one GET, retried and resumed at the byte by the storage layer). A range that
+        cannot be read whole (a missing or truncated shard, storage that kept failing) comes back as None: `_parse`
+        then reads it the ordinary way, which skips and counts the damage exactly as without read-ahead."""
+        out = []
+        for piece, first, count, position in self.plan.locate(self.slice_id, begin, end):
+            want = {first + p - position for p in needed if position <= p < position + count}
+            if not want:
+                continue
+            shard = self.datasets[piece.dataset].shards[piece.shard]
+            low, high = int(shard.offsets[min(want)]), shard.end_offset(max(want))
+            data: bytes | None = None
+            try:
+                with storage.open_read(shard.path, start=low, end=high) as f:
+                    data = f.read(high - low)
+                if len(data) != high - low:
+                    data = None
+            except Exception as err:  # noqa: BLE001 - read again in the reader's thread, where damage is counted
+                log.debug("read-ahead of %s bytes %d-%d failed (%s); reading it when it is reached",
+                          shard.path, low, high, err)
+                data = None
+            out.append((piece, first, count, position, want, low, data))
+        return out
+
+    def _parse(self, fetched: list[Fetched]) -> dict[int, tuple[RawSample | Skipped, tuple[int, int]]]:
+        """The raw samples of `_fetch`'s ranges, parsed from memory (or read now where the fetch failed)."""
+        out = {}
+        for piece, first, count, position, want, low, data in fetched:
+            shard = self.datasets[piece.dataset].shards[piece.shard]
+            opener = None if data is None else _memory_opener(data, low)
+            for item in iter_range(shard, first, count, needed=want, open_read=opener):
+                out[position + item.index - first] = (item, (piece.dataset, piece.shard))
+        return out
+
+
+def _memory_opener(data: bytes, low: int) -> Callable[..., io.BytesIO]:
+    """An `open_read` for iter_range over bytes already read: shard bytes [low, low + len(data))."""
+    def open_read(path: str, start: int = 0, end: int | None = None) -> io.BytesIO:
+        stop = len(data) if end is None else end - low
+        if start < low or stop > len(data):
+            raise XvlmError(f"{path}: bytes {start}-{end} lie outside the {low}-{low + len(data)} read ahead")
+        return io.BytesIO(data[start - low:stop])   # the whole range: no copy (a full slice of bytes is itself)
+    return open_read
 
 
 # ------------------------------------------------------------------------------------------ batches

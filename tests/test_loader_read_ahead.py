@@ -1,7 +1,9 @@
 """Read-ahead: the next shuffle block is read in a background thread while the current one is decoded (by default
 for datasets on S3; forced on here for local ones). The batches are exactly those of a loader without it (also
 across a mid-epoch resume), the later blocks' reads happen in that thread, and the thread ends with the iterator.
-tests/test_loader_s3.py checks the default on S3."""
+The thread only moves bytes: parsing stays in the reader's thread, and a range the thread cannot read whole (a
+truncated shard, a failing read) is read again where it is reached, with the damage counted exactly as without
+read-ahead. tests/test_loader_s3.py checks the default on S3."""
 from __future__ import annotations
 
 import sys
@@ -14,8 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 from test_loader_resume import config as resume_config  # noqa: E402
+from test_loader_robust import damaged  # noqa: E402
 from test_loader_split import TOKENIZER  # noqa: E402
 
+from shards import loader as loader_module  # noqa: E402
 from shards import storage  # noqa: E402
 from shards.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader, ReadAhead  # noqa: E402
@@ -115,3 +119,47 @@ def test_read_ahead_setting_is_checked():
     assert preset("tiny", tokenizer=TOKENIZER).read_ahead == "auto"
     with pytest.raises(XvlmError, match="read_ahead must be auto, true or false"):
         config(read_ahead="yes")
+
+
+def test_the_thread_only_reads_bytes_and_parsing_stays_in_the_readers_thread(dataset, monkeypatch):
+    parsed_in = []
+    real = loader_module.iter_range
+
+    def recording(*args, **kwargs):
+        parsed_in.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "iter_range", recording)
+    assert list(MultiGrainedLoader([dataset], config(iter_perc=0.0)))
+    assert parsed_in and set(parsed_in) == {"MainThread"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damage_is_skipped_and_counted_the_same_with_read_ahead(tmp_path, workers):
+    """A corrupt image, a broken tar header and a truncated shard: the thread's whole-range read of the truncated
+    shard comes up short, so that range is read again in the reader's thread; batches and counts are unchanged."""
+    path, _ = damaged(tmp_path)
+    common = dict(iter_perc=0.0, shuffle_buffer=5, num_workers=workers, image_text_batch_size=4)
+    on = list(MultiGrainedLoader([path], config(**common)))
+    off = list(MultiGrainedLoader([path], config(**common, read_ahead=False)))
+    assert_same_batches(on, off)
+    assert on[-1]["skips"] == off[-1]["skips"] and set(on[-1]["skips"]) == {"corrupt_image", "corrupt_sample",
+                                                                             "truncated_shard"}
+
+
+def test_a_failed_read_ahead_is_read_again_when_reached(dataset, monkeypatch):
+    failed = []
+    real = storage.open_read
+
+    def failing_in_the_thread(path, start=0, end=None, **kwargs):
+        if threading.current_thread().name == "xvlm-read-ahead" and len(failed) < 3:
+            failed.append(path)
+            raise ConnectionResetError("connection reset by peer")
+        return real(path, start=start, end=end, **kwargs)
+
+    monkeypatch.setattr(storage, "open_read", failing_in_the_thread)
+    on = list(MultiGrainedLoader([dataset], config(iter_perc=0.0)))
+    monkeypatch.setattr(storage, "open_read", real)
+    assert len(failed) == 3
+    assert_same_batches(on, list(MultiGrainedLoader([dataset], config(iter_perc=0.0, read_ahead=False))))
+    assert not on[-1]["skips"]

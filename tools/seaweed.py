@@ -19,6 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+# SeaweedFS stalls every write for ~1 s while it grows new volumes when one fills up. With 64 MB volumes a 27 MB
+# checkpoint met such a stall every second PUT (measured: 8 of 40 PUTs took 1.2-1.4 s against 0.39 s); with 1 GB
+# volumes, 0 of 40 (median 0.33 s). Volume files grow as they are written: a larger limit costs no disk.
+VOLUME_SIZE_LIMIT_MB = 1024
+
 # Every port flag `weed mini` (4.48) opens; all are given a free loopback port.
 PORT_FLAGS = [
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
@@ -117,7 +122,8 @@ class SeaweedS3:
                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config_path}",
                f"-s3.localSocket={os.path.join(self.workdir, 's3.sock')}",
                f"-filer.localSocket={os.path.join(self.workdir, 'filer.sock')}",
-               "-admin.ui=false", "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
+               "-admin.ui=false", "-master.telemetry=false",
+               f"-master.volumeSizeLimitMB={VOLUME_SIZE_LIMIT_MB}"]
         # `weed mini` keeps its options in DIR/mini.options (inside our temp folder).
         cmd += [f"-{flag}={port}" for flag, port in self.ports.items()]
         self.log_path = os.path.join(self.workdir, "weed.log")
