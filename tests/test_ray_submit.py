@@ -118,7 +118,7 @@ def test_killed_worker_restarts_and_resumes_from_the_last_checkpoint(ray_head, t
     while not committed(out):
         assert time.monotonic() < deadline, "no checkpoint was committed"
         time.sleep(0.5)
-    workers = [pid for pid in ray_worker_pids(ray_head) if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    workers = [pid for pid in ray_worker_pids(ray_head) if b"RayTrainWorker" in cmdline(pid)]
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0], signal.SIGKILL)
     assert wait_status(ray_head, job, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=500) == "SUCCEEDED", \
@@ -147,6 +147,14 @@ def test_stop_and_errors(ray_head, train_data, tmp_path):
                                "--list"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")})
     assert no_token.returncode != 0 and "auth" in (no_token.stdout + no_token.stderr).lower()
+
+
+def cmdline(pid: int) -> bytes:
+    """The command line of a process, or b"" when it ended after it was listed (Ray's short-lived helpers do)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def ray_worker_pids(head) -> list[int]:
