@@ -90,6 +90,22 @@ def test_storage_layer_round_trip(s3_prefix):
     assert not storage.exists(path)
 
 
+def test_write_bytes_single_put_and_parallel_multipart(s3_prefix, monkeypatch):
+    """Up to SINGLE_PUT_MAX one PUT; above, a multipart upload of MULTIPART_CHUNK parts. Both read back whole."""
+    monkeypatch.setattr(storage, "SINGLE_PUT_MAX", 6 * 1024 * 1024)
+    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)   # S3's smallest part
+    client = storage.s3_client()
+    for size, parts in ((6 * 1024 * 1024, 0), (6 * 1024 * 1024 + 1, 2)):
+        data = os.urandom(size)
+        path = storage.join(s3_prefix, f"wb-{size}.bin")
+        storage.write_bytes(path, data)
+        assert storage.read_bytes(path) == data
+        bucket, key = storage.split_s3(path)
+        etag = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        # a multipart object's ETag ends in -<number of parts>
+        assert (etag.rsplit("-", 1)[1] if "-" in etag else "0") == str(parts), etag
+
+
 def test_atomic_write_failure_leaves_nothing(s3_prefix, tmp_path):
     for base in (s3_prefix, str(tmp_path)):
         path = storage.join(base, "partial.bin")

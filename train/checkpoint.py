@@ -18,7 +18,7 @@ import os
 import random
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,29 +150,41 @@ def rank_files(rank: int, loader_state: Any) -> dict[str, bytes]:
                                         "loader": loader_state})}
 
 
-def main_files(*, model_bytes: bytes, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, step: int,
+def main_files(*, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, step: int,
                extra: dict[str, Any], config_yaml: str) -> dict[str, bytes]:
-    """Rank 0's part: weights, optimizer / scheduler / scaler, step and the config."""
+    """Rank 0's part besides the weights (MODEL_FILE, written first: see start_writes): optimizer / scheduler /
+    scaler, step and the config."""
     trainer = {"format_version": FORMAT_VERSION, "step": step, "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
                "extra": extra}
-    return {MODEL_FILE: model_bytes, TRAINER_FILE: _to_bytes(trainer), CONFIG_FILE: config_yaml.encode("utf-8")}
+    return {TRAINER_FILE: _to_bytes(trainer), CONFIG_FILE: config_yaml.encode("utf-8")}
 
 
 _writers: ThreadPoolExecutor | None = None
 
 
-def write_files(path: str, files: dict[str, bytes]) -> None:
-    """Write the files of a checkpoint part side by side (each atomically); raises the first error.
+def start_writes(path: str, files: dict[str, bytes]) -> list[Future]:
+    """Start writing files of a checkpoint part, side by side in writer threads (each atomically): a caller can
+    serialise the next file while these upload. finish_writes waits for them.
 
     The writer threads live as long as the process, so their S3 clients and connections are reused by every save.
     """
     global _writers
     if _writers is None:
         _writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-write")
-    futures = [_writers.submit(_write, storage.join(path, name), data) for name, data in files.items()]
-    for future in futures:
-        future.result()
+    return [_writers.submit(_write, storage.join(path, name), data) for name, data in files.items()]
+
+
+def finish_writes(futures: list[Future]) -> None:
+    """Wait for every started write (none is left running behind a failure); raise the first error."""
+    errors = [err for err in (future.exception() for future in futures) if err is not None]
+    if errors:
+        raise errors[0]
+
+
+def write_files(path: str, files: dict[str, bytes]) -> None:
+    """Write the files of a checkpoint part side by side (each atomically); raises the first error."""
+    finish_writes(start_writes(path, files))
 
 
 def commit(path: str, step: int, world_size: int) -> None:

@@ -306,15 +306,21 @@ class Trainer:
             ckpt.prepare_folder(path)
         distributed.barrier(self.ctx)
         error = None
+        writes: list = []
         try:
-            files = ckpt.rank_files(self.ctx.rank, self.stream.state_dict())
+            writes += ckpt.start_writes(path, ckpt.rank_files(self.ctx.rank, self.stream.state_dict()))
             if self.ctx.is_main:
-                files.update(ckpt.main_files(model_bytes=model_to_bytes(self.model), optimizer=self.optimizer,
-                                             scheduler=self.scheduler, scaler=self.scaler, step=self.step,
-                                             extra={"eval": self.eval_results}, config_yaml=self.cfg.to_yaml()))
-            ckpt.write_files(path, files)
+                # The weights upload while the optimizer state is serialised.
+                writes += ckpt.start_writes(path, {ckpt.MODEL_FILE: model_to_bytes(self.model)})
+                writes += ckpt.start_writes(path, ckpt.main_files(
+                    optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, step=self.step,
+                    extra={"eval": self.eval_results}, config_yaml=self.cfg.to_yaml()))
         except Exception as err:  # noqa: BLE001 - every rank must learn that the checkpoint failed
             error = err
+        try:
+            ckpt.finish_writes(writes)   # also after a failure: no write is left running behind it
+        except Exception as err:  # noqa: BLE001
+            error = error or err
         if not distributed.all_ok(self.ctx, error is None):
             raise XvlmError(f"checkpoint step {self.step} failed on at least one rank"
                             + (f": {error}" if error else "")) from error
