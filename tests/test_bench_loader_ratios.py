@@ -1,4 +1,5 @@
-"""tools/bench_loader.py's ratio method: each S3 row runs right after its local row, and a ratio is the median of
+"""tools/bench_loader.py's ratio method: each S3 row runs next to its local row (after it, and before it every
+second round), and a ratio is the median of
 the per-round ratios (not best round against best round)."""
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def test_each_s3_row_runs_right_after_its_local_row():
     assert paired_order(["loader, bare transform, local", "loader, bare transform, S3"]) == \
         ["loader, bare transform, local", "loader, bare transform, S3"]
     assert paired_order(["loader region, local"]) == ["loader region, local"]   # no S3 rows (--no-s3)
+
+
+def test_every_second_round_the_s3_row_of_a_pair_runs_first():
+    names = ["bare: Pillow decode + resize", "loader image-text, local", "loader region, local",
+             "loader image-text, S3", "loader region, S3"]
+    assert paired_order(names, swap=True) == [
+        "bare: Pillow decode + resize", "loader image-text, S3", "loader image-text, local", "loader region, S3",
+        "loader region, local"]
 
 
 def test_ratios_are_medians_of_per_round_ratios():

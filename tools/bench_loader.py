@@ -281,16 +281,17 @@ def timed(fn: Callable[[], int]) -> tuple[float, float]:
     return n / wall, n / max(cpu, 1e-9)
 
 
-def paired_order(names: list[str]) -> list[str]:
-    """The rows in order, each S3 row moved right after its local row: a pair then meets the same machine load."""
+def paired_order(names: list[str], swap: bool = False) -> list[str]:
+    """The rows in order, each S3 row moved next to its local row: a pair then meets the same machine load. With
+    `swap` (every second round) the S3 row of each pair runs first: whatever the position in a pair costs (the
+    machine speeding up or slowing down within a pair, the previous row's leftovers) falls on each side alike."""
     order = []
     for name in names:
         if ", S3" in name:
             continue
-        order.append(name)
         twin = name.replace(", local", ", S3")
-        if twin != name and twin in names:
-            order.append(twin)
+        pair = [name, twin] if twin != name and twin in names else [name]
+        order += pair[::-1] if swap else pair
     return order
 
 
@@ -309,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-res", type=int, default=224, help="training image side (default 224)")
     parser.add_argument("--source-size", default="512x384",
                         help="WIDTHxHEIGHT of the synthesized JPEGs (default 512x384; COCO is ~640x480)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds (default 3): each row runs once a round; the table shows each row's best round, "
-                             "the ratios are medians of per-round ratios")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="rounds (default 4; an even number puts each S3 row first in half of them): each row "
+                             "runs once a round; the table shows each row's best round, the ratios are medians of "
+                             "per-round ratios")
     parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the sample MiniLM vocab)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS rows")
     parser.add_argument("--no-mds", action="store_true", help="skip the mosaicml-streaming rows")
@@ -403,15 +405,15 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             print(f"mosaicml-streaming not usable ({err}): rows skipped")
 
-    # Rows run interleaved, round after round (each S3 row right after its local row), so a burst of load hits
-    # every row alike instead of one row's whole measurement. The table shows each row's best round (the least
+    # Rows run interleaved, round after round (each S3 row next to its local row, first and second in turn), so a
+    # burst of load hits every row alike instead of one row's whole measurement. The table shows each row's best round (the least
     # disturbed); the ratios are the median over rounds of the ratio within each round.
     history: dict[str, list[float]] = {name: [] for name in list(runs) + list(bare_rows)}
     cpu_history: dict[str, list[float]] = {name: [] for name in history}
-    for _ in tqdm(range(args.repeats), desc="rounds"):
+    for round_ in tqdm(range(args.repeats), desc="rounds"):
         for group, patch in ((runs, None), (bare_rows, bare_transform)):
             with patch() if patch else contextlib.nullcontext():
-                for name in paired_order(list(group)):
+                for name in paired_order(list(group), swap=bool(round_ % 2)):
                     wall, cpu = timed(group[name])
                     history[name].append(wall)
                     cpu_history[name].append(cpu)
