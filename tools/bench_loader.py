@@ -406,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mosaicml-streaming not usable ({err}): rows skipped")
 
     # Rows run interleaved, round after round (each S3 row next to its local row, first and second in turn), so a
-    # burst of load hits every row alike instead of one row's whole measurement. The table shows each row's best round (the least
-    # disturbed); the ratios are the median over rounds of the ratio within each round.
+    # burst of load hits every row alike instead of one row's whole measurement. The table shows each row's best
+    # round (the least disturbed); the ratios are the median over rounds of the ratio within each round.
     history: dict[str, list[float]] = {name: [] for name in list(runs) + list(bare_rows)}
     cpu_history: dict[str, list[float]] = {name: [] for name in history}
     for round_ in tqdm(range(args.repeats), desc="rounds"):

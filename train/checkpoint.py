@@ -182,11 +182,6 @@ def finish_writes(futures: list[Future]) -> None:
         raise errors[0]
 
 
-def write_files(path: str, files: dict[str, bytes]) -> None:
-    """Write the files of a checkpoint part side by side (each atomically); raises the first error."""
-    finish_writes(start_writes(path, files))
-
-
 def commit(path: str, step: int, world_size: int) -> None:
     """Rank 0, once every rank reported its part written: the marker that makes the checkpoint count. Last."""
     files = sorted({MODEL_FILE, TRAINER_FILE, CONFIG_FILE, *(rank_file(r) for r in range(world_size))})
