@@ -140,15 +140,15 @@ class SlotReader:
 
     def _read(self, begin: int, end: int, needed: set[int]) -> dict[int, tuple[RawSample | Skipped, tuple[int, int]]]:
         """Raw samples at the needed slice positions in [begin, end), read in tar order."""
-        out = {}
+        return self._parse([(*part, 0, None) for part in self._parts(begin, end, needed)])
+
+    def _parts(self, begin: int, end: int, needed: set[int]) -> Iterator[tuple[Any, int, int, int, set[int]]]:
+        """(piece, first sample in shard, count, first slice position, needed sample numbers) for each shard piece
+        of [begin, end) that holds a needed position."""
         for piece, first, count, position in self.plan.locate(self.slice_id, begin, end):
-            shard = self.datasets[piece.dataset].shards[piece.shard]
             want = {first + p - position for p in needed if position <= p < position + count}
-            if not want:
-                continue
-            for item in iter_range(shard, first, count, needed=want):
-                out[position + item.index - first] = (item, (piece.dataset, piece.shard))
-        return out
+            if want:
+                yield piece, first, count, position, want
 
     def _fetch(self, begin: int, end: int, needed: set[int]) -> list[Fetched]:
         """In the read-ahead thread: the bytes of each shard range that the needed positions of [begin, end) lie in,
@@ -156,10 +156,7 @@ class SlotReader:
         cannot be read whole (a missing or truncated shard, storage that kept failing) comes back as None: `_parse`
         then reads it the ordinary way, which skips and counts the damage exactly as without read-ahead."""
         out = []
-        for piece, first, count, position in self.plan.locate(self.slice_id, begin, end):
-            want = {first + p - position for p in needed if position <= p < position + count}
-            if not want:
-                continue
+        for piece, first, count, position, want in self._parts(begin, end, needed):
             shard = self.datasets[piece.dataset].shards[piece.shard]
             low, high = int(shard.offsets[min(want)]), shard.end_offset(max(want))
             data: bytes | None = None
@@ -176,7 +173,7 @@ class SlotReader:
         return out
 
     def _parse(self, fetched: list[Fetched]) -> dict[int, tuple[RawSample | Skipped, tuple[int, int]]]:
-        """The raw samples of `_fetch`'s ranges, parsed from memory (or read now where the fetch failed)."""
+        """The raw samples of `_fetch`'s ranges, parsed from memory (or read now where there are no bytes)."""
         out = {}
         for piece, first, count, position, want, low, data in fetched:
             shard = self.datasets[piece.dataset].shards[piece.shard]

@@ -1,6 +1,5 @@
 """tools/bench_loader.py's ratio method: each S3 row runs next to its local row (after it, and before it every
-second round), and a ratio is the median of
-the per-round ratios (not best round against best round)."""
+second round), and a ratio is the median of the per-round ratios (not best round against best round)."""
 from __future__ import annotations
 
 import pytest
