@@ -29,13 +29,21 @@ SMOKE = {"images": 60, "val_images": 40, "steps": 12, "box_warmup_steps": 4}
 # box texts are bare category names (COCO objects: what held-out grounding is scored on). Sources not named here
 # get BOX_WARMUP_OTHER when they have boxes, BOX_WARMUP_NO_BOXES when they have none (captions only). It trains
 # with the centre loss (heads that attend over the patches) and half its region samples whole pictures, as scored.
+# BOX_WARMUP_OTHER trades grounding for retrieval: the other box sources' texts name colours ("red small star"),
+# and without them the warm-up's vision tower unlearns colour, which the main training's captions need
+# (docs/quickstart.md: 0.1 -> warm-up grounding 0.61 but i2t R@1 0.13 after 150 main steps; 0.2 -> 0.49, R@1 0.38
+# after 75 main steps).
 BOX_WARMUP_STEPS = 600
-MAIN_STEPS_AFTER_WARMUP = 450   # the main training's default after the warm-up (without one: the config's 560)
+MAIN_STEPS_AFTER_WARMUP = 350   # the main training's default after the warm-up (without one: the config's 560)
 BOX_WARMUP_WEIGHTS = {"coco": 1.0}
-BOX_WARMUP_OTHER = 0.1
+BOX_WARMUP_OTHER = 0.2
 BOX_WARMUP_NO_BOXES = 0.01
 BOX_WARMUP_CENTRE = 1.0         # loss.centre of the warm-up (softargmax and dense heads; the xvlm head has none)
 BOX_WARMUP_CROP_PROB = 0.5      # data.region_crop_prob of the warm-up: the other half are whole pictures
+# The main training after a warm-up keeps the warm-up's centre loss and whole pictures (it keeps grounding; from
+# scratch, without a warm-up, the config's own settings: no centre loss, X-VLM's crops).
+MAIN_CENTRE_AFTER_WARMUP = 1.0
+MAIN_CROP_PROB_AFTER_WARMUP = 0.5
 # What "visibly learns" means on the 200 held-out scenes (chance: R@1 = 1/200; a constant box scores ~0.01).
 TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves
@@ -51,7 +59,7 @@ DESCRIPTION = (
     "  3. training        a ~1M-parameter X-VLM (train/configs/quickstart_cpu.yaml; ITC + box losses), budgeted in\n"
     "                     steps: a box warm-up (600 steps of region batches only, mostly the COCO pictures whose\n"
     "                     box texts are bare object names; with the centre loss), then the main training from its\n"
-    "                     weights (450 steps of region + image-text batches); ~13 minutes on 2 idle cores, with\n"
+    "                     weights (350 steps of region + image-text batches); ~10 minutes on 2 idle cores, with\n"
     "                     progress bars and ETA; held-out evaluations for the curves\n"
     "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC; ITM re-ranking when trained) and grounding acc@0.5 on the\n"
     "                     200 held-out scenes\n"
@@ -62,7 +70,7 @@ DESCRIPTION = (
 )
 EPILOG = (
     "examples:\n"
-    "  xvlm quickstart                         # ~14 minutes on 2 idle cores: data, shards, training, report\n"
+    "  xvlm quickstart                         # ~11 minutes on 2 idle cores: data, shards, training, report\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 150             # a shorter main training\n"
     "  xvlm quickstart --box-warmup-steps 0    # no box warm-up: the main training alone, 560 steps\n"
@@ -78,15 +86,20 @@ def config_box_head() -> str:
     return (yaml.safe_load(CONFIG.read_text()).get("model") or {}).get("box_head", "xvlm")
 
 
+def default_threads() -> int:
+    """torch CPU threads of the model: every core of this machine."""
+    return max(1, os.cpu_count() or 1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"main training steps (default {MAIN_STEPS_AFTER_WARMUP} after the box warm-up, "
-                             f"~9.5 minutes on 2 cores; with --box-warmup-steps 0 the config's 560, ~10 minutes; "
+                             f"~6 minutes on 2 cores; with --box-warmup-steps 0 the config's 560, ~9 minutes; "
                              f"--smoke: {SMOKE['steps']})")
     parser.add_argument("--box-warmup-steps", type=int, default=None,
                         help=f"steps of region batches only, mostly COCO pictures (bare object names), before the "
-                             f"main training (default {BOX_WARMUP_STEPS}, ~3.5 minutes; --smoke: "
+                             f"main training (default {BOX_WARMUP_STEPS}, ~3.7 minutes; --smoke: "
                              f"{SMOKE['box_warmup_steps']}; 0: none)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"about one minute: {SMOKE['images']} training + {SMOKE['val_images']} held-out "
@@ -101,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "same budget and report both")
     parser.add_argument("--seed", type=int, default=0, help="sample-data seed (default 0)")
     parser.add_argument("--threads", type=int, default=None,
-                        help=f"torch CPU threads for the model (default: cores - {LOADER_WORKERS} loader worker)")
+                        help=f"torch CPU threads for the model (default: every core, {default_threads()} here; "
+                             f"the {LOADER_WORKERS} loader worker shares them)")
     parser.add_argument("--no-stats", action="store_true", help="skip the dataset statistics report")
 
 
@@ -225,8 +239,10 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool, 
                       f"data.region_crop_prob={BOX_WARMUP_CROP_PROB}"]
         if box_head != "xvlm":
             overrides.append(f"loss.centre={BOX_WARMUP_CENTRE}")
-    if init:
-        overrides.append(f"model.init={json.dumps(init)}")
+    if init:   # the main training from the warm-up's weights
+        overrides += [f"model.init={json.dumps(init)}", f"data.region_crop_prob={MAIN_CROP_PROB_AFTER_WARMUP}"]
+        if box_head != "xvlm":
+            overrides.append(f"loss.centre={MAIN_CENTRE_AFTER_WARMUP}")
     cfg = load_config(str(CONFIG), overrides)
     if steps is not None:
         cfg.schedule.steps = steps
@@ -460,9 +476,9 @@ def run(args: argparse.Namespace) -> int:
         raise XvlmError(f"--box-warmup-steps must be >= 0, got {args.box_warmup_steps}")
     if args.threads is not None and args.threads < 1:
         raise XvlmError(f"--threads must be >= 1, got {args.threads}")
-    # The loader's worker process decodes and augments on one core; the model gets the others. (Two intra-op
-    # threads on a 2-core machine whose other core is busy run tiny matmuls several times slower than one.)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - LOADER_WORKERS))
+    # The model gets every core, sharing one with the loader's worker process: on this 2-core machine two model
+    # threads made the main training's steps ~20% faster than one (docs/quickstart.md), the worker keeps up.
+    torch.set_num_threads(args.threads or default_threads())
     started = time.perf_counter()
     layout = Layout(Path(args.out).resolve())
     images = args.images or (SMOKE["images"] if args.smoke else DEFAULT_IMAGES)
