@@ -38,12 +38,10 @@ MAIN_STEPS_AFTER_WARMUP = 350   # the main training's default after the warm-up 
 BOX_WARMUP_WEIGHTS = {"coco": 1.0}
 BOX_WARMUP_OTHER = 0.2
 BOX_WARMUP_NO_BOXES = 0.01
-BOX_WARMUP_CENTRE = 1.0         # loss.centre of the warm-up (softargmax and dense heads; the xvlm head has none)
-BOX_WARMUP_CROP_PROB = 0.5      # data.region_crop_prob of the warm-up: the other half are whole pictures
+BOX_WARMUP_CENTRE = 1.0         # loss.centre of the warm-up and the main training after it (softargmax, dense heads)
+BOX_WARMUP_CROP_PROB = 0.5      # data.region_crop_prob of both stages: the other half are whole pictures
 # The main training after a warm-up keeps the warm-up's centre loss and whole pictures (it keeps grounding; from
 # scratch, without a warm-up, the config's own settings: no centre loss, X-VLM's crops).
-MAIN_CENTRE_AFTER_WARMUP = 1.0
-MAIN_CROP_PROB_AFTER_WARMUP = 0.5
 # What "visibly learns" means on the 200 held-out scenes (chance: R@1 = 1/200; a constant box scores ~0.01).
 TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves
@@ -235,14 +233,13 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool, 
         overrides.append("loss.centre=0")
     if warmup:
         overrides += ["schedule.mode=alternating", "schedule.iter_perc=1.0",
-                      f"data.source_weights={json.dumps(box_warmup_weights(layout.train_shards))}",
-                      f"data.region_crop_prob={BOX_WARMUP_CROP_PROB}"]
+                      f"data.source_weights={json.dumps(box_warmup_weights(layout.train_shards))}"]
+    if init:   # the main training from the warm-up's weights
+        overrides.append(f"model.init={json.dumps(init)}")
+    if warmup or init:   # both stages: whole pictures half the time, the centre loss when the head attends
+        overrides.append(f"data.region_crop_prob={BOX_WARMUP_CROP_PROB}")
         if box_head != "xvlm":
             overrides.append(f"loss.centre={BOX_WARMUP_CENTRE}")
-    if init:   # the main training from the warm-up's weights
-        overrides += [f"model.init={json.dumps(init)}", f"data.region_crop_prob={MAIN_CROP_PROB_AFTER_WARMUP}"]
-        if box_head != "xvlm":
-            overrides.append(f"loss.centre={MAIN_CENTRE_AFTER_WARMUP}")
     cfg = load_config(str(CONFIG), overrides)
     if steps is not None:
         cfg.schedule.steps = steps
