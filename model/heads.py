@@ -37,12 +37,17 @@ class ContrastiveHead(nn.Module):
         init_bert_weights(self)
 
     def temperature(self) -> torch.Tensor:
-        # X-VLM clamps the parameter itself on every forward, so it never drifts out of range. We clamp its .data:
-        # an in-place op on the parameter would bump its version and break the backward of an earlier forward
-        # still in the graph (two batches summed into one step, gradient accumulation). The returned clamp is
-        # the graph's view of it (a no-op in value; its gradient passes at the bounds too).
+        """The temperature of this forward: the parameter clamped in place into [temp_min, temp_max] (no gradient
+        through the clamp), then used with gradient 1, as X-VLM does (models/model_pretrain.py: `temp.clamp_` under
+        no_grad). A temperature at a bound can leave it again.
+
+        We clamp `.data`: an in-place op on the parameter itself would bump its version and break the backward of
+        an earlier forward still in the graph (two batches summed into one step, gradient accumulation). The
+        returned clone is this forward's own copy of the value, so a later forward's clamp cannot change what
+        this one's backward reads; its gradient is the identity.
+        """
         self.temp.data.clamp_(self.temp_min, self.temp_max)
-        return self.temp.clamp(self.temp_min, self.temp_max)
+        return self.temp.clone()
 
     def vision_feat(self, cls: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(cls), dim=-1)
