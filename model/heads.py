@@ -12,9 +12,10 @@ from model.text import init_bert_weights
 
 
 class MLPHead(nn.Module):
-    """X-VLM's head: Linear(H -> 2H) -> LayerNorm -> GELU -> Linear(2H -> out)."""
+    """X-VLM's head: Linear(H -> 2H) -> LayerNorm -> GELU -> Linear(2H -> out). X-VLM's LayerNorm has PyTorch's
+    default eps 1e-5 (models/xvlm.py build_mlp), not BERT's 1e-12."""
 
-    def __init__(self, hidden: int, out: int, eps: float = 1e-12) -> None:
+    def __init__(self, hidden: int, out: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=eps), nn.GELU(),
                                  nn.Linear(2 * hidden, out))
@@ -74,7 +75,7 @@ class MLMHead(nn.Module):
 class XVLMBoxHead(nn.Module):
     """The paper's box head: MLP on the fused text [CLS] (text attending to the whole image), sigmoid -> (cx, cy, w, h)."""
 
-    def __init__(self, hidden: int, eps: float = 1e-12) -> None:
+    def __init__(self, hidden: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.mlp = MLPHead(hidden, 4, eps)
 
@@ -150,7 +151,7 @@ class SoftArgmaxBoxHead(PatchAttention):
     Why: the centre is read off the image where the text attends, instead of being regressed from one vector.
     """
 
-    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-12) -> None:
+    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-5) -> None:
         super().__init__(hidden, vision_width, grid)
         self.offset = MLPHead(hidden, 2, eps)
         self.size = MLPHead(hidden, 2, eps)
@@ -173,7 +174,7 @@ class DenseBoxHead(PatchAttention):
     (one-stage detectors such as FCOS regress per location the same way).
     """
 
-    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-12, reach: float = 2.0) -> None:
+    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-5, reach: float = 2.0) -> None:
         super().__init__(hidden, vision_width, grid)
         self.reach = reach
         self.patch_in = nn.Linear(vision_width, hidden)

@@ -7,8 +7,11 @@ import torch
 from model.concept import concept_embeds
 from model.config import ModelConfig, preset
 from model.synthetic import image_text_batch, patch_mask_for_boxes, region_batch
-from model.xvlm import XVLM, build_model
+from model.xvlm import XVLM, build_model, same_box
 from model.errors import ModelError
+
+
+VOCAB = 1200
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +266,43 @@ def test_vit_with_conv_stem_tokenises_by_convolutions():
                        ({"stem_channels": [16, 64], "stem_strides": [2, 3]}, "stem_strides")):
         with pytest.raises(ModelError, match=match):
             build_model(preset("tiny", vision_name="vit_convstem", vision_kwargs=bad))
+
+
+def _two_rows_of_one_box(model) -> dict[str, torch.Tensor]:
+    """A region batch of 2 texts about the same box of the same image (e.g. an object and its region caption)."""
+    batch = region_batch(1, 2, 64, model.grid_size, VOCAB, with_whole_image=False)
+    batch["patch_mask"][1] = batch["patch_mask"][0]
+    batch["target_bbox"][1] = batch["target_bbox"][0]
+    return batch
+
+
+def test_itm_negatives_exclude_only_the_diagonal_by_default():
+    """X-VLM's pretraining (no idx): a row's only excluded candidate is its own pair, so another text about the same
+    box can be drawn as a negative; `itm_positives: same_box` (ours) excludes it too."""
+    ours = build_model(preset("tiny", vocab_size=VOCAB, itm_positives="same_box"))
+    official = build_model(preset("tiny", vocab_size=VOCAB))
+    assert official.config.itm_positives == "diagonal"
+    batch = _two_rows_of_one_box(official)
+    losses = official(**batch, objectives={"itm"})        # each row's negative is the other row's pair
+    assert torch.isfinite(losses["itm"])
+    with pytest.raises(ModelError, match="every candidate is a positive"):
+        ours(**batch, objectives={"itm"})                  # the other row is a positive: nothing left to draw
+
+
+def test_same_box_marks_rows_of_the_same_image_and_patch_mask():
+    image_idx = torch.tensor([0, 0, 0, 1])
+    patch_mask = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 0]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(same_box(image_idx, patch_mask), expected)
+
+
+@pytest.mark.parametrize("box_head", ["xvlm", "softargmax", "dense"])
+def test_head_layer_norms_use_pytorchs_eps_and_bert_layers_berts(box_head):
+    """X-VLM's ITM and box heads (build_mlp) use nn.LayerNorm's default eps 1e-5; BERT's own layers 1e-12. Our box
+    heads follow the heads."""
+    model = build_model(preset("tiny", vocab_size=VOCAB, box_head=box_head))
+    norms = {name: module.eps for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)}
+    heads = {name: eps for name, eps in norms.items() if name.startswith(("itm_head.", "box_head."))}
+    bert = {name: eps for name, eps in norms.items() if name.startswith(("text.", "fusion.", "mlm_head."))}
+    assert heads and set(heads.values()) == {1e-5}
+    assert bert and set(bert.values()) == {1e-12}
