@@ -57,15 +57,24 @@ def test_swin_tower_pools_its_cls_and_uses_the_final_stride():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def _base_on_meta() -> tuple[XVLM, str]:
+    """The base model on the meta device (shapes only, instant), or on the CPU where timm cannot build Swin on meta
+    (timm 1.0.9, the low end of our range: its drop-path rates call .tolist() on a meta tensor)."""
+    try:
+        with torch.device("meta"):
+            return build_model(preset("base")), "meta"
+    except NotImplementedError:
+        return build_model(preset("base")), "cpu"
+
+
 def test_base_preset_shapes_and_parameter_count_on_meta():
-    with torch.device("meta"):
-        model = build_model(preset("base"))
+    model, device = _base_on_meta()
     count = sum(p.numel() for p in model.parameters())
     assert 210e6 < count < 222e6, count      # the paper's ~216M
     assert (model.grid_size, model.grid_stride, model.vision.width) == (7, 32, 1024)
     assert model.fusion.layer[0].crossattention.self.key.in_features == 1024
     assert len(model.text.layer) == 6 and len(model.fusion.layer) == 6
-    batch = {k: v.to("meta") for k, v in region_batch(2, 2, 224, 7, 30522).items()}
+    batch = {k: v.to(device) for k, v in region_batch(2, 2, 224, 7, 30522).items()}
     with torch.no_grad():
         embeds, feat = model.encode_image(batch["image"])
         text, text_feat = model.encode_text(batch["text_ids"], batch["text_atts"])
