@@ -268,15 +268,17 @@ def official_buffers(model: torch.nn.Module, text_prefix: str = PRETRAIN_TEXT) -
 
 # ---------------------------------------------------------------------------------------------- import
 def _check_shapes(mapped: Mapped, own: dict[str, torch.Tensor], what: str, source: str) -> None:
-    """Every official tensor has a place of the same shape in our model; the first that does not is the error."""
+    """Every official tensor has a place of the same shape in our model; the first that does not (in the file's
+    order) is the error, with both shapes."""
+    model = "model sized from this checkpoint" if what == "auto" else f"{what} model"
     hint = "" if what == "auto" else " (--preset auto reads the sizes off the checkpoint)"
     for ours, tensor in mapped.state.items():
         theirs = mapped.source[ours]
         if ours not in own:
             raise ModelError(f"{source}: weight {theirs} {tuple(tensor.shape)} has no counterpart {ours} in our "
-                            f"{what} model{hint}")
+                            f"{model}{hint}")
         if tuple(tensor.shape) != tuple(own[ours].shape):
-            raise ModelError(f"{source}: weight {theirs} has shape {tuple(tensor.shape)} but our {what} model's "
+            raise ModelError(f"{source}: weight {theirs} has shape {tuple(tensor.shape)} but our {model}'s "
                             f"{ours} has {tuple(own[ours].shape)}{hint}")
 
 
@@ -340,13 +342,13 @@ def import_official(state: dict[str, torch.Tensor], official_config: dict[str, A
         config = infer_config(state, lay, official_config, source, text_heads, image_res)
     else:
         config = preset(preset_name)
-        if config.text_layers != lay.fusion_layer:
-            raise ModelError(f"{source}: cross-attention starts at BERT layer {lay.fusion_layer}; the {preset_name} "
-                            f"preset has {config.text_layers} text-only layers (--preset auto reads the split)")
     torch.manual_seed(0)   # absent heads, when allowed, get the same fresh weights on every run
     model = XVLM(config)
     own = model.state_dict()
     _check_shapes(mapped, own, preset_name, source)
+    if config.text_layers != lay.fusion_layer:
+        raise ModelError(f"{source}: cross-attention starts at BERT layer {lay.fusion_layer}; the {preset_name} "
+                        f"preset has {config.text_layers} text-only layers (--preset auto reads the split)")
     checked = _check_buffers(model, mapped.buffers, lay, source) + _check_tied(mapped, source)
     absent = _absent_heads(mapped, own, lay.fusion_layer, source)
     if absent and not new_heads:

@@ -44,6 +44,7 @@ def _config(size: str, work: str) -> dict:
     """An official run config (the model keys of configs/Pretrain_XVLM_base_4m.yaml) with its json files and the
     random initial towers it loads (a Swin checkpoint and a BERT folder) written under `work`."""
     sizes = SIZES[size]
+    os.makedirs(work, exist_ok=True)
     vision_json, text_json = os.path.join(work, "config_swin.json"), os.path.join(work, "config_bert.json")
     bert_dir, swin_ckpt = os.path.join(work, "bert"), os.path.join(work, "swin.pth")
     vision = {**sizes["vision"], "ckpt": swin_ckpt}
@@ -192,8 +193,10 @@ def keys(out: str) -> None:
     result = {}
     for kind, cls in (("pretrain", Pretrain), ("retrieval", Retrieval), ("grounding", Grounding)):
         result[kind] = [[k, list(v.shape)] for k, v in cls(config).state_dict().items()]
-    with open(out, "w") as f:
-        json.dump(result, f, indent=0)
+    with open(out, "w") as f:      # one [key, shape] per line: a readable fixture
+        f.write("{\n" + ",\n".join(
+            f'"{kind}": [\n' + ",\n".join(json.dumps(entry) for entry in entries) + "\n]"
+            for kind, entries in result.items()) + "\n}\n")
 
 
 def main() -> None:
