@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,10 @@ def _files(tmp_path: Path, tiny_path: Path) -> dict[str, tuple[Path, str]]:
     truncated.write_bytes(tiny_path.read_bytes()[: tiny_path.stat().st_size // 2])
     code = tmp_path / "code.pth"
     torch.save({"model": {"temp": torch.tensor(0.07)}, "config": argparse.Namespace(lr=1e-4), "x": Opaque()}, code)
+    damaged = tmp_path / "damaged.pth"  # a sound zip whose pickle is garbage
+    with zipfile.ZipFile(tiny_path) as source, zipfile.ZipFile(damaged, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, b"\x80\x02garbage" if name.endswith("data.pkl") else source.read(name))
     large = tmp_path / "large.pth"       # X-VLM-large's first tensors (Swin-L 192 wide, BERT-large): into base
     torch.save({"model": {"vision_encoder.patch_embed.proj.weight": torch.zeros(192, 3, 4, 4),
                           "text_encoder.bert.encoder.layer.0.crossattention.self.key.weight": torch.zeros(1024, 1536)},
@@ -260,7 +265,11 @@ def _files(tmp_path: Path, tiny_path: Path) -> dict[str, tuple[Path, str]]:
         "not X-VLM (wrapped)": (other, "is not an X-VLM checkpoint: it holds a dict with keys ['epoch', 'weights']"),
         "not X-VLM (flat)": (flat, "is not an X-VLM checkpoint: it has no vision_encoder.* and text_encoder.*"),
         "truncated": (truncated, "is truncated or damaged"),
-        "code execution": (code, "needs code execution to load, which torch.load(weights_only=True) refuses"),
+        "code execution": (code, "needs code execution to load, which torch.load(weights_only=True) refuses "
+                                 "(Unsupported global: GLOBAL argparse.Namespace was not an allowed global by "
+                                 "default); we never unpickle code"),
+        "damaged pickle": (damaged, "cannot be read with torch.load(weights_only=True) (Unsupported operand 103): "
+                                    "it is damaged"),
         "large into base": (large, "weight vision_encoder.patch_embed.proj.weight has shape (192, 3, 4, 4) but our "
                                    "base model's vision.backbone.patch_embed.proj.weight has (128, 3, 4, 4)"),
         "missing": (tmp_path / "absent.pth", "does not exist"),
@@ -268,7 +277,7 @@ def _files(tmp_path: Path, tiny_path: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("case", ["not a torch file", "not X-VLM (wrapped)", "not X-VLM (flat)", "truncated",
-                                  "code execution", "large into base", "missing"])
+                                  "code execution", "damaged pickle", "large into base", "missing"])
 def test_a_bad_file_is_one_clear_line_and_exit_2(tiny, tmp_path, capsys, case):
     model, _ = tiny
     good = official_file(model, tmp_path / "good.pth")

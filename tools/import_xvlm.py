@@ -35,7 +35,7 @@ EPILOG = (
     "  xvlm import-xvlm checkpoint_best.pth --out models/xvlm-coco --new-heads      # a Retrieval fine-tune at 384 px\n"
     "  xvlm import-xvlm 16m_base_model_state_step_199999.th --out models/xvlm-16m --preset base   # must be base\n"
     "  xvlm eval --checkpoint models/xvlm-4m --data data/shards-val --tokenizer bert-base-uncased/\n"
-    "tiny CPU round trip (no download):\n"
+    "CPU round trip with random base weights (no download, about a minute):\n"
     "  python -c \"from model.config import preset; from model.xvlm import build_model; from model.io import save_model; \\\n"
     "    save_model(build_model(preset('base')), '/tmp/x/model.safetensors')\"\n"
     "  xvlm export-xvlm /tmp/x --out /tmp/x.pth && xvlm import-xvlm /tmp/x.pth --out /tmp/y"
@@ -64,8 +64,8 @@ def _unpickle_refusal(err: Exception) -> str:
     """The line of torch's weights_only refusal that names what the file wanted to execute."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     for line in lines:
-        if "Unsupported global" in line or "Unsupported operand" in line or "WeightsUnpickler error" in line:
-            return line
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.split(" Please use")[0].removeprefix("WeightsUnpickler error: ").rstrip(".")
     return lines[0] if lines else type(err).__name__
 
 
@@ -79,12 +79,13 @@ def load_checkpoint_bytes(data: bytes, source: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err) and ("Unsupported" in str(err) or "global" in str(err)):
+        resave = ("Where you trust the file, re-save its tensors: "
+                  "torch.save({'model': torch.load(p, weights_only=False)['model']}, 'clean.pth')")
+        if "Unsupported global" in str(err):     # the pickle names a class or function to call
             raise ModelError(f"{source} needs code execution to load, which torch.load(weights_only=True) refuses "
-                            f"({_unpickle_refusal(err)}); we never unpickle code. Where you trust the file, re-save "
-                            "its tensors: torch.save({'model': torch.load(p, weights_only=False)['model']}, "
-                            "'clean.pth')") from err
-        raise ModelError(f"{source} is damaged or not a torch checkpoint: {_unpickle_refusal(err)}") from err
+                            f"({_unpickle_refusal(err)}); we never unpickle code. {resave}") from err
+        raise ModelError(f"{source} cannot be read with torch.load(weights_only=True) ({_unpickle_refusal(err)}): "
+                        f"it is damaged, or its pickle uses operations that need code execution. {resave}") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ModelError(f"{source} is truncated or damaged: {str(err).splitlines()[0] if str(err) else err!r}") from err
 
