@@ -90,13 +90,20 @@ def load_checkpoint_bytes(data: bytes, source: str) -> Any:
         raise ModelError(f"{source} is truncated or damaged: {str(err).splitlines()[0] if str(err) else err!r}") from err
 
 
+def _unwrapped(state: dict[str, Any]) -> dict[str, Any]:
+    """Weights saved from a DistributedDataParallel wrapper carry `module.` before every name."""
+    if state and all(str(k).startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def split_checkpoint(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(weights, the checkpoint's config or None) of a loaded official checkpoint or a bare state dict."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         config = obj.get("config")
-        return obj["model"], config if isinstance(config, dict) else None
+        return _unwrapped(obj["model"]), config if isinstance(config, dict) else None
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, None
+        return _unwrapped(obj), None
     kind = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
     raise ModelError(f"{source} is not an X-VLM checkpoint: it holds {kind}, not {{'model': weights, 'config': ...}} "
                      "or a dict of tensors")
@@ -119,7 +126,7 @@ def train_overrides(config) -> list[str]:
     from model.config import preset
 
     base = preset("base").to_dict()
-    return [shlex.quote(f"model.{k}={json.dumps(v)}") for k, v in config.to_dict().items() if base[k] != v]
+    return [f"model.{k}={json.dumps(v)}" for k, v in config.to_dict().items() if base[k] != v]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     new = f"; new heads: {', '.join(report['new_heads'])}" if report["new_heads"] else ""
     print(f"imported {args.checkpoint} ({report['kind']} layout, {report['tensors']} tensors mapped, "
           f"{report['checked_not_copied']} checked, not copied{new}) -> {args.out}")
-    print(f"  train from it: xvlm train --config C.yaml {' '.join(report['train_overrides'])} model.init={args.out}")
+    overrides = " ".join(shlex.quote(o) for o in [*report["train_overrides"], f"model.init={args.out}"])
+    print(f"  train from it: xvlm train --config C.yaml {overrides}")
     print(f"  evaluate it:   xvlm eval --checkpoint {args.out} --data SHARDS --tokenizer BERT_FOLDER")
     return 0
