@@ -26,7 +26,7 @@ EPILOG = (
     "  xvlm export-xvlm runs/base4m --out xvlm_base4m.pth                  # newest committed checkpoint of the run\n"
     "  xvlm export-xvlm runs/base4m/checkpoints/ckpt-00200000 --out step200k.pth\n"
     "  xvlm export-xvlm models/xvlm-4m --out back.pth                     # a folder from `xvlm import-xvlm`\n"
-    "tiny CPU example (random base weights, no download):\n"
+    "CPU example with random base weights (no download, about half a minute):\n"
     "  python -c \"from model.config import preset; from model.xvlm import build_model; from model.io import save_model; \\\n"
     "    save_model(build_model(preset('base')), '/tmp/x/model.safetensors')\"\n"
     "  xvlm export-xvlm /tmp/x --out /tmp/x.pth"
