@@ -51,6 +51,10 @@ BoxHead = Literal["xvlm", "softargmax", "dense"]
 BOX_HEADS: tuple[str, ...] = ("xvlm", "softargmax", "dense")
 TextCls = Literal["cls", "mean"]
 SameText = Literal["negative", "ignore"]
+ItcGatherGrad = Literal["local", "sum"]
+ItmPositives = Literal["diagonal", "same_box"]
+# Model files written before `head_layer_norm_eps` existed built their heads with BERT's eps: read them so.
+LEGACY_HEAD_LAYER_NORM_EPS = 1e-12
 
 
 @dataclass
@@ -83,7 +87,17 @@ class ModelConfig:
     # ITC pairs (i, j != i) whose texts are identical (repeated object names: "hexagon", "man"): "negative" as in
     # X-VLM, or "ignore": left out of both softmaxes, so a name is not pushed away from other images' instances
     itc_same_text: SameText = "negative"
+    # Backward of the cross-rank feature gather: "local" as X-VLM (each rank's features get the gradient of its own
+    # loss only; models/xvlm.py AllGather), or "sum" (ours, open_clip's: every rank's gradient is summed, so after
+    # DDP's average the gradient equals the single-process one on the global batch: ITC weighs N x more on N ranks)
+    itc_gather_grad: ItcGatherGrad = "local"
+    # Pairs ITM never draws as hard negatives: "diagonal" as X-VLM's pretraining (only a row's own pair), or
+    # "same_box" (ours): in region batches also every row of the same image with the same patch mask
+    itm_positives: ItmPositives = "diagonal"
     box_head: BoxHead = "xvlm"       # "xvlm" (paper's MLP on the fused [CLS]), "softargmax" or "dense" (ours)
+    # LayerNorm eps of the heads (ITM, every box head): PyTorch's default 1e-5 as X-VLM's MLP heads; the text
+    # and fusion layers keep BERT's `layer_norm_eps`
+    head_layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.vision_name not in VISION_TOWERS:
@@ -95,6 +109,12 @@ class ModelConfig:
             raise ModelError(f"text_cls must be 'cls' or 'mean', got {self.text_cls!r}")
         if self.itc_same_text not in ("negative", "ignore"):
             raise ModelError(f"itc_same_text must be 'negative' or 'ignore', got {self.itc_same_text!r}")
+        if self.itc_gather_grad not in ("local", "sum"):
+            raise ModelError(f"itc_gather_grad must be 'local' or 'sum', got {self.itc_gather_grad!r}")
+        if self.itm_positives not in ("diagonal", "same_box"):
+            raise ModelError(f"itm_positives must be 'diagonal' or 'same_box', got {self.itm_positives!r}")
+        if not self.head_layer_norm_eps > 0:
+            raise ModelError(f"head_layer_norm_eps must be > 0, got {self.head_layer_norm_eps}")
         if self.hidden_size % self.num_attention_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                             f"{self.num_attention_heads}")
@@ -120,10 +140,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """A saved config. Files from before a field existed get the value they were built with (the heads'
+        LayerNorm eps was BERT's); other absent fields take their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ModelError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        values = {"head_layer_norm_eps": LEGACY_HEAD_LAYER_NORM_EPS, **values}
         return cls(**values)
 
 

@@ -12,9 +12,10 @@ from model.text import init_bert_weights
 
 
 class MLPHead(nn.Module):
-    """X-VLM's head: Linear(H -> 2H) -> LayerNorm -> GELU -> Linear(2H -> out)."""
+    """X-VLM's head: Linear(H -> 2H) -> LayerNorm -> GELU -> Linear(2H -> out). X-VLM's LayerNorm has PyTorch's
+    default eps 1e-5 (models/xvlm.py build_mlp), not BERT's 1e-12."""
 
-    def __init__(self, hidden: int, out: int, eps: float = 1e-12) -> None:
+    def __init__(self, hidden: int, out: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=eps), nn.GELU(),
                                  nn.Linear(2 * hidden, out))
@@ -37,12 +38,17 @@ class ContrastiveHead(nn.Module):
         init_bert_weights(self)
 
     def temperature(self) -> torch.Tensor:
-        # X-VLM clamps the parameter itself on every forward, so it never drifts out of range. We clamp its .data:
-        # an in-place op on the parameter would bump its version and break the backward of an earlier forward
-        # still in the graph (two batches summed into one step, gradient accumulation). The returned clamp is
-        # the graph's view of it (a no-op in value; its gradient passes at the bounds too).
+        """The temperature of this forward: the parameter clamped in place into [temp_min, temp_max] (no gradient
+        through the clamp), then used with gradient 1, as X-VLM does (models/model_pretrain.py: `temp.clamp_` under
+        no_grad). A temperature at a bound can leave it again.
+
+        We clamp `.data`: an in-place op on the parameter itself would bump its version and break the backward of
+        an earlier forward still in the graph (two batches summed into one step, gradient accumulation). The
+        returned clone is this forward's own copy of the value, so a later forward's clamp cannot change what
+        this one's backward reads; its gradient is the identity.
+        """
         self.temp.data.clamp_(self.temp_min, self.temp_max)
-        return self.temp.clamp(self.temp_min, self.temp_max)
+        return self.temp.clone()
 
     def vision_feat(self, cls: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(cls), dim=-1)
@@ -69,7 +75,7 @@ class MLMHead(nn.Module):
 class XVLMBoxHead(nn.Module):
     """The paper's box head: MLP on the fused text [CLS] (text attending to the whole image), sigmoid -> (cx, cy, w, h)."""
 
-    def __init__(self, hidden: int, eps: float = 1e-12) -> None:
+    def __init__(self, hidden: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.mlp = MLPHead(hidden, 4, eps)
 
@@ -145,7 +151,7 @@ class SoftArgmaxBoxHead(PatchAttention):
     Why: the centre is read off the image where the text attends, instead of being regressed from one vector.
     """
 
-    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-12) -> None:
+    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-5) -> None:
         super().__init__(hidden, vision_width, grid)
         self.offset = MLPHead(hidden, 2, eps)
         self.size = MLPHead(hidden, 2, eps)
@@ -168,7 +174,7 @@ class DenseBoxHead(PatchAttention):
     (one-stage detectors such as FCOS regress per location the same way).
     """
 
-    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-12, reach: float = 2.0) -> None:
+    def __init__(self, hidden: int, vision_width: int, grid: int, eps: float = 1e-5, reach: float = 2.0) -> None:
         super().__init__(hidden, vision_width, grid)
         self.reach = reach
         self.patch_in = nn.Linear(vision_width, hidden)

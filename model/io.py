@@ -72,10 +72,23 @@ def _tied_names(model: XVLM) -> set[str]:
     return set(model.state_dict()) - set(_untied_state(model))
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors writes its metadata in hash-map order, which changes from process to process; rewrite the header
+    with the metadata keys sorted (same length, same tensors) so that the same model always gives the same bytes."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:      # cannot happen for the same JSON; keep safetensors' own bytes if it ever does
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length:]
+
+
 def model_to_bytes(model: XVLM) -> bytes:
-    """The model's weights as safetensors bytes with its config JSON in the metadata."""
+    """The model's weights as safetensors bytes with its config JSON in the metadata (the same model gives the
+    same bytes)."""
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(model.config.to_dict())}
-    return safetensors_save(_untied_state(model), metadata=metadata)
+    return _sorted_metadata(safetensors_save(_untied_state(model), metadata=metadata))
 
 
 def _read_header_metadata(data: bytes) -> dict[str, str]:

@@ -9,40 +9,73 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 from model.errors import ModelError
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0 (rank order); the identity in a single process.
-
-    The backward sums every rank's gradient into the local slice (torch.distributed.nn semantics): each rank
-    computes the same global loss, so after DDP averages parameter gradients they equal the single-process
-    gradient of that loss on the global batch.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather  # imported lazily: pulls in RPC machinery
-    # Ranks may hold different row counts (region batches): gather the counts, pad to the largest, cut back.
+def _row_counts(x: torch.Tensor) -> list[int]:
+    """Every rank's row count of `x` (ranks may hold different counts: region batches)."""
     count = torch.tensor([x.shape[0]], device=x.device)
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    if len(set(sizes)) == 1:
-        return torch.cat(all_gather(x), dim=0)
-    padded = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])])
-    return torch.cat([part[:size] for part, size in zip(all_gather(padded), sizes)], dim=0)
+    return [int(c) for c in counts]
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+
+
+class _GatherLocalGrad(torch.autograd.Function):
+    """All-gather of rows whose backward hands this rank only its own slice of the incoming gradient.
+
+    This is X-VLM's convention (models/xvlm.py AllGather): every rank computes the loss over all ranks' rows, and
+    a rank's features get the gradient of its own copy of that loss; DDP then averages parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        parts = [torch.empty_like(_padded(x, max(sizes))) for _ in sizes]
+        dist.all_gather(parts, _padded(x.contiguous(), max(sizes)))
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad[ctx.start:ctx.stop], None
+
+
+def _gather_sum_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_gather  # imported lazily: pulls in RPC machinery
+    parts = all_gather(_padded(x, max(sizes)))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
+
+
+def gather_with_grad(x: torch.Tensor, grad: str = "local") -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (rank order); the identity in a single process.
+
+    grad "local" (X-VLM): the backward returns this rank's slice of its own gradient, so each rank's features get
+    the gradient of its own loss. grad "sum" (open_clip, torch.distributed.nn semantics): the backward sums every
+    rank's gradient into the local slice; each rank computes the same global loss, so after DDP averages parameter
+    gradients they equal the single-process gradient of that loss on the global batch, N times the "local" one.
+    """
+    if grad not in ("local", "sum"):
+        raise ModelError(f"gather grad must be 'local' or 'sum', got {grad!r}")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    sizes = _row_counts(x)
+    return _GatherLocalGrad.apply(x, sizes) if grad == "local" else _gather_sum_grad(x, sizes)
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
-             text_ids: torch.Tensor | None = None) -> torch.Tensor:
+             text_ids: torch.Tensor | None = None, gather_grad: str = "local") -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised features gathered from all ranks; row i of each side is a pair.
 
+    `gather_grad` ("local" as X-VLM, or "sum") is the backward of the cross-rank gather (see gather_with_grad).
     With `text_ids` ([K, T], padded token ids), pairs (i, j != i) whose texts are identical are left out of both
     softmaxes: neither positive nor negative (X-VLM counts them as negatives, which pushes a repeated name away
     from every other image's instance of it)."""
-    image_all = gather_with_grad(image_feat)
-    text_all = gather_with_grad(text_feat)
+    image_all = gather_with_grad(image_feat, gather_grad)
+    text_all = gather_with_grad(text_feat, gather_grad)
     logits = image_all @ text_all.t() / temp
     labels = torch.arange(logits.shape[0], device=logits.device)
     if text_ids is not None:
-        ids = gather_with_grad(text_ids)
+        ids = gather_with_grad(text_ids, gather_grad)
         same = (ids[:, None, :] == ids[None, :, :]).all(dim=-1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))

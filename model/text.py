@@ -1,9 +1,13 @@
 """Text and fusion encoders from transformers' BERT layers, kept bidirectional; fusion layers cross-attend to vision.
 
-transformers 5 builds cross-attention only in a decoder `BertLayer`, and a decoder makes self-attention causal.
-So we build the layers ourselves, switch causality off, and drive them with our own bidirectional masks.
+transformers builds cross-attention only in a decoder `BertLayer`, and a decoder makes self-attention causal (5.x:
+an `is_causal` flag; 4.x: only when no mask is given). So we build the layers ourselves, switch causality off, and
+drive them with our own bidirectional masks. Both major versions are supported (pyproject: transformers >= 4.45):
+4.x layers take no `layer_idx` and return a tuple whose first element is the hidden states; 5.x return a tensor.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -28,6 +32,20 @@ def bert_config(config: ModelConfig, cross_attention: bool = False) -> BertConfi
     )
     bert._attn_implementation = "sdpa"
     return bert
+
+
+# transformers >= 4.48 numbers its layers (for caches); 4.45-4.47 take the config only.
+_LAYER_TAKES_INDEX = "layer_idx" in inspect.signature(BertLayer.__init__).parameters
+
+
+def bert_layer(config: BertConfig, index: int) -> BertLayer:
+    """One transformers BertLayer, on either major version."""
+    return BertLayer(config, layer_idx=index) if _LAYER_TAKES_INDEX else BertLayer(config)
+
+
+def layer_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states a BertLayer returned: 5.x returns them, 4.x a tuple that starts with them."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def attention_bias(atts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,7 +83,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         bert = bert_config(config, cross_attention=False)
         self.embeddings = BertEmbeddings(bert)
-        self.layer = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.text_layers)])
+        self.layer = nn.ModuleList([bert_layer(bert, i) for i in range(config.text_layers)])
         for layer in self.layer:
             layer.attention.self.is_causal = False
         self.pool_mean = config.text_cls == "mean"
@@ -75,7 +93,7 @@ class TextEncoder(nn.Module):
         hidden = self.embeddings(input_ids=ids)
         bias = attention_bias(atts, hidden.dtype)
         for layer in self.layer:
-            hidden = layer(hidden, attention_mask=bias)
+            hidden = layer_hidden(layer(hidden, attention_mask=bias))
         if self.pool_mean:
             weights = atts.to(hidden.dtype).unsqueeze(-1)
             mean = (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
@@ -93,7 +111,7 @@ class FusionEncoder(nn.Module):
     def __init__(self, config: ModelConfig, vision_width: int) -> None:
         super().__init__()
         bert = bert_config(config, cross_attention=True)
-        self.layer = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.fusion_layers)])
+        self.layer = nn.ModuleList([bert_layer(bert, i) for i in range(config.fusion_layers)])
         for layer in self.layer:
             layer.attention.self.is_causal = False       # the decoder flag must not make text attention causal
             layer.crossattention.self.is_causal = False
@@ -108,6 +126,6 @@ class FusionEncoder(nn.Module):
         self_bias = attention_bias(text_atts, hidden.dtype)
         cross_bias = attention_bias(vision_atts, hidden.dtype)
         for layer in self.layer:
-            hidden = layer(hidden, attention_mask=self_bias, encoder_hidden_states=vision_embeds,
-                           encoder_attention_mask=cross_bias)
+            hidden = layer_hidden(layer(hidden, attention_mask=self_bias, encoder_hidden_states=vision_embeds,
+                                        encoder_attention_mask=cross_bias))
         return hidden

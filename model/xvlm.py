@@ -41,14 +41,15 @@ class XVLM(nn.Module):
         hidden = config.hidden_size
         self.itc = ContrastiveHead(self.vision.width, hidden, config.embed_dim, config.temp, config.temp_min,
                                    config.temp_max)
-        self.itm_head = MLPHead(hidden, 2, config.layer_norm_eps)
+        eps = config.head_layer_norm_eps
+        self.itm_head = MLPHead(hidden, 2, eps)
         self.mlm_head = MLMHead(bert_config(config), self.text.embeddings.word_embeddings)
         if config.box_head == "xvlm":
-            self.box_head: nn.Module = XVLMBoxHead(hidden, config.layer_norm_eps)
+            self.box_head: nn.Module = XVLMBoxHead(hidden, eps)
         elif config.box_head == "dense":
-            self.box_head = DenseBoxHead(hidden, self.vision.width, self.vision.grid_size, config.layer_norm_eps)
+            self.box_head = DenseBoxHead(hidden, self.vision.width, self.vision.grid_size, eps)
         else:
-            self.box_head = SoftArgmaxBoxHead(hidden, self.vision.width, self.vision.grid_size, config.layer_norm_eps)
+            self.box_head = SoftArgmaxBoxHead(hidden, self.vision.width, self.vision.grid_size, eps)
 
     # ------------------------------------------------------------------ shapes the loader must agree with
     @property
@@ -134,8 +135,7 @@ class XVLM(nn.Module):
         image_embeds = self.vision(image)
         if region:
             vision_embeds, vision_atts = concept_embeds(image_embeds, image_idx, patch_mask)
-            # A concept is also a positive for every text about the same box of the same image.
-            positives = (image_idx[:, None] == image_idx[None, :]) & (patch_mask[:, None] == patch_mask[None, :]).all(-1)
+            positives = same_box(image_idx, patch_mask) if self.config.itm_positives == "same_box" else None
         else:
             if image.shape[0] != text_ids.shape[0]:
                 raise ModelError(f"an image_text batch has one text per image: {image.shape[0]} images, "
@@ -149,7 +149,7 @@ class XVLM(nn.Module):
         losses = {}
         if "itc" in wanted:
             same_text = text_ids if self.config.itc_same_text == "ignore" else None
-            losses["itc"] = itc_loss(vision_feat, text_feat, temp, same_text)
+            losses["itc"] = itc_loss(vision_feat, text_feat, temp, same_text, self.config.itc_gather_grad)
         if "itm" in wanted:
             losses["itm"] = self._itm_loss(vision_embeds, vision_atts, text_embeds, text_atts,
                                            (vision_feat @ text_feat.t() / temp), positives, generator)
@@ -191,6 +191,13 @@ class XVLM(nn.Module):
         hidden = self.fusion(self.text(text_ids_masked, text_atts), text_atts, vision_embeds, vision_atts)
         at_masks = hidden.gather(1, masked_pos[..., None].expand(-1, -1, hidden.shape[-1]))
         return mlm_loss(self.mlm_head(at_masks), masked_ids)
+
+
+def same_box(image_idx: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    """[K, K] bool: rows k, j hold the same box of the same image (same image index, same patch mask). With
+    `itm_positives: same_box` ITM never draws such a pair as a negative (a concept matches every text about its
+    box); X-VLM's pretraining excludes only the diagonal."""
+    return (image_idx[:, None] == image_idx[None, :]) & (patch_mask[:, None] == patch_mask[None, :]).all(-1)
 
 
 def build_model(config: ModelConfig) -> XVLM:

@@ -280,3 +280,36 @@ def test_eval_cli_ranks_by_itc_for_a_run_trained_without_itm(held_out, tmp_path)
     assert main(["eval", "--checkpoint", "auto", "--run", run, "--data", dataset, "--tokenizer", tokenizer,
                  "--k-test", "2", "--out", str(out), "--no-progress"]) == 0
     assert json.loads(out.read_text())["k_test"] == 2
+
+
+def test_eval_cli_on_an_imported_official_checkpoint(held_out, tmp_path):
+    """`xvlm eval --checkpoint DIR` takes a folder written by `xvlm import-xvlm`; its text limits default to the
+    official config's (a 16M checkpoint: 30 words / 30 tokens)."""
+    import argparse
+    import json
+
+    from model.config import preset
+    from model.official import export_official, official_config
+    from model.xvlm import build_model
+    from tools.cli import main
+    from train.eval_cli import imported_text_settings
+
+    dataset, tokenizer = held_out
+    torch.manual_seed(0)
+    model = build_model(preset("base", vision_kwargs={"embed_dim": 32, "depths": [2, 2, 2, 2],
+                                                      "num_heads": [1, 2, 4, 8], "window_size": 4},
+                               image_res=128, hidden_size=128, num_attention_heads=2, intermediate_size=256,
+                               text_layers=2, fusion_layers=2, max_position_embeddings=64, embed_dim=32))
+    state = export_official(model)
+    config = {**official_config(model.config, state), "max_words": 30, "max_tokens": 30}
+    torch.save({"model": state, "config": config}, tmp_path / "official.pth")
+    assert main(["import-xvlm", str(tmp_path / "official.pth"), "--out", str(tmp_path / "imported")]) == 0
+    args = argparse.Namespace(max_words=None, max_tokens=None)
+    imported_text_settings(str(tmp_path / "imported"), args)
+    assert (args.max_words, args.max_tokens) == (30, 30)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "imported"), "--data", dataset, "--tokenizer", tokenizer,
+                 "--k-test", "3", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["checkpoint"] == str(tmp_path / "imported" / "model.safetensors") and metrics["images"] == 11
+    assert main(["eval", "--checkpoint", str(tmp_path), "--data", dataset, "--tokenizer", tokenizer]) == 2

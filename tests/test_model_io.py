@@ -159,3 +159,13 @@ def test_config_json_round_trip():
     config = preset("tiny", vocab_size=VOCAB, box_head="softargmax")
     from model.config import ModelConfig
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_model_files_from_before_the_head_eps_field_keep_berts_eps():
+    """Model files written before `head_layer_norm_eps` existed built their heads with BERT's 1e-12: they load so,
+    output for output; new configs use X-VLM's 1e-5."""
+    from model.config import ModelConfig
+    old = preset("tiny", vocab_size=VOCAB).to_dict()
+    del old["head_layer_norm_eps"]
+    assert ModelConfig.from_dict(old).head_layer_norm_eps == 1e-12
+    assert preset("tiny", vocab_size=VOCAB).head_layer_norm_eps == 1e-5

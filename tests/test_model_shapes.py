@@ -7,8 +7,11 @@ import torch
 from model.concept import concept_embeds
 from model.config import ModelConfig, preset
 from model.synthetic import image_text_batch, patch_mask_for_boxes, region_batch
-from model.xvlm import XVLM, build_model
+from model.xvlm import XVLM, build_model, same_box
 from model.errors import ModelError
+
+
+VOCAB = 1200
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +57,24 @@ def test_swin_tower_pools_its_cls_and_uses_the_final_stride():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def _base_on_meta() -> tuple[XVLM, str]:
+    """The base model on the meta device (shapes only, instant), or on the CPU where timm cannot build Swin on meta
+    (timm 1.0.9, the low end of our range: its drop-path rates call .tolist() on a meta tensor)."""
+    try:
+        with torch.device("meta"):
+            return build_model(preset("base")), "meta"
+    except NotImplementedError:
+        return build_model(preset("base")), "cpu"
+
+
 def test_base_preset_shapes_and_parameter_count_on_meta():
-    with torch.device("meta"):
-        model = build_model(preset("base"))
+    model, device = _base_on_meta()
     count = sum(p.numel() for p in model.parameters())
     assert 210e6 < count < 222e6, count      # the paper's ~216M
     assert (model.grid_size, model.grid_stride, model.vision.width) == (7, 32, 1024)
     assert model.fusion.layer[0].crossattention.self.key.in_features == 1024
     assert len(model.text.layer) == 6 and len(model.fusion.layer) == 6
-    batch = {k: v.to("meta") for k, v in region_batch(2, 2, 224, 7, 30522).items()}
+    batch = {k: v.to(device) for k, v in region_batch(2, 2, 224, 7, 30522).items()}
     with torch.no_grad():
         embeds, feat = model.encode_image(batch["image"])
         text, text_feat = model.encode_text(batch["text_ids"], batch["text_atts"])
@@ -263,3 +275,43 @@ def test_vit_with_conv_stem_tokenises_by_convolutions():
                        ({"stem_channels": [16, 64], "stem_strides": [2, 3]}, "stem_strides")):
         with pytest.raises(ModelError, match=match):
             build_model(preset("tiny", vision_name="vit_convstem", vision_kwargs=bad))
+
+
+def _two_rows_of_one_box(model) -> dict[str, torch.Tensor]:
+    """A region batch of 2 texts about the same box of the same image (e.g. an object and its region caption)."""
+    batch = region_batch(1, 2, 64, model.grid_size, VOCAB, with_whole_image=False)
+    batch["patch_mask"][1] = batch["patch_mask"][0]
+    batch["target_bbox"][1] = batch["target_bbox"][0]
+    return batch
+
+
+def test_itm_negatives_exclude_only_the_diagonal_by_default():
+    """X-VLM's pretraining (no idx): a row's only excluded candidate is its own pair, so another text about the same
+    box can be drawn as a negative; `itm_positives: same_box` (ours) excludes it too."""
+    ours = build_model(preset("tiny", vocab_size=VOCAB, itm_positives="same_box"))
+    official = build_model(preset("tiny", vocab_size=VOCAB))
+    assert official.config.itm_positives == "diagonal"
+    batch = _two_rows_of_one_box(official)
+    losses = official(**batch, objectives={"itm"})        # each row's negative is the other row's pair
+    assert torch.isfinite(losses["itm"])
+    with pytest.raises(ModelError, match="every candidate is a positive"):
+        ours(**batch, objectives={"itm"})                  # the other row is a positive: nothing left to draw
+
+
+def test_same_box_marks_rows_of_the_same_image_and_patch_mask():
+    image_idx = torch.tensor([0, 0, 0, 1])
+    patch_mask = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 0]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(same_box(image_idx, patch_mask), expected)
+
+
+@pytest.mark.parametrize("box_head", ["xvlm", "softargmax", "dense"])
+def test_head_layer_norms_use_pytorchs_eps_and_bert_layers_berts(box_head):
+    """X-VLM's ITM and box heads (build_mlp) use nn.LayerNorm's default eps 1e-5; BERT's own layers 1e-12. Our box
+    heads follow the heads."""
+    model = build_model(preset("tiny", vocab_size=VOCAB, box_head=box_head))
+    norms = {name: module.eps for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)}
+    heads = {name: eps for name, eps in norms.items() if name.startswith(("itm_head.", "box_head."))}
+    bert = {name: eps for name, eps in norms.items() if name.startswith(("text.", "fusion.", "mlm_head."))}
+    assert heads and set(heads.values()) == {1e-5}
+    assert bert and set(bert.values()) == {1e-12}

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import preset
+from model.heads import ContrastiveHead
+from model.losses import itc_loss
 from model.params import param_groups
 from model.synthetic import image_text_batch, region_batch
 from model.xvlm import build_model
@@ -95,6 +98,60 @@ def test_temperature_is_clamped_every_forward():
         model.itc.temp.fill_(5.0)
     model(**image_text_batch(2, 64, VOCAB))
     assert model.itc.temp.item() == pytest.approx(0.5)
+
+
+def _itc_reference_grad(image: torch.Tensor, text: torch.Tensor, value: float) -> torch.Tensor:
+    """d itc_loss / d temp at `value`, for a plain leaf tensor (no clamp anywhere)."""
+    temp = torch.tensor(value, requires_grad=True)
+    itc_loss(image, text, temp).backward()
+    return temp.grad
+
+
+@pytest.mark.parametrize("start,bound", [(0.5, 0.5), (5.0, 0.5), (0.001, 0.001), (1e-6, 0.001)])
+def test_temperature_at_a_bound_keeps_its_gradient(start, bound):
+    """X-VLM clamps the parameter in place (no grad) and then uses it with gradient 1: a temperature sitting at
+    (or pushed past) a bound still gets the loss's gradient, so it can leave the bound again."""
+    head = ContrastiveHead(8, 8, 4, 0.07, 0.001, 0.5)
+    with torch.no_grad():
+        head.temp.fill_(start)
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    text = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    temp = head.temperature()
+    assert temp.item() == pytest.approx(bound) and head.temp.item() == pytest.approx(bound)
+    itc_loss(image, text, temp).backward()
+    want = _itc_reference_grad(image, text, bound)
+    assert want.abs() > 0
+    assert torch.allclose(head.temp.grad, want, rtol=1e-6), (head.temp.grad, want)
+
+
+def test_temperature_of_an_earlier_forward_survives_a_later_clamp():
+    """Two forwards summed into one backward (summed mode, accumulation): the second forward's in-place clamp must
+    neither break the first one's backward nor change the value it reads."""
+    head = ContrastiveHead(8, 8, 4, 0.07, 0.001, 0.5)
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    text = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    with torch.no_grad():
+        head.temp.fill_(0.3)
+    first = itc_loss(image, text, head.temperature())
+    with torch.no_grad():
+        head.temp.fill_(5.0)                                  # e.g. an optimizer step between the two forwards
+    second = itc_loss(image, text, head.temperature())      # clamps the parameter to 0.5 in place
+    (first + second).backward()
+    want = _itc_reference_grad(image, text, 0.3) + _itc_reference_grad(image, text, 0.5)
+    assert torch.allclose(head.temp.grad, want, rtol=1e-6), (head.temp.grad, want)
+
+
+def test_temperature_gets_a_gradient_through_the_whole_model_at_its_floor():
+    model = build_model(preset("tiny", vocab_size=VOCAB))
+    with torch.no_grad():
+        model.itc.temp.fill_(0.0)
+    losses = model(**image_text_batch(4, 64, VOCAB, generator=torch.Generator().manual_seed(0)),
+                   objectives={"itc"})
+    losses["itc"].backward()
+    assert model.itc.temp.item() == pytest.approx(0.001)
+    assert model.itc.temp.grad is not None and model.itc.temp.grad.abs() > 0
 
 
 @pytest.mark.slow

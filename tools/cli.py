@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "show": ("tools.show", "Draw samples with their boxes and texts to PNG (raw or as the loader augments them)."),
     "train": ("train.cli", "Train X-VLM from a YAML config (one process, torchrun or Ray Train) with exact resume."),
     "eval": ("train.eval_cli", "Evaluate a checkpoint: zero-shot retrieval R@1/5/10 and grounding accuracy."),
+    "import-xvlm": ("tools.import_xvlm", "Import an official X-VLM checkpoint (.pth / .th) into our model format, every tensor checked."),
+    "export-xvlm": ("tools.export_xvlm", "Export our model as an official X-VLM checkpoint (loads with strict=True)."),
     "submit": ("tools.submit", "Submit / inspect / stop a training job on a Ray cluster (Ray Jobs API)."),
 }
 

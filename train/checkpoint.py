@@ -34,6 +34,7 @@ MARKER = "COMMITTED"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
+IMPORT_REPORT = "import.json"   # beside MODEL_FILE in a folder written by `xvlm import-xvlm` (no run config)
 FORMAT_VERSION = 1
 CKPT_NAME = re.compile(r"^ckpt-(\d{8})$")
 # Tests set this to seconds to sleep after each file of a checkpoint, to kill a run in the middle of a save.
@@ -267,11 +268,13 @@ def load(path: str, rank: int, world_size: int) -> Checkpoint:
 
 
 def read_model(path: str):
-    """An X-VLM model from a model file (local or s3://), or from a checkpoint folder's model file."""
+    """An X-VLM model from a model file (local or s3://), or from the model file of a checkpoint folder or of a
+    folder written by `xvlm import-xvlm`."""
     from model.io import model_from_bytes
 
     if not path.endswith(".safetensors"):
         path = storage.join(path, MODEL_FILE)
     if not storage.exists(path):
-        raise XvlmError(f"model file {path} does not exist (give a model .safetensors file or a checkpoint folder)")
+        raise XvlmError(f"model file {path} does not exist (give a model .safetensors file, a checkpoint folder or a "
+                        "folder from `xvlm import-xvlm`)")
     return model_from_bytes(storage.read_bytes(path), source=path)

@@ -19,8 +19,10 @@ DESCRIPTION = (
     "             ranks every candidate, the ITM head re-ranks each query's top-k (as X-VLM); itc_* = ITC alone\n"
     "  grounding  fraction of box texts whose predicted box (the text attending to the whole image, through the\n"
     "             model's box head) has IoU >= 0.5 with the true box; mean IoU; a constant-box baseline\n"
-    "The checkpoint is a ckpt-XXXXXXXX folder of a run, `auto` (the newest committed one of --run), or a\n"
-    "model .safetensors file. Text settings (tokenizer, max_words, max_tokens) come from the run's config."
+    "The checkpoint is a ckpt-XXXXXXXX folder of a run, `auto` (the newest committed one of --run), a folder\n"
+    "written by `xvlm import-xvlm` (an official X-VLM checkpoint), or a model .safetensors file. Text settings\n"
+    "(tokenizer, max_words, max_tokens) come from the run's config (an imported folder: --tokenizer, and the\n"
+    "official config's max_words / max_tokens)."
 )
 EPILOG = (
     "examples:\n"
@@ -28,6 +30,7 @@ EPILOG = (
     "  xvlm eval --checkpoint runs/tiny/checkpoints/ckpt-00000200 --data data/shards-val --k-test 32 \\\n"
     "      --out runs/tiny/eval.json\n"
     "  xvlm eval --checkpoint s3://bucket/model.safetensors --data s3://bucket/shards-val --tokenizer tok/\n"
+    "  xvlm eval --checkpoint models/xvlm-4m --data data/shards-val --tokenizer bert-base-uncased/   # imported\n"
     "  xvlm eval --checkpoint auto --run runs/tiny --data data/shards-val --max-images 100 --k-test 8   # quick"
 )
 
@@ -38,7 +41,7 @@ DEFAULT_K_TEST = 16
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH|auto",
                         help="a checkpoint folder (…/checkpoints/ckpt-XXXXXXXX), `auto` (newest committed checkpoint "
-                             "of --run), or a model .safetensors file; local or s3://")
+                             "of --run), a folder from `xvlm import-xvlm`, or a model .safetensors file; local or s3://")
     parser.add_argument("--run", help="run folder (local or s3://) for --checkpoint auto")
     parser.add_argument("--data", action="append", required=True, metavar="DATASET",
                         help="held-out dataset folder or s3:// prefix (repeatable)")
@@ -74,9 +77,25 @@ def resolve_checkpoint(checkpoint: str, run: str | None) -> tuple[str, str | Non
         config = storage.join(run, "config.yaml") if run else None
         return checkpoint, config
     if not storage.exists(storage.join(checkpoint, ckpt.MARKER)):
+        if storage.exists(storage.join(checkpoint, ckpt.IMPORT_REPORT)):   # `xvlm import-xvlm` output: no run config
+            return storage.join(checkpoint, ckpt.MODEL_FILE), storage.join(run, "config.yaml") if run else None
         raise XvlmError(f"{checkpoint} is not a committed checkpoint (no {ckpt.MARKER} marker): give a "
-                        "ckpt-XXXXXXXX folder that has one, `auto` with --run, or a .safetensors model file")
+                        "ckpt-XXXXXXXX folder that has one, `auto` with --run, a folder from `xvlm import-xvlm`, "
+                        "or a .safetensors model file")
     return storage.join(checkpoint, ckpt.MODEL_FILE), storage.join(checkpoint, ckpt.CONFIG_FILE)
+
+
+def imported_text_settings(checkpoint: str, args: argparse.Namespace) -> None:
+    """An imported official checkpoint: max_words / max_tokens default to its own config's (16M: 30, 4M: 40)."""
+    from train import checkpoint as ckpt
+
+    report_path = storage.join(checkpoint.rstrip("/"), ckpt.IMPORT_REPORT)
+    if checkpoint.endswith(".safetensors") or not storage.exists(report_path):
+        return
+    official = json.loads(storage.read_text(report_path)).get("official_config") or {}
+    for name in ("max_words", "max_tokens"):
+        if getattr(args, name) is None and isinstance(official.get(name), int):
+            setattr(args, name, official[name])
 
 
 def text_settings(config_path: str | None, args: argparse.Namespace) -> dict:
@@ -113,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from train.evaluate import EvalConfig, evaluate
 
     model_path, config_path = resolve_checkpoint(args.checkpoint, args.run)
+    imported_text_settings(args.checkpoint, args)
     cfg = EvalConfig(k_test=k_test_for(config_path, args.k_test), batch_size=args.batch_size, iou_threshold=args.iou,
                      max_images=args.max_images, progress=not args.no_progress, **text_settings(config_path, args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
