@@ -125,8 +125,9 @@ class LoaderConfig:
              f"region_crop_prob must be in [0, 1], got {self.region_crop_prob}")
         need(0.0 <= self.min_region_inside < 1.0,
              f"min_region_inside must be in [0, 1), got {self.min_region_inside}")
-        need(self.region_max_images <= self.region_batch_size,
-             f"region_max_images ({self.region_max_images}) must be <= region_batch_size ({self.region_batch_size})")
+        need(self.region_batching != "packed" or self.region_max_images <= self.region_batch_size,
+             f"region_max_images ({self.region_max_images}) must be <= region_batch_size ({self.region_batch_size}) "
+             f"with region_batching packed")
         need(0.0 <= self.iter_perc <= 1.0, f"iter_perc must be in [0, 1], got {self.iter_perc}")
         for name, choices in CHOICES.items():
             need(getattr(self, name) in choices, f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")

@@ -59,7 +59,9 @@ def test_overrides_are_yaml_scalars_and_reach_every_section():
     ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
     ("loss.itm=-1", "loss.itm=-1.0 must be >= 0 (0 skips that loss)"),
     ("loss.contrast=1", "unknown config key loss.contrast; valid keys in loss: ['bbox', 'centre', 'giou', 'itc', 'itm', 'mlm']"),
-    ("data.region_max_images=99", "region_max_images (99) must be <= region_batch_size"),
+    ("data.region_max_images=0", "region_max_images must be a positive integer, got 0"),
+    ("data.streams=both", "streams must be one of ['separate', 'shared'], got 'both'"),
+    ("schedule.iter_perc_mode=sometimes", "schedule.iter_perc_mode='sometimes': choose one of ['xvlm', 'per_batch']"),
     ("schedule", "is not of the form dotted.key=value"),
     ("schedule.steps.x=1", "schedule.steps is a value, not a section"),
 ])
@@ -74,8 +76,12 @@ def test_a_config_must_keep_an_image_text_loss():
         load_config(TINY, ["loss.itc=0", "loss.itm=0", "loss.mlm=0"])
     assert load_config(TINY, ["loss.itm=0", "loss.mlm=0", "loss.bbox=0.5"]).loss.weights() == \
         {"itc": 1.0, "bbox": 0.5, "giou": 1.0}
-    # region batches alone (iter_perc 1: the quickstart's box warm-up) may train the box losses alone, but not nothing
+    # region batches alone (per_batch with iter_perc 1: the quickstart's box warm-up) may train the box losses
+    # alone, but not nothing; X-VLM's iterations always hold an image-text batch
     boxes_only = ["loss.itc=0", "loss.itm=0", "loss.mlm=0", "schedule.iter_perc=1.0"]
+    with pytest.raises(XvlmError, match="must keep at least one of itc, itm, mlm above 0"):
+        load_config(TINY, boxes_only)
+    boxes_only.append("schedule.iter_perc_mode=per_batch")
     assert load_config(TINY, boxes_only).loss.weights() == {"bbox": 1.0, "giou": 1.0}
     with pytest.raises(XvlmError, match="must keep at least one loss above 0"):
         load_config(TINY, boxes_only + ["loss.bbox=0", "loss.giou=0"])
