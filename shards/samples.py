@@ -40,6 +40,7 @@ class Row:
     box: boxes.Box | None
     name: str = ""
     attributes: tuple[str, ...] = ()
+    anchor: bool = False          # the box the crop was drawn around
 
 
 # ---------------------------------------------------------------- shard json
@@ -257,7 +258,7 @@ def _choose_rows(candidates: list[Row], anchor_index: int, crop: boxes.Box, capt
             if phrase is None:
                 emptied += 1
                 continue
-            rows.append(Row(phrase, row.box))
+            rows.append(Row(phrase, row.box, anchor=index == anchor_index))
     return rows, emptied
 
 
@@ -289,13 +290,15 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
     unusable += emptied
 
     res, grid = config.image_res, config.grid
-    targets, masks, is_image, texts, ids = [], [], [], [], []
+    targets, masks, is_image, texts, ids, anchor_row = [], [], [], [], [], -1
     for row in rows:
         phrase = text.swap_left_right(row.text) if flipped and config.swap_left_right else row.text
         row_ids = _token_ids(phrase, config)
         if row_ids is None:
             unusable += 1
             continue
+        if row.anchor:
+            anchor_row = len(texts)
         texts.append(phrase)
         ids.append(row_ids)
         if row.box is None:
@@ -318,4 +321,4 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
             "patch_mask": torch.from_numpy(np.stack(masks)),
             "target_bbox": torch.tensor(targets, dtype=torch.float32),
             "is_image": torch.tensor(is_image, dtype=torch.bool),
-            "texts": texts, "crop": crop, "flipped": flipped, "unusable_regions": unusable}
+            "texts": texts, "crop": crop, "flipped": flipped, "unusable_regions": unusable, "anchor_row": anchor_row}
