@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 OURS: dict[str, Any] = {
     "pre_caption": "spaces", "mlm_masking": "whole_word", "swap_left_right": True, "region_anchor_first": True,
     "object_attributes": "all", "region_batching": "packed", "iter_perc_mode": "per_batch", "streams": "shared",
+    "phrase_captions": 0,
 }
 
 
@@ -82,6 +83,9 @@ class LoaderConfig:
                                          # each image serving one batch kind
     image_text_entries: str = "caption"  # caption (X-VLM): one image-text entry per (image, caption) pair;
                                          # image: one per image, a random caption drawn (separate streams)
+    phrase_captions: int = 8             # region phrases (VG's) also used as whole-image captions, per image: the
+                                         # largest-box distinct ones (X-VLM's train_file holds ALBEF's VG captions,
+                                         # ~8 per image; docs/fidelity.md states the assumption); 0 = none
     region_entries: str = "kind"         # kind (X-VLM's coco_objs / vg_objs / vg_regions files): one region entry
                                          # per image and box kind (objects, region phrases); image: one per image
     region_num_workers: int | None = None  # DataLoader workers of the region stream (None: num_workers)
@@ -131,6 +135,8 @@ class LoaderConfig:
         need(0.0 <= self.iter_perc <= 1.0, f"iter_perc must be in [0, 1], got {self.iter_perc}")
         for name, choices in CHOICES.items():
             need(getattr(self, name) in choices, f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        need(isinstance(self.phrase_captions, int) and self.phrase_captions >= 0,
+             f"phrase_captions must be an integer >= 0, got {self.phrase_captions!r}")
         need(self.region_num_workers is None or (isinstance(self.region_num_workers, int)
                                                  and self.region_num_workers >= 0),
              f"region_num_workers must be null or an integer >= 0, got {self.region_num_workers!r}")

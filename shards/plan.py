@@ -19,6 +19,7 @@ import numpy as np
 from shards.dataset import Dataset, ShardIndex
 from shards.errors import XvlmError
 from shards.loader_config import LoaderConfig
+from shards.samples import PHRASE_CAPTION
 
 CHUNK = 64   # samples per interleaved chunk of a slice: one ranged read each, small against a shuffle block
 
@@ -30,8 +31,9 @@ TAG_SOURCE, TAG_ORDER, TAG_KIND, TAG_BLOCK, TAG_SAMPLE, TAG_ROWS = 1, 2, 3, 4, 5
 SHARED, IMAGE_TEXT, REGION = "shared", "image_text", "region"
 SALT = {SHARED: (), IMAGE_TEXT: (11,), REGION: (12,)}
 
-# Entry groups (Piece.group). Image-text entries: the caption index (>= 0), or RANDOM_CAPTION (one entry per image,
-# a caption drawn at random). Region entries: every box, or only the objects / only the region phrases.
+# Entry groups (Piece.group). Image-text entries: the caption index (>= 0), PHRASE_CAPTION + j (the j-th largest
+# distinct region phrase of the image as its caption), or RANDOM_CAPTION (one entry per image, a caption drawn at
+# random). Region entries: every box, or only the objects / only the region phrases.
 RANDOM_CAPTION = -1
 ALL_BOXES, OBJECTS, PHRASES = 0, 1, 2
 GROUP_KINDS = {ALL_BOXES: None, OBJECTS: ("object",), PHRASES: ("region",)}
@@ -109,9 +111,13 @@ def entry_groups(stream: str, config: LoaderConfig) -> EntryGroups:
     def image_text(shard: ShardIndex) -> list[tuple[int, np.ndarray]]:
         if config.image_text_entries == "image":
             return [(RANDOM_CAPTION, shard.num_captions > 0)]
-        # one entry per (image, caption): caption round j holds the samples with more than j captions
+        # one entry per (image, caption): caption round j holds the samples with more than j captions; then the
+        # region phrases used as captions (at most phrase_captions per image; a phrase repeated in an image is a
+        # counted skip when its entry is read)
         rounds = int(shard.num_captions.max()) if shard.samples else 0
-        return [(j, shard.num_captions > j) for j in range(rounds)]
+        phrases = min(config.phrase_captions, int(shard.num_regions.max()) if shard.samples else 0)
+        return [(j, shard.num_captions > j) for j in range(rounds)] + \
+            [(PHRASE_CAPTION + j, shard.num_regions > j) for j in range(phrases)]
 
     def region(shard: ShardIndex) -> list[tuple[int, np.ndarray]]:
         if config.region_entries == "image":

@@ -16,6 +16,8 @@ from PIL import Image
 from shards import augment, boxes, text
 from shards.loader_config import LoaderConfig
 
+PHRASE_CAPTION = 1_000     # caption indexes from here on are region phrases used as captions (shards/plan.py)
+
 # Errors Pillow raises for bytes it cannot decode (truncated, not an image, too many pixels).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 TEXT_FIELDS = ("text_ids", "text_atts", "text_ids_masked", "masked_pos", "masked_ids")
@@ -120,6 +122,32 @@ def _captions(meta: dict, config: LoaderConfig) -> list[str]:
     return out
 
 
+def phrase_captions(meta: dict, config: LoaderConfig) -> list[str]:
+    """The sample's region phrases (boxes of kind "region") as whole-image captions, as ALBEF's VG captions: the
+    pre_caption'd distinct ones, largest box first (ties in json order), at most config.phrase_captions."""
+    phrases = []
+    for order, region in enumerate(meta.get("regions") or []):
+        if region.get("kind") != "region":
+            continue
+        try:
+            x, y, w, h = (float(v) for v in region.get("bbox"))
+            area = w * h if math.isfinite(w * h) else 0.0
+        except (TypeError, ValueError):
+            area = 0.0
+        phrases.append((-area, order, str(region.get("text") or "")))
+    out: list[str] = []
+    for _, _, raw in sorted(phrases):
+        try:
+            phrase = text.pre_caption(raw, config.max_words, config.pre_caption)
+        except text.EmptyText:
+            continue
+        if phrase not in out:
+            out.append(phrase)
+        if len(out) == config.phrase_captions:
+            break
+    return out
+
+
 def _caption(meta: dict, index: int, config: LoaderConfig) -> str:
     """Caption `index` of the sample, pre_caption'd (one image-text entry per caption, as X-VLM's files)."""
     captions = meta.get("captions") or []
@@ -170,13 +198,19 @@ def _encode_rows(ids: list[list[int]], rng: np.random.Generator, config: LoaderC
 
 def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.random.Generator,
                       config: LoaderConfig, normalise: bool = True, caption_index: int | None = None) -> dict[str, Any]:
-    """One image-text sample: caption `caption_index` (an image-text entry per caption, as X-VLM), or with None a
-    caption drawn at random; RandomResizedCrop + flip (left/right words swapped with swap_left_right) + RandAugment.
+    """One image-text sample: caption `caption_index` (an image-text entry per caption, as X-VLM; from
+    PHRASE_CAPTION on, the region phrases used as captions, `phrase_captions`), or with None a caption drawn at random; RandomResizedCrop + flip (left/right words swapped with swap_left_right) + RandAugment.
     Text fields are 1-D ([T], [M]); `image` is float32 [3, R, R]. With normalise=False the sample has `pixels`
     instead (uint8 [R, R, 3] RGB before normalisation), which the collate functions normalise straight into the
     batch tensor. Raises SkipSample."""
     meta = parse_meta(meta)
-    if caption_index is not None:
+    if caption_index is not None and caption_index >= PHRASE_CAPTION:
+        phrases = phrase_captions(meta, config)
+        if caption_index - PHRASE_CAPTION >= len(phrases):
+            raise SkipSample("no_caption", f"sample {meta.get('key')!r} has {len(phrases)} distinct region phrases, "
+                                           f"not {caption_index - PHRASE_CAPTION + 1}")
+        caption = phrases[caption_index - PHRASE_CAPTION]
+    elif caption_index is not None:
         caption = _caption(meta, caption_index, config)
     else:
         captions = _captions(meta, config)

@@ -111,8 +111,9 @@ def test_data_that_cannot_fill_a_batch_kind_fails_clearly_instead_of_looping(tmp
                                                **OURS))
     with pytest.raises(XvlmError, match="without one usable for a image-text batch.*iter_perc"):
         list(loader)
-    # separate streams know it from the index, before the first batch
-    loader = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.5, image_text_batch_size=4))
+    # separate streams know it from the index, before the first batch (without region phrases as captions)
+    loader = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.5, image_text_batch_size=4,
+                                               phrase_captions=0))
     with pytest.raises(XvlmError, match="no image-text entries"):
         len(loader)
     for streams in ({}, OURS):

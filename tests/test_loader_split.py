@@ -26,7 +26,7 @@ def dataset(tmp_path_factory):
                                  sources=("coco", "vg"))
 
 
-STREAMS = {"separate": {}, "shared": OURS}
+STREAMS = {"separate": {"phrase_captions": 0}, "shared": OURS}    # image-text entries: the samples' captions
 
 
 def run_epoch(dataset, streams="separate", **overrides):

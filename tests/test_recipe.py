@@ -69,16 +69,18 @@ def test_the_kind_sequence_is_the_same_on_every_rank_and_seeded():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """COCO-like images with 5 captions, SBU-like with 1 and no box, VG-like with boxes and no caption."""
+    """COCO-like images with 5 captions and object boxes, SBU-like with 1 caption and no box, VG-like with a region
+    phrase and an object box and no caption."""
     return shardkit.make_dataset(str(tmp_path_factory.mktemp("corpus")), samples=72, per_shard=10,
                                  sources=("coco", "sbu", "vg"), captions={"coco": 5}, captionless=("vg",),
-                                 boxless=("sbu",))
+                                 boxless=("sbu",), objects_only=("coco",))
 
 
 def test_the_image_text_stream_walks_every_caption_once_per_epoch(corpus):
     """ALBEF's 4M files (X-VLM's train_file) hold one line per (image, caption) pair: an epoch of the image-text
-    stream is one pass over the pairs, so a COCO image comes 5 times, each time with another caption, and an image
-    without caption never. 2 ranks x 2 workers, iter_perc 0: the image-text stream alone."""
+    stream is one pass over the pairs, so a COCO image comes 5 times, each time with another caption; VG images come
+    with their region phrases as captions (ALBEF's VG captions), here one each. 2 ranks x 2 workers, iter_perc 0:
+    the image-text stream alone."""
     pairs, batches_per_rank = [], []
     for rank in range(2):
         loader = MultiGrainedLoader([corpus], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0, num_workers=2,
@@ -86,7 +88,7 @@ def test_the_image_text_stream_walks_every_caption_once_per_epoch(corpus):
                                                      max_words=40, max_tokens=40),
                                     rank=rank, world_size=2)
         plan = loader.plan()
-        assert plan.total == 24 * 5 + 24 and plan.dropped == plan.total - 4 * plan.slice_len
+        assert plan.total == 24 * 5 + 24 + 24 and plan.dropped == plan.total - 4 * plan.slice_len
         batches = list(loader)
         batches_per_rank.append(len(batches))
         tokenizer = load_vocab(TOKENIZER).tokenizer
@@ -99,9 +101,15 @@ def test_the_image_text_stream_walks_every_caption_once_per_epoch(corpus):
     per_image = Counter(key for key, _ in pairs)
     coco = [n for key, n in per_image.items() if key.startswith("coco")]
     sbu = [n for key, n in per_image.items() if key.startswith("sbu")]
-    assert not any(key.startswith("vg") for key in per_image)
+    vg = {key: n for key, n in per_image.items() if key.startswith("vg")}
     assert max(sbu) == 1 and max(coco) == 5 and sum(coco) > 4 * len(coco)   # all 5 captions of nearly every image
-    # ours ("image" entries): one entry per image, a caption drawn at random
+    assert len(vg) > 20 and max(vg.values()) == 1
+    assert all(" on the left" in text for key, text in pairs if key.startswith("vg"))   # the phrase, not a caption
+    # without phrase captions: no VG image; ours ("image" entries): one entry per image, a caption drawn at random
+    no_phrases = MultiGrainedLoader([corpus], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0,
+                                                     image_text_batch_size=4, phrase_captions=0))
+    assert no_phrases.plan().total == 24 * 5 + 24
+    assert not any(k.startswith("vg") for batch in no_phrases for k in batch["keys"])
     loader = MultiGrainedLoader([corpus], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0,
                                                  image_text_batch_size=4, image_text_entries="image"))
     keys = [k for batch in loader for k in batch["keys"]]
@@ -124,7 +132,7 @@ def test_both_streams_see_a_coco_image_in_one_epoch(corpus):
     both = seen["image_text"] & set(seen["region"])
     assert any(key.startswith("coco") for key in both)
     assert not any(key.startswith("sbu") for key in seen["region"])      # no box, no region entry
-    assert loader.plan(stream="region").total == 2 * 48                  # objects + phrases of coco and vg
+    assert loader.plan(stream="region").total == 24 + 2 * 24            # coco objects; vg objects and phrases
     # ours: the shared stream hands each image to one batch kind per epoch
     shared = MultiGrainedLoader([corpus], config.replace(**OURS, iter_perc=0.5))
     kinds_of: dict[str, set] = {}
@@ -197,3 +205,18 @@ def test_no_row_is_privileged(tmp_path):
         if not anchor_first:
             assert counts[-1] > 0                                # cut by max_regions
     assert first[True] == 1.0 and first[False] < 0.6
+
+
+def test_phrase_captions_are_the_largest_distinct_phrases():
+    from shards.samples import phrase_captions
+
+    meta = {"captions": [], "regions": [
+        {"bbox": [0, 0, 10, 10], "text": "a small cup", "kind": "region"},
+        {"bbox": [0, 0, 90, 90], "text": "The big table.", "kind": "region"},
+        {"bbox": [0, 0, 50, 50], "text": "the big table", "kind": "region"},        # the same text again
+        {"bbox": [0, 0, 99, 99], "text": "chair", "kind": "object"},                # objects are no captions
+        {"bbox": [0, 0, 40, 40], "text": "a green wall", "kind": "region"},
+        {"bbox": [0, 0, 40, 40], "text": "...", "kind": "region"}]}                 # empty after pre_caption
+    config = preset("tiny", phrase_captions=8)
+    assert phrase_captions(meta, config) == ["the big table", "a green wall", "a small cup"]
+    assert phrase_captions(meta, config.replace(phrase_captions=2)) == ["the big table", "a green wall"]
