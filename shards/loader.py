@@ -298,8 +298,11 @@ class MultiGrainedLoader:
             raise XvlmError(f"loader state version {state.get('version')!r} is not {want}")
         if state["version"] != want:
             saved, ours = ("separate", "shared") if state["version"] == STREAMS_STATE_VERSION else ("shared", "separate")
+            hint = (" (a run started before X-VLM's separate streams became the default resumes with "
+                    "data.streams=shared, schedule.iter_perc_mode=per_batch and the other switches it ran with: "
+                    "docs/fidelity.md)") if saved == "shared" else ""
             raise XvlmError(f"the loader state was saved with streams: {saved}, this loader has streams: {ours}; "
-                            f"resume with the run's own data settings")
+                            f"resume with the run's own data settings{hint}")
         self._check_common(state)
         if not self.separate:
             self._streams[SHARED].load_state_dict(state)
