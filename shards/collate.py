@@ -1,10 +1,13 @@
 """Collate built samples into the batches of docs/batches.md: image-text batches (one row per image) and region
-batches (K text-region rows from B images, `image_idx` pointing each row at its image).
+batches (K text-region rows from B images, `image_idx` pointing each row at its image): X-VLM's pooled rows, or
+samples packed until the rows are filled (ours).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from shards.augment import normalise_into
@@ -71,4 +74,40 @@ def collate_region(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch[name] = torch.cat([s[name] for s in samples])
     batch["keys"] = [s["key"] for s in samples]
     batch["sources"] = [s["source"] for s in samples]
+    return batch
+
+
+def pooled_rows(total: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Which of `total` pooled rows a region batch keeps, as X-VLM's RegionTextJsonDataset.collate_fn: a random
+    `batch_size` of them; when there are fewer, all of them plus a random sample of them again, or all of them
+    repeated when even that is short. Sorted (the model's losses do not depend on the row order)."""
+    if total <= 0:
+        raise ValueError("cannot pool the rows of region samples that have none")
+    if total >= batch_size:
+        keep = rng.choice(total, batch_size, replace=False)
+    elif batch_size - total <= total:
+        keep = np.concatenate([np.arange(total), rng.choice(total, batch_size - total, replace=False)])
+    else:
+        keep = np.tile(np.arange(total), math.ceil(batch_size / total))[:batch_size]
+    return np.sort(keep)
+
+
+def collate_region_pooled(samples: list[dict[str, Any]], batch_size: int, rng: np.random.Generator) -> dict[str, Any]:
+    """X-VLM's region batch: the rows of all `samples` pooled, `pooled_rows` of them kept. Images none of whose rows
+    was kept are left out of `image` (they would enter no loss); `drawn_images` counts all of them."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of region samples")
+    counts = [region_rows(s) for s in samples]
+    keep = pooled_rows(sum(counts), batch_size, rng)
+    owner = np.repeat(np.arange(len(samples)), counts)[keep]
+    used = np.unique(owner)
+    images = [samples[i] for i in used.tolist()]
+    batch: dict[str, Any] = {"kind": "region", "image": stack_images(images)}
+    batch["image_idx"] = torch.from_numpy(np.searchsorted(used, owner).astype(np.int64))
+    index = torch.from_numpy(keep.astype(np.int64))
+    for name in ROW_FIELDS:
+        batch[name] = torch.cat([s[name] for s in samples])[index]
+    batch["keys"] = [s["key"] for s in images]
+    batch["sources"] = [s["source"] for s in images]
+    batch["drawn_images"] = len(samples)
     return batch

@@ -34,6 +34,9 @@ class ShardIndex:
     sources: list[str]
     has_caption: np.ndarray      # bool [samples]
     has_region: np.ndarray       # bool [samples]: at least one region or object box
+    num_captions: np.ndarray     # int64 [samples]: whole-image captions
+    num_regions: np.ndarray      # int64 [samples]: boxes of kind "region" (region phrases)
+    num_objects: np.ndarray      # int64 [samples]: boxes of kind "object"
 
     def end_offset(self, i: int) -> int:
         """Byte where sample i ends (the next sample's header, or the shard's end-of-archive blocks)."""
@@ -120,7 +123,10 @@ def open_dataset(path: str) -> Dataset:
             bytes=int(entry["bytes"]), offsets=offsets, keys=[str(k) for k in cols["key"][rows]],
             sources=[str(s) for s in cols["source"][rows]],
             has_caption=cols["num_captions"][rows] > 0,
-            has_region=(cols["num_regions"][rows] + cols["num_objects"][rows]) > 0))
+            has_region=(cols["num_regions"][rows] + cols["num_objects"][rows]) > 0,
+            num_captions=cols["num_captions"][rows].astype(np.int64),
+            num_regions=cols["num_regions"][rows].astype(np.int64),
+            num_objects=cols["num_objects"][rows].astype(np.int64)))
     log.info("dataset %s: %d samples in %d shards (format %s)", path, dataset.samples, len(dataset.shards), version)
     return dataset
 

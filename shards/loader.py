@@ -1,282 +1,38 @@
 """MultiGrainedLoader: image-text and region batches streamed from built shards, split by rank and worker, with
 exact mid-epoch resume (design in docs/loader.md).
+
+By default (`streams: separate`, X-VLM's Pretrain.py) two independent streams feed it: the image-text stream walks
+the (image, caption) pairs and defines the epochs; the region stream walks the images with boxes and restarts on
+its own when exhausted. The batch kinds come from the plan (shards/plan.py): with X-VLM's `iter_perc_mode: xvlm`
+every iteration is one image-text batch, preceded with probability iter_perc by one region batch. `streams: shared`
+(ours) is one pass over the images per epoch, each image serving one batch kind.
 """
 from __future__ import annotations
 
-import io
 import logging
-import queue
-import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import Future
+from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import collate, samples, storage, text
+from shards import text
 from shards.dataset import Dataset, open_datasets
 from shards.errors import XvlmError
 from shards.loader_config import LoaderConfig
-from shards.plan import TAG_BLOCK, TAG_SAMPLE, EpochPlan, build_plan, rng_for
-from shards.tar_stream import RawSample, Skipped, iter_range
+from shards.plan import IMAGE_TEXT, REGION, SHARED, EpochPlan, build_plan, build_stream_plan, iteration_kinds
+from shards.slots import ReadAhead, SlotReader, sample_rng  # noqa: F401 - re-exported (tools, tests)
+from shards.workers import shared_batches, stream_batches
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-LOG_EVERY_S = 30.0        # skip counters are logged at most this often (plus the first skip at once)
+STATE_VERSION = 1             # the shared stream's state (unchanged since it was the only one)
+STREAMS_STATE_VERSION = 2     # the separate streams' state
+LOG_EVERY_S = 30.0            # skip counters are logged at most this often (plus the first skip at once)
 
-
-def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
-    """The generator of one sample: a function of (seed, epoch, global sample position) only."""
-    return rng_for(seed, epoch, TAG_SAMPLE, position & 0xFFFFFFFF, position >> 32)
-
-
-# ------------------------------------------------------------------------------------------ slot stream
-
-# One shard range read ahead: (piece, first sample, count, first slice position, needed samples, first byte, bytes
-# or None when it could not be read whole).
-Fetched = tuple[Any, int, int, int, set[int], int, "bytes | None"]
-
-
-class ReadAhead:
-    """One daemon thread that runs submitted reads in order, one at a time (so at most one block is read ahead),
-    for the reader's whole life; a daemon, so a read still in flight never holds up the process's exit."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="xvlm-read-ahead", daemon=True)
-            self._thread.start()
-        future: Future = Future()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as err:  # noqa: BLE001 - handed to the reader, which re-raises it in its thread
-                future.set_exception(err)
-
-    def close(self) -> None:
-        """Stops the thread after the read in flight, if any (its result is dropped)."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
-
-
-class SlotReader:
-    """The samples of one slice in block-shuffled order, from slot `start` on. Slot s lies in pass s // L of the
-    slice (a worker that skipped many samples wraps into a second pass rather than yield fewer batches); each
-    block of `shuffle_buffer` consecutive slice positions is read once, then emitted in a seeded permutation.
-
-    A worker's position is (batches done, next slot, skip counters, deferred samples); every batch carries it
-    back to the main process, so state_dict() describes exactly the batches the trainer got, and a restore re-reads
-    only the unconsumed samples of the current shuffle block: nothing already consumed is decoded."""
-
-    def __init__(self, datasets: list[Dataset], plan: EpochPlan, slice_id: int, config: LoaderConfig):
-        self.datasets, self.plan, self.slice_id, self.config = datasets, plan, slice_id, config
-        self.block = max(1, config.shuffle_buffer)
-        # "auto": only where a read waits on the network. On local disk the reads are quick and the thread would
-        # only compete with the decoding for the GIL (measured: 5-25% fewer samples/s on one core).
-        self.read_ahead = config.read_ahead is True or (
-            config.read_ahead == "auto" and any(storage.is_s3(d.path) for d in datasets))
-
-    def global_position(self, pass_: int, position: int) -> int:
-        return pass_ * self.plan.total + self.slice_id * self.plan.slice_len + position
-
-    def iter_from(self, slot: int) -> Iterator[tuple[int, int, RawSample | Skipped, tuple[int, int]]]:
-        """(slot, global position, raw sample or skip, (dataset, shard) numbers) for slots slot, slot+1, ...
-
-        With read-ahead (by default for datasets on S3), the next block's bytes are read in a background thread
-        while this block's samples are decoded: the wait for each GET (the time to first byte, tens of milliseconds
-        on a remote object store) overlaps the work instead of stalling it. The thread only moves bytes (one ranged
-        read per shard piece); the tar members are parsed here, when the block is reached, so the thread holds the
-        GIL as little as possible. What is read, and in which order it is yielded, do not change; it costs one more
-        block of raw sample bytes in memory."""
-        length = self.plan.slice_len
-        ahead = ReadAhead() if self.read_ahead else None
-        pending: Future | None = None   # the read of the next block: the one the slots reach next
-        try:
-            while True:
-                pass_, q = divmod(slot, length)
-                begin = (q // self.block) * self.block
-                end = min(length, begin + self.block)
-                perm = begin + rng_for(self.config.seed, self.plan.epoch, TAG_BLOCK, self.slice_id, pass_,
-                                       begin // self.block).permutation(end - begin)
-                if pending is not None:
-                    items = self._parse(pending.result())
-                else:
-                    items = self._read(begin, end, set(perm[q - begin:].tolist()))
-                pending = None
-                if ahead is not None and end < length:
-                    # The whole next block of this pass (a block after the first is always read whole). Not past the
-                    # slice's end: a second pass is rare (many skipped samples), and at the epoch's end it would be
-                    # a wasted read.
-                    next_end = min(length, end + self.block)
-                    pending = ahead.submit(self._fetch, end, next_end, set(range(end, next_end)))
-                for k in range(q - begin, end - begin):
-                    position = int(perm[k])
-                    item, ref = items.pop(position)
-                    yield slot, self.global_position(pass_, position), item, ref
-                    slot += 1
-        finally:
-            if pending is not None:
-                pending.cancel()
-            if ahead is not None:
-                ahead.close()
-
-    def _read(self, begin: int, end: int, needed: set[int]) -> dict[int, tuple[RawSample | Skipped, tuple[int, int]]]:
-        """Raw samples at the needed slice positions in [begin, end), read in tar order."""
-        return self._parse([(*part, 0, None) for part in self._parts(begin, end, needed)])
-
-    def _parts(self, begin: int, end: int, needed: set[int]) -> Iterator[tuple[Any, int, int, int, set[int]]]:
-        """(piece, first sample in shard, count, first slice position, needed sample numbers) for each shard piece
-        of [begin, end) that holds a needed position."""
-        for piece, first, count, position in self.plan.locate(self.slice_id, begin, end):
-            want = {first + p - position for p in needed if position <= p < position + count}
-            if want:
-                yield piece, first, count, position, want
-
-    def _fetch(self, begin: int, end: int, needed: set[int]) -> list[Fetched]:
-        """In the read-ahead thread: the bytes of each shard range that the needed positions of [begin, end) lie in,
-        one ranged read each (S3: one GET, retried and resumed at the byte by the storage layer). A range that
-        cannot be read whole (a missing or truncated shard, storage that kept failing) comes back as None: `_parse`
-        then reads it the ordinary way, which skips and counts the damage exactly as without read-ahead."""
-        out = []
-        for piece, first, count, position, want in self._parts(begin, end, needed):
-            shard = self.datasets[piece.dataset].shards[piece.shard]
-            low, high = int(shard.offsets[min(want)]), shard.end_offset(max(want))
-            data: bytes | None = None
-            try:
-                with storage.open_read(shard.path, start=low, end=high) as f:
-                    data = f.read(high - low)
-                if len(data) != high - low:
-                    data = None
-            except Exception as err:  # noqa: BLE001 - read again in the reader's thread, where damage is counted
-                log.debug("read-ahead of %s bytes %d-%d failed (%s); reading it when it is reached",
-                          shard.path, low, high, err)
-                data = None
-            out.append((piece, first, count, position, want, low, data))
-        return out
-
-    def _parse(self, fetched: list[Fetched]) -> dict[int, tuple[RawSample | Skipped, tuple[int, int]]]:
-        """The raw samples of `_fetch`'s ranges, parsed from memory (or read now where there are no bytes)."""
-        out = {}
-        for piece, first, count, position, want, low, data in fetched:
-            shard = self.datasets[piece.dataset].shards[piece.shard]
-            opener = None if data is None else _memory_opener(data, low)
-            for item in iter_range(shard, first, count, needed=want, open_read=opener):
-                out[position + item.index - first] = (item, (piece.dataset, piece.shard))
-        return out
-
-
-def _memory_opener(data: bytes, low: int) -> Callable[..., io.BytesIO]:
-    """An `open_read` for iter_range over bytes already read: shard bytes [low, low + len(data))."""
-    def open_read(path: str, start: int = 0, end: int | None = None) -> io.BytesIO:
-        stop = len(data) if end is None else end - low
-        if start < low or stop > len(data):
-            raise XvlmError(f"{path}: bytes {start}-{end} lie outside the {low}-{low + len(data)} read ahead")
-        return io.BytesIO(data[start - low:stop])   # the whole range: no copy (a full slice of bytes is itself)
-    return open_read
-
-
-# ------------------------------------------------------------------------------------------ batches
-
-
-def worker_batches(datasets: list[Dataset], config: LoaderConfig, plan: EpochPlan, rank: int, worker: int,
-                   workers: int, state: dict) -> Iterator[dict[str, Any]]:
-    """The batches of one logical worker from `state` to the end of the epoch; each carries the worker's state
-    after it under "_worker_state"."""
-    slice_id = rank * workers + worker
-    reader = SlotReader(datasets, plan, slice_id, config)
-    batch_index, slot = int(state["batch"]), int(state["slot"])
-    skips = Counter(state.get("skips", {}))
-    wrapped = int(state.get("wrapped", 0))
-    # Samples fit only for the other batch kind (a VG image without caption met by an image-text batch) wait
-    # for it here instead of being wasted; the state keeps their references, a resume re-reads them by index.
-    deferred: dict[bool, deque] = {True: deque(), False: deque()}
-    for kind, entries in state.get("deferred", {}).items():
-        for position, d, s, index in entries:
-            item = next(iter_range(datasets[d].shards[s], index, 1))
-            if isinstance(item, Skipped):   # damaged since it was first read: counted like any damage
-                skips[item.reason] += 1
-                continue
-            deferred[kind == "region"].append((position, item, (d, s)))
-    limit = {True: 2 * config.region_max_images, False: 2 * config.image_text_batch_size}
-    stream = reader.iter_from(slot)
-    for i in range(batch_index, plan.batches_per_worker):
-        region = bool(plan.kinds[i * workers + worker])
-        built: list[dict[str, Any]] = []
-        rows = 0
-        barren = 0   # slots read since this batch last got a sample: a whole pass without one cannot end
-        while True:
-            if barren > plan.slice_len:
-                kind = "region" if region else "image-text"
-                raise XvlmError(f"rank {rank} worker {worker} read its whole slice ({plan.slice_len} samples) "
-                                f"without one usable for a {kind} batch (skips so far: {dict(skips)}); the data "
-                                f"has no {'boxes' if region else 'captions'} there: set iter_perc to "
-                                f"{0 if region else 1} or add such data")
-            if deferred[region]:
-                position, item, ref = deferred[region].popleft()
-            else:
-                slot, position, item, ref = next(stream)
-                slot += 1
-                barren += 1
-                if slot > plan.slice_len:
-                    wrapped += 1
-                if isinstance(item, Skipped):
-                    skips[item.reason] += 1
-                    continue
-                # The index says what a sample has: no decoding to find it unfit for this batch kind.
-                shard = datasets[ref[0]].shards[ref[1]]
-                fits = shard.has_region if region else shard.has_caption
-                if not fits[item.index]:
-                    other = shard.has_caption if region else shard.has_region
-                    if other[item.index] and len(deferred[not region]) < limit[not region]:
-                        deferred[not region].append((position, item, ref))
-                    else:
-                        skips["no_region" if region else "no_caption"] += 1
-                    continue
-            rng = sample_rng(config.seed, plan.epoch, position)
-            build = samples.region_sample if region else samples.image_text_sample
-            try:
-                sample = build(item.files["jpg"], item.files["json"], rng, config, normalise=False)
-            except samples.SkipSample as err:
-                skips[err.reason] += 1
-                continue
-            barren = 0
-            if not region:
-                built.append(sample)
-                if len(built) == config.image_text_batch_size:
-                    break
-                continue
-            take = min(collate.region_rows(sample), config.region_batch_size - rows)
-            if take < collate.region_rows(sample):
-                sample = collate.take_rows(sample, 0, take)
-            built.append(sample)
-            rows += take
-            if rows == config.region_batch_size or len(built) == config.region_max_images:
-                break
-        batch = collate.collate_region(built) if region else collate.collate_image_text(built)
-        waiting = {("region" if kind else "image_text"): [[position, ref[0], ref[1], item.index]
-                                                           for position, item, ref in queue]
-                   for kind, queue in deferred.items() if queue}
-        batch["_worker_state"] = (worker, {"batch": i + 1, "slot": slot, "skips": dict(skips), "wrapped": wrapped,
-                                           "deferred": waiting})
-        yield batch
+WorkerFn = Callable[..., Iterator[dict[str, Any]]]
 
 
 class _EpochBatches(IterableDataset):
@@ -284,32 +40,101 @@ class _EpochBatches(IterableDataset):
     resumed epoch continues the round-robin at the worker whose turn it is."""
 
     def __init__(self, datasets: list[Dataset], config: LoaderConfig, plan: EpochPlan, rank: int, workers: int,
-                 states: list[dict], rotation: int):
+                 states: list[dict], rotation: int, produce: WorkerFn):
         self.datasets, self.config, self.plan, self.rank = datasets, config, plan, rank
-        self.workers, self.states, self.rotation = workers, states, rotation
+        self.workers, self.states, self.rotation, self.produce = workers, states, rotation, produce
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         if info is not None:
             torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
         worker = ((info.id if info is not None else 0) + self.rotation) % self.workers
-        return worker_batches(self.datasets, self.config, self.plan, self.rank, worker, self.workers,
-                              self.states[worker])
-
-
-# ------------------------------------------------------------------------------------------ the loader
+        return self.produce(self.datasets, self.config, self.plan, self.rank, worker, self.workers,
+                            self.states[worker])
 
 
 def _fresh_state() -> dict:
     return {"batch": 0, "slot": 0, "skips": {}, "wrapped": 0, "deferred": {}}
 
 
+class _Stream:
+    """One stream of batches with its own epochs: its plan per epoch, the position of each of its workers, and a
+    DataLoader (`num_workers` processes, or this process with 0) that continues from there."""
+
+    def __init__(self, name: str, datasets: list[Dataset], config: LoaderConfig, rank: int, world_size: int,
+                 num_workers: int):
+        self.name, self.datasets, self.config = name, datasets, config
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.workers = max(1, num_workers)
+        self.epoch = 0
+        self.done = 0                   # batches of the current epoch handed out
+        self.states = [_fresh_state() for _ in range(self.workers)]
+        self._plans: dict[int, EpochPlan] = {}
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._plans:
+            if self.name == SHARED:
+                plan = build_plan(self.datasets, self.config, epoch, self.world_size, self.workers)
+            else:
+                plan = build_stream_plan(self.datasets, self.config, self.name, epoch, self.world_size, self.workers)
+            self._plans = {epoch: plan}
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        """Batches per epoch of this stream on this rank (the same on every rank)."""
+        return self.plan().batches_per_worker * self.workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.done = int(epoch), 0
+        self.states = [_fresh_state() for _ in range(self.workers)]
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch's batches, each recorded in the position as it is handed out."""
+        produce = shared_batches if self.name == SHARED else stream_batches
+        dataset = _EpochBatches(self.datasets, self.config, self.plan(), self.rank, self.workers,
+                                [dict(s) for s in self.states], rotation=self.done % self.workers, produce=produce)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        for batch in loader:
+            worker, state = batch.pop("_worker_state")
+            self.states[worker] = state
+            self.done += 1
+            yield batch
+
+    def skips(self) -> Counter:
+        total: Counter = Counter()
+        for state in self.states:
+            total.update(state["skips"])
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        plan = self.plan()
+        return {"epoch": self.epoch, "batches_done": self.done, "batches_per_epoch": len(self),
+                "skips": dict(sorted(self.skips().items())), "wrapped_samples": sum(s["wrapped"] for s in self.states),
+                "samples_per_worker": plan.slice_len, "dropped_per_epoch": plan.dropped}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.done, "num_workers": self.workers,
+                "workers": [dict(s) for s in self.states]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_workers"] != self.workers:
+            raise XvlmError(f"the loader state was saved with {state['num_workers']} worker slice(s) per rank for "
+                            f"the {self.name} stream, this loader has {self.workers}: resume with the same "
+                            f"{'region_num_workers' if self.name == REGION else 'num_workers'}")
+        self.epoch = int(state["epoch"])
+        self.done = int(state["batches_done"])
+        self.states = [dict(s) for s in state["workers"]]
+
+
 class MultiGrainedLoader:
     """`for batch in loader:` yields one epoch of batches (dicts per docs/batches.md, plus batch["skips"]: skip
-    counters of this rank's epoch so far, summed over workers); the next `for` runs the next epoch.
+    counters of this rank's current epoch(s) so far, summed over workers and streams); the next `for` runs the next
+    epoch. With separate streams an epoch is one pass of the image-text stream, with the region batches the plan
+    puts between its batches (the region stream keeps its own epochs).
 
     Every rank yields exactly `len(loader)` batches per epoch, and batch j has the same kind on every rank.
-    `state_dict()` / `load_state_dict()` resume mid-epoch exactly (same world size and num_workers)."""
+    `state_dict()` / `load_state_dict()` resume mid-epoch exactly (same world size and worker counts)."""
 
     def __init__(self, datasets: Sequence[str | Dataset], config: LoaderConfig, rank: int = 0, world_size: int = 1):
         if world_size < 1 or not 0 <= rank < world_size:
@@ -322,62 +147,124 @@ class MultiGrainedLoader:
             raise XvlmError("MultiGrainedLoader needs at least one dataset")
         text.load_vocab(config.tokenizer)  # a missing tokenizer fails here, not in a worker mid-epoch
         self.config, self.rank, self.world_size = config, rank, world_size
+        self.separate = config.streams == "separate"
         self.workers = max(1, config.num_workers)
+        self.region_only = config.iter_perc_mode == "per_batch" and config.iter_perc >= 1.0
+        streams: dict[str, _Stream] = {}
+        if not self.separate:
+            streams[SHARED] = _Stream(SHARED, self.datasets, config, rank, world_size, config.num_workers)
+        else:
+            if not self.region_only:
+                streams[IMAGE_TEXT] = _Stream(IMAGE_TEXT, self.datasets, config, rank, world_size, config.num_workers)
+            if config.iter_perc > 0:
+                streams[REGION] = _Stream(REGION, self.datasets, config, rank, world_size, config.region_workers)
+        self._streams = streams
         self.epoch = 0
-        self._states = [_fresh_state() for _ in range(self.workers)]
-        self._done = 0                   # batches of the current epoch handed out
-        self._plans: dict[int, EpochPlan] = {}
+        self._done = 0                   # batches of the current epoch handed out (the separate streams)
+        self._kinds: dict[int, np.ndarray] = {}
         self._last_log = 0.0
         self._logged_skips = 0
 
     # -- plan and sizes
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
+    @property
+    def _driver(self) -> _Stream:
+        """The stream whose epochs are the loader's: the shared one, else the image-text one (region-only: region)."""
+        if not self.separate:
+            return self._streams[SHARED]
+        return self._streams[REGION] if self.region_only else self._streams[IMAGE_TEXT]
+
+    def plan(self, epoch: int | None = None, stream: str | None = None) -> EpochPlan:
+        """The epoch plan of a stream (default: the shared one, or the image-text one with separate streams; the
+        region stream's own current epoch when `stream` is "region" and `epoch` is None)."""
+        chosen = self._driver if stream is None else self._streams.get(stream)
+        if chosen is None:
+            raise XvlmError(f"this loader has no {stream} stream (streams: {sorted(self._streams)})")
+        return chosen.plan(epoch)
+
+    def kinds(self, epoch: int | None = None) -> np.ndarray:
+        """The kinds of the epoch's batches on this rank (True = region batch), the same on every rank."""
         epoch = self.epoch if epoch is None else epoch
-        if epoch not in self._plans:
-            self._plans = {epoch: build_plan(self.datasets, self.config, epoch, self.world_size, self.workers)}
-        return self._plans[epoch]
+        if not self.separate:
+            return self._streams[SHARED].plan(epoch).kinds
+        if epoch not in self._kinds:
+            driver = self._driver
+            n = driver.plan(epoch).batches_per_worker * driver.workers
+            if self.region_only:
+                kinds = np.ones(n, dtype=bool)
+            elif REGION not in self._streams:
+                kinds = np.zeros(n, dtype=bool)
+            else:
+                kinds = iteration_kinds(self.config, epoch, n)
+                self._streams[REGION].plan()   # data without boxes fails here, before the first batch
+            self._kinds = {epoch: kinds}
+        return self._kinds[epoch]
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        return self.plan().batches_per_worker * self.workers
+        if not self.separate:
+            return len(self._streams[SHARED])
+        return len(self.kinds())
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch` from its beginning at the next iteration."""
+        """Start epoch `epoch` from its beginning at the next iteration (the region stream of separate streams
+        continues where it is)."""
         self.epoch, self._done = int(epoch), 0
-        self._states = [_fresh_state() for _ in range(self.workers)]
+        self._driver.set_epoch(epoch)
 
     # -- iteration
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._done >= len(self):       # the previous epoch was consumed to its last batch
+        if self._batches_done() >= len(self):       # the previous epoch was consumed to its last batch
             self.set_epoch(self.epoch + 1)
-        plan = self.plan()
-        dataset = _EpochBatches(self.datasets, self.config, plan, self.rank, self.workers,
-                                [dict(s) for s in self._states], rotation=self._done % self.workers)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.config.num_workers,
-                            persistent_workers=False)
-        for batch in loader:
-            worker, state = batch.pop("_worker_state")
-            self._states[worker] = state
-            self._done += 1
+        source = self._streams[SHARED].batches() if not self.separate else self._separate_batches()
+        for batch in source:
             batch["skips"] = self.skips()
             self._log_skips(batch["skips"])
             yield batch
         # The finished epoch's counters stay readable (stats(), state_dict()) until the next iteration starts.
 
+    def _batches_done(self) -> int:
+        return self._streams[SHARED].done if not self.separate else self._done
+
+    def _separate_batches(self) -> Iterator[dict[str, Any]]:
+        kinds = self.kinds()
+        image_text = None
+        regions = None
+        while self._done < len(kinds):
+            if kinds[self._done]:
+                if regions is None:
+                    regions = self._regions()
+                batch = next(regions)
+            else:
+                if image_text is None:
+                    image_text = self._streams[IMAGE_TEXT].batches()
+                batch = next(image_text)
+            self._done += 1
+            yield batch
+
+    def _regions(self) -> Iterator[dict[str, Any]]:
+        """Region batches without end: the region stream restarts with its next epoch when exhausted (X-VLM)."""
+        stream = self._streams[REGION]
+        while True:
+            if stream.done >= len(stream):
+                stream.set_epoch(stream.epoch + 1)
+            yield from stream.batches()
+
     def skips(self) -> dict[str, int]:
-        """Skipped samples by reason in this rank's current epoch, summed over workers."""
+        """Skipped samples by reason in this rank's current epoch of each stream, summed over workers and streams."""
         total: Counter = Counter()
-        for state in self._states:
-            total.update(state["skips"])
+        for stream in self._streams.values():
+            total.update(stream.skips())
         return dict(sorted(total.items()))
 
     def stats(self) -> dict[str, Any]:
-        plan = self.plan()
-        return {"epoch": self.epoch, "batches_done": self._done, "batches_per_epoch": len(self),
-                "skips": self.skips(), "wrapped_samples": sum(s["wrapped"] for s in self._states),
-                "samples_per_worker": plan.slice_len, "dropped_per_epoch": plan.dropped}
+        out = self._driver.stats()
+        out.update(epoch=self.epoch, batches_done=self._batches_done(), batches_per_epoch=len(self),
+                   skips=self.skips())
+        if self.separate and REGION in self._streams and not self.region_only:
+            out["region"] = self._streams[REGION].stats()
+        return out
 
     def _log_skips(self, skips: dict[str, int]) -> None:
         n = sum(skips.values())
@@ -394,21 +281,55 @@ class MultiGrainedLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out: plain ints, strings and dicts (JSON-able)."""
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self._done,
-                "world_size": self.world_size, "rank": self.rank, "num_workers": self.workers,
-                "seed": self.config.seed, "datasets": self._fingerprints(),
-                "workers": [dict(s) for s in self._states]}
+        common = {"world_size": self.world_size, "rank": self.rank, "seed": self.config.seed,
+                  "datasets": self._fingerprints()}
+        if not self.separate:
+            shared = self._streams[SHARED]
+            return {"version": STATE_VERSION, "epoch": shared.epoch, "batches_done": shared.done,
+                    "num_workers": shared.workers, **common, "workers": [dict(s) for s in shared.states]}
+        return {"version": STREAMS_STATE_VERSION, "streams": "separate", "epoch": self.epoch,
+                "batches_done": self._done, **common, "iter_perc": self.config.iter_perc,
+                "iter_perc_mode": self.config.iter_perc_mode,
+                "stream_states": {name: stream.state_dict() for name, stream in self._streams.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise XvlmError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        want = STREAMS_STATE_VERSION if self.separate else STATE_VERSION
+        if state.get("version") not in (STATE_VERSION, STREAMS_STATE_VERSION):
+            raise XvlmError(f"loader state version {state.get('version')!r} is not {want}")
+        if state["version"] != want:
+            saved, ours = ("separate", "shared") if state["version"] == STREAMS_STATE_VERSION else ("shared", "separate")
+            hint = (" (a run started before X-VLM's separate streams became the default resumes with "
+                    "data.streams=shared, schedule.iter_perc_mode=per_batch and the other switches it ran with: "
+                    "docs/fidelity.md)") if saved == "shared" else ""
+            raise XvlmError(f"the loader state was saved with streams: {saved}, this loader has streams: {ours}; "
+                            f"resume with the run's own data settings{hint}")
+        self._check_common(state)
+        if not self.separate:
+            self._streams[SHARED].load_state_dict(state)
+            self.epoch = int(state["epoch"])
+            return
+        for name in ("iter_perc", "iter_perc_mode"):
+            if state[name] != getattr(self.config, name):
+                raise XvlmError(f"the loader state was saved with {name} {state[name]!r}, the config has "
+                                f"{getattr(self.config, name)!r}: the sequence of batch kinds depends on it; resume "
+                                f"with the run's own schedule")
+        saved = state["stream_states"]
+        if sorted(saved) != sorted(self._streams):
+            raise XvlmError(f"the loader state holds the streams {sorted(saved)}, this loader has "
+                            f"{sorted(self._streams)}")
+        for name, stream in self._streams.items():
+            stream.load_state_dict(saved[name])
+        self.epoch = int(state["epoch"])
+        self._done = int(state["batches_done"])
+
+    def _check_common(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.world_size:
             raise XvlmError(
                 f"the loader state was saved with world_size {state['world_size']}, this run has "
                 f"{self.world_size}: exact resume needs the same world size (each rank's slice of the epoch "
                 f"depends on it). Resume with {state['world_size']} ranks, or call set_epoch(epoch + 1) to start "
                 f"the next epoch fresh with the new world size.")
-        if state["num_workers"] != self.workers:
+        if "num_workers" in state and state["num_workers"] != self.workers:
             raise XvlmError(f"the loader state was saved with {state['num_workers']} worker slice(s) per rank, this "
                             f"loader has {self.workers}: resume with num_workers={state['num_workers']}")
         if state["seed"] != self.config.seed:
@@ -420,6 +341,3 @@ class MultiGrainedLoader:
         if state["rank"] != self.rank:
             raise XvlmError(f"the loader state belongs to rank {state['rank']}, this loader is rank {self.rank}: "
                             f"every rank saves and restores its own loader state")
-        self.epoch = int(state["epoch"])
-        self._done = int(state["batches_done"])
-        self._states = [dict(s) for s in state["workers"]]

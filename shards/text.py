@@ -1,5 +1,6 @@
-"""Text side of a training sample, as X-VLM does it: pre_caption, left/right swap for flips, WordPiece ids with
-[CLS] and padding, and whole-word MLM masking with 2-3 token spans — every random draw from a numpy Generator.
+"""Text side of a training sample, as X-VLM does it: pre_caption, left/right swap for flips (ours, off by default),
+WordPiece ids with [CLS] and padding, and MLM masking with whole-word 2-3 token spans — every random draw from a
+numpy Generator. Our variants of X-VLM's text handling are named modes (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -27,16 +28,28 @@ class EmptyText(ValueError):
 
 # ---------------------------------------------------------------- pre_caption
 
+PRE_CAPTION_MODES = ("xvlm", "spaces")
 _PUNCT = re.compile(r"[,.'!?\"()*#:;~]")
+_WHITESPACE_RUNS = re.compile(r"\s{2,}")
 _SPACES = re.compile(r"\s+")
 
 
-def pre_caption(text: str, max_words: int) -> str:
-    """X-VLM's pre_caption: lowercase, punctuation , . ' ! ? " ( ) * # : ; ~ and - / become spaces, whitespace
-    collapsed, at most `max_words` words. Raises EmptyText when nothing is left."""
-    caption = _PUNCT.sub(" ", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
-    words = _SPACES.sub(" ", caption).strip().split(" ")
-    caption = " ".join(words[:max_words])
+def pre_caption(text: str, max_words: int, mode: str = "xvlm") -> str:
+    """X-VLM's pre_caption (dataset/utils.py): lowercase; the characters , . ' ! ? " ( ) * # : ; ~ are deleted
+    ("man's" -> "mans"); - and / become spaces; <person> becomes person; runs of two or more whitespace
+    characters become one space (a single tab or newline stays, as there; the tokenizer splits on it anyway);
+    strip; the first `max_words` space-separated words. Raises EmptyText when nothing is left.
+
+    mode "spaces" (ours before issue 17): the punctuation becomes spaces ("man s") and all whitespace collapses."""
+    if mode == "xvlm":
+        caption = _PUNCT.sub("", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+        caption = _WHITESPACE_RUNS.sub(" ", caption).rstrip("\n").strip(" ")
+    elif mode == "spaces":
+        caption = _PUNCT.sub(" ", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+        caption = _SPACES.sub(" ", caption).strip()
+    else:
+        raise XvlmError(f"pre_caption mode must be one of {PRE_CAPTION_MODES}, got {mode!r}")
+    caption = " ".join(caption.split(" ")[:max_words])
     if not caption:
         raise EmptyText(f"text is empty after pre_caption: {text[:80]!r}")
     return caption
@@ -72,7 +85,8 @@ class Vocab:
     cls_id: int
     mask_id: int
     continuation: np.ndarray     # bool [vocab]: the piece is a "##" continuation of the previous word
-    random_ids: np.ndarray       # ids the 10% "random token" case draws from (no special tokens)
+    random_ids: np.ndarray       # ids the 10% "random token" case draws from in "whole_word" masking (no special ones)
+    size: int                    # ids 0..size-1: X-VLM's random token is any of them, special tokens included
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,7 +119,7 @@ def load_vocab(folder: str) -> Vocab:
     continuation = np.array([p is not None and p.startswith("##") for p in pieces], dtype=bool)
     special = set(tok.all_special_ids)
     random_ids = np.array([i for i in range(size) if i not in special], dtype=np.int64)
-    return Vocab(tok, int(tok.cls_token_id), int(tok.mask_token_id), continuation, random_ids)
+    return Vocab(tok, int(tok.cls_token_id), int(tok.mask_token_id), continuation, random_ids, size)
 
 
 def token_ids(text: str, vocab: Vocab, max_tokens: int) -> list[int]:
@@ -119,13 +133,23 @@ def token_ids(text: str, vocab: Vocab, max_tokens: int) -> list[int]:
 
 # ---------------------------------------------------------------- masking
 
+MASKING_MODES = ("xvlm", "whole_word")
+
+
 def choose_masked_positions(ids: list[int], vocab: Vocab, rng: np.random.Generator, *, mask_prob: float,
-                            max_masks: int, skipgram_prb: float, skipgram_size: int) -> list[int]:
-    """X-VLM's TextMaskingGenerator position choice: n = min(max_masks, max(1, round(mask_prob * len))) with len
-    counting [CLS]; candidates in random order; with probability skipgram_prb a span of 2..skipgram_size tokens,
-    widened to whole words. Unlike the official code (which overshoots n, then cuts at random and so can split a
-    word), a span is shortened to the whole words that still fit; only a text whose every word is longer than n
-    gets a partial word (its first n pieces). Returns sorted positions; [CLS] (position 0) never."""
+                            max_masks: int, skipgram_prb: float, skipgram_size: int,
+                            masking: str = "xvlm") -> list[int]:
+    """The positions to mask, as X-VLM's TextMaskingGenerator (dataset/pretrain_dataset.py) chooses them:
+    n = min(max_masks, max(1, round(mask_prob * len))) with len counting [CLS]; candidate positions in random order;
+    for each, with probability skipgram_prb a span of 2..skipgram_size tokens, else one token, widened to whole
+    words (`##` pieces go with their word). Returns sorted positions; [CLS] (position 0) never.
+
+    masking "xvlm": every widened span is taken whole, so the set can overshoot n; it is then cut to a random n of
+    its positions (which can split a word), as the official code does.
+    masking "whole_word" (ours before issue 17): a span is shortened to the whole words that still fit n, so masks
+    are always whole words; only a text whose every word is longer than n gets a partial word (its first n pieces)."""
+    if masking not in MASKING_MODES:
+        raise XvlmError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
     length = len(ids)
     n_pred = min(max_masks, max(1, int(round(length * mask_prob))))
     cont = vocab.continuation[ids].tolist()     # plain bools: indexed per token below
@@ -153,6 +177,9 @@ def choose_masked_positions(ids: list[int], vocab: Vocab, rng: np.random.Generat
             span = int(rng.integers(2, skipgram_size + 1))
         start = word_start(pos)
         end = word_end(min(pos + span, length) - 1)
+        if masking == "xvlm":
+            masked.update(range(start, end))
+            continue
         # whole words in [start, end) that fit the remaining budget, from the left
         words: list[tuple[int, int]] = []
         p = start
@@ -165,6 +192,11 @@ def choose_masked_positions(ids: list[int], vocab: Vocab, rng: np.random.Generat
             if len(masked) + len(fresh) > n_pred:
                 break
             masked.update(fresh)
+    if masking == "xvlm":
+        chosen = sorted(masked)
+        if len(chosen) > n_pred:
+            chosen = sorted(rng.permutation(chosen)[:n_pred].tolist())
+        return chosen
     if not masked:
         # every word is longer than n_pred pieces: mask the first n_pred pieces of a random word
         heads = [i for i in range(1, length) if not cont[i]] or [1]
@@ -184,23 +216,25 @@ class EncodedText:
 
 
 def encode(text: str, vocab: Vocab, rng: np.random.Generator, *, max_tokens: int, max_masks: int,
-           mask_prob: float, skipgram_prb: float, skipgram_size: int) -> EncodedText:
+           mask_prob: float, skipgram_prb: float, skipgram_size: int, masking: str = "xvlm") -> EncodedText:
     """Token ids, attention mask and MLM masking of one pre_caption'd text: each chosen position becomes [MASK]
-    with p=0.8, a random non-special id with p=0.1, stays with p=0.1 (X-VLM's draw order)."""
+    with p=0.8, a random id with p=0.1, stays with p=0.1 (X-VLM's draw order). The random id is any id of the
+    vocabulary with masking "xvlm" (as X-VLM: special tokens included), a non-special one with "whole_word"."""
     return encode_ids(token_ids(text, vocab, max_tokens), vocab, rng, max_tokens=max_tokens, max_masks=max_masks,
-                      mask_prob=mask_prob, skipgram_prb=skipgram_prb, skipgram_size=skipgram_size)
+                      mask_prob=mask_prob, skipgram_prb=skipgram_prb, skipgram_size=skipgram_size, masking=masking)
 
 
 def encode_ids(ids: list[int], vocab: Vocab, rng: np.random.Generator, *, max_tokens: int, max_masks: int,
-               mask_prob: float, skipgram_prb: float, skipgram_size: int) -> EncodedText:
+               mask_prob: float, skipgram_prb: float, skipgram_size: int, masking: str = "xvlm") -> EncodedText:
     """encode() of ids from token_ids(): padding, attention mask and MLM masking."""
     rows = encode_rows([ids], vocab, rng, max_tokens=max_tokens, max_masks=max_masks, mask_prob=mask_prob,
-                       skipgram_prb=skipgram_prb, skipgram_size=skipgram_size)
+                       skipgram_prb=skipgram_prb, skipgram_size=skipgram_size, masking=masking)
     return EncodedText(**{name: value[0] for name, value in rows.items()})
 
 
 def encode_rows(rows: list[list[int]], vocab: Vocab, rng: np.random.Generator, *, max_tokens: int, max_masks: int,
-                mask_prob: float, skipgram_prb: float, skipgram_size: int) -> dict[str, np.ndarray]:
+                mask_prob: float, skipgram_prb: float, skipgram_size: int,
+                masking: str = "xvlm") -> dict[str, np.ndarray]:
     """encode_ids() of several id lists in order (the same draws), written into [K, T] / [K, M] arrays named as
     EncodedText's fields: one allocation per field for the whole sample instead of five per row."""
     k = len(rows)
@@ -210,13 +244,16 @@ def encode_rows(rows: list[list[int]], vocab: Vocab, rng: np.random.Generator, *
            "masked_ids": np.full((k, max_masks), IGNORE_INDEX, np.int64)}
     for r, ids in enumerate(rows):
         positions = choose_masked_positions(ids, vocab, rng, mask_prob=mask_prob, max_masks=max_masks,
-                                            skipgram_prb=skipgram_prb, skipgram_size=skipgram_size)
+                                            skipgram_prb=skipgram_prb, skipgram_size=skipgram_size, masking=masking)
         masked = list(ids)
         for pos in positions:
             if rng.random() < 0.8:
                 masked[pos] = vocab.mask_id
             elif rng.random() < 0.5:
-                masked[pos] = int(vocab.random_ids[rng.integers(len(vocab.random_ids))])
+                if masking == "xvlm":
+                    masked[pos] = int(rng.integers(vocab.size))
+                else:
+                    masked[pos] = int(vocab.random_ids[rng.integers(len(vocab.random_ids))])
         n, m = len(ids), len(positions)
         out["text_ids"][r, :n] = ids
         out["text_atts"][r, :n] = 1
@@ -229,7 +266,8 @@ def encode_rows(rows: list[list[int]], vocab: Vocab, rng: np.random.Generator, *
 def encode_with(ids: list[int], vocab: Vocab, rng: np.random.Generator, config: "LoaderConfig") -> EncodedText:
     """encode_ids() with the sizes of a LoaderConfig."""
     return encode_ids(ids, vocab, rng, max_tokens=config.max_tokens, max_masks=config.max_masks,
-                      mask_prob=config.mask_prob, skipgram_prb=config.skipgram_prb, skipgram_size=config.skipgram_size)
+                      mask_prob=config.mask_prob, skipgram_prb=config.skipgram_prb, skipgram_size=config.skipgram_size,
+                      masking=config.mlm_masking)
 
 
 def encode_rows_with(rows: list[list[int]], vocab: Vocab, rng: np.random.Generator,
@@ -237,4 +275,4 @@ def encode_rows_with(rows: list[list[int]], vocab: Vocab, rng: np.random.Generat
     """encode_rows() with the sizes of a LoaderConfig."""
     return encode_rows(rows, vocab, rng, max_tokens=config.max_tokens, max_masks=config.max_masks,
                        mask_prob=config.mask_prob, skipgram_prb=config.skipgram_prb,
-                       skipgram_size=config.skipgram_size)
+                       skipgram_size=config.skipgram_size, masking=config.mlm_masking)

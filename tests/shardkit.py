@@ -19,9 +19,11 @@ SHAPES = ["circle", "square", "triangle"]
 
 
 def make_sample(key: str, source: str, rng: np.random.Generator, size: tuple[int, int] = (96, 72),
-                captions: bool = True, regions: int = 2, noise: bool = False) -> tuple[bytes, dict]:
-    """A JPEG with coloured boxes and its sample JSON (captions and region/object boxes inside the image);
-    `noise` fills the background with noise, which makes large (slow to stream) JPEGs."""
+                captions: bool | int = True, regions: int = 2, noise: bool = False,
+                phrases: bool = True) -> tuple[bytes, dict]:
+    """A JPEG with coloured boxes and its sample JSON (`captions` captions, True = 1, and region/object boxes inside
+    the image; every other box is a region phrase unless `phrases` is false: objects only, as COCO); `noise` fills
+    the background with noise, which makes large (slow to stream) JPEGs."""
     width, height = size
     if noise:
         image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
@@ -34,22 +36,26 @@ def make_sample(key: str, source: str, rng: np.random.Generator, size: tuple[int
         x, y = float(rng.integers(0, width - int(w))), float(rng.integers(0, height - int(h)))
         color, shape = COLORS[int(rng.integers(len(COLORS)))], SHAPES[int(rng.integers(len(SHAPES)))]
         draw.rectangle([x, y, x + w, y + h], fill=color)
-        kind = "object" if i % 2 else "region"
+        kind = "object" if i % 2 or not phrases else "region"
         text = shape if kind == "object" else f"a {color} {shape} on the left"
         meta_regions.append({"bbox": [x, y, w, h], "text": text, "kind": kind,
                              "attributes": [color] if kind == "object" else []})
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=95 if noise else 85)
     meta = {"key": key, "source": source, "source_id": key.split("-", 1)[1], "width": width, "height": height,
-            "captions": [f"{key} a picture of shapes on the right"] if captions else [], "regions": meta_regions}
+            "captions": [f"{key} a picture of shapes on the right"] + [f"{key} caption {i}" for i in range(1, int(captions))]
+            if captions else [], "regions": meta_regions}
     return buf.getvalue(), meta
 
 
 def make_dataset(out: str, samples: int = 40, per_shard: int = 10, sources: tuple[str, ...] = ("coco",),
                  seed: int = 0, size: tuple[int, int] = (96, 72), format_version: str | None = None,
-                 noise: bool = False, captionless: tuple[str, ...] = ()) -> str:
+                 noise: bool = False, captionless: tuple[str, ...] = (), boxless: tuple[str, ...] = (),
+                 captions: dict[str, int] | None = None, objects_only: tuple[str, ...] = ()) -> str:
     """Write `samples` samples (keys SOURCE-000000..., sorted) into shards of `per_shard`; returns `out`.
-    Samples of the `captionless` sources have regions only (like Visual Genome images outside COCO)."""
+    Samples of the `captionless` sources have regions only (like Visual Genome images outside COCO), those of the
+    `boxless` sources captions only (like SBU), those of the `objects_only` sources object boxes and no region
+    phrases (like COCO); `captions` gives a source's captions per sample (default 1)."""
     rng = np.random.default_rng(seed)
     storage.makedirs(out)
     keys = sorted(f"{sources[i % len(sources)]}-{i:06d}" for i in range(samples))
@@ -59,7 +65,9 @@ def make_dataset(out: str, samples: int = 40, per_shard: int = 10, sources: tupl
         with ShardWriter(storage.join(out, name)) as writer:
             for key in keys[first:first + per_shard]:
                 source = key.split("-", 1)[0]
-                jpeg, meta = make_sample(key, source, rng, size=size, noise=noise, captions=source not in captionless)
+                jpeg, meta = make_sample(key, source, rng, size=size, noise=noise,
+                                         captions=0 if source in captionless else (captions or {}).get(source, 1),
+                                         regions=0 if source in boxless else 2, phrases=source not in objects_only)
                 offset = writer.write(key, jpeg, meta)
                 counts[source].add_written("image")
                 rows.append({"key": key, "shard": name, "offset": offset, "source": source, "width": size[0],

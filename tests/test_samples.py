@@ -68,7 +68,7 @@ def red_extent(image: torch.Tensor) -> tuple[float, float, float, float] | None:
 def test_box_stays_on_its_object(config, use_draft):
     data = red_square_picture()
     meta = meta_for(regions=[{"bbox": list(RED_BOX), "text": "a red box on the left", "kind": "region"}])
-    cfg = config.replace(use_draft=use_draft)
+    cfg = config.replace(use_draft=use_draft, swap_left_right=True)
     flips = drafted = 0
     for seed in range(16):
         sample = region_sample(data, meta, np.random.default_rng(seed), cfg)
@@ -114,12 +114,18 @@ def scene_meta() -> dict:
     return meta_for(captions=["A dog to the left of a white backpack.", "!!!"], regions=regions)
 
 
-def test_region_rows_follow_the_rules(config):
+@pytest.mark.parametrize("anchor_first", [False, True])
+def test_region_rows_follow_the_rules(config, anchor_first):
+    """X-VLM (anchor_first False): the caption row first, then every box more than 50% inside the crop in random
+    order (the anchor is one of them, wholly inside); ours: the anchor right after the caption. Objects: every
+    attribute in front of the name with object_attributes all (ours), one drawn at random with one (X-VLM)."""
     meta = scene_meta()
     data = jpeg(Image.new("RGB", (800, 600), (10, 200, 30)))
-    texts = {"dog on the left", "white large backpack", "white cup", "the whole scene", "rightmost sign",
-             "a tall lamp"}
-    cfg = config.replace(max_regions=7)
+    cfg = config.replace(max_regions=7, swap_left_right=True, region_anchor_first=anchor_first,
+                         object_attributes="all" if anchor_first else "one")
+    backpacks = {"white large backpack"} if anchor_first else {"white backpack", "large backpack"}
+    texts = {"dog on the left", "white cup", "the whole scene", "rightmost sign", "a tall lamp"} | backpacks
+    seen_backpacks, anchor_positions = set(), set()
     for seed in range(40):
         s = region_sample(data, meta, np.random.default_rng(seed), cfg)
         k = len(s["texts"])
@@ -130,21 +136,28 @@ def test_region_rows_follow_the_rules(config):
         unflip = [t.replace("right", "LEFT").replace("left", "right").replace("LEFT", "left") if s["flipped"] else t
                   for t in s["texts"][1:]]
         assert set(unflip) <= texts
-        # the anchor (first box row) is wholly inside the crop; every other kept box is > 50% inside, and every
-        # dropped one is not (max_regions 7 leaves room for all)
-        by_text = {r["text"] if r["kind"] == "region" else
-                   ("white large backpack" if r["text"] == "backpack" else r["text"]): tuple(r["bbox"])
-                   for r in meta["regions"]}
+        seen_backpacks |= set(unflip) & backpacks
+        by_text = {t: tuple(r["bbox"]) for r in meta["regions"]
+                   for t in ([r["text"]] if r["kind"] == "region" or r["text"] != "backpack" else backpacks)}
         crop = s["crop"]
-        assert boxes.inside_fraction(by_text[unflip[0]], crop) == pytest.approx(1.0)
-        for t, box in by_text.items():
-            if t != unflip[0]:
-                assert (t in unflip) == (boxes.inside_fraction(box, crop) > 0.5)
+        # every kept box is > 50% inside, every dropped one is not (max_regions 7 leaves room for all), and one
+        # of the boxes (the anchor) is wholly inside
+        inside = {t: boxes.inside_fraction(box, crop) for t, box in by_text.items()}
+        for t, fraction in inside.items():
+            if t not in backpacks:
+                assert (t in unflip) == (fraction > 0.5)
+        wholly = [i for i, t in enumerate(unflip) if inside[t] == pytest.approx(1.0)]
+        assert wholly
+        if anchor_first:
+            assert wholly[0] == 0
+        anchor_positions.add(wholly[0])
         # the targets are the boxes after crop/flip/scale
         for t, target in zip(unflip, s["target_bbox"][1:]):
             expected = boxes.target_bbox(boxes.box_in_output(by_text[t], crop, s["flipped"], 128, 128), 128)
             assert target.tolist() == pytest.approx(expected, abs=1e-5)
         assert s["text_ids"].shape == (k, cfg.max_tokens) and s["patch_mask"].shape == (k, cfg.grid ** 2)
+    assert seen_backpacks == backpacks
+    assert (anchor_positions == {0}) == anchor_first     # X-VLM: the wholly-inside boxes are not always first
 
 
 def test_region_crop_prob_mixes_whole_pictures_with_anchor_crops(config):
@@ -190,8 +203,32 @@ def test_max_regions_caps_rows_and_caption_takes_a_slot(config):
 def test_object_text_has_attributes(config):
     meta = meta_for(regions=[{"bbox": [10, 10, 50, 50], "text": "backpack", "kind": "object",
                               "attributes": ["white", "White", "backpack"]}])
-    s = region_sample(jpeg(Image.new("RGB", (800, 600))), meta, np.random.default_rng(0), config)
+    picture = jpeg(Image.new("RGB", (800, 600)))
+    s = region_sample(picture, meta, np.random.default_rng(0), config.replace(object_attributes="all"))
     assert s["texts"] == ["white backpack"]
+    # X-VLM: one attribute drawn at random, put in front of the name as it is (no de-duplication)
+    drawn = {region_sample(picture, meta, np.random.default_rng(seed), config)["texts"][0] for seed in range(30)}
+    assert drawn == {"white backpack", "backpack backpack"}
+    # the builder writes VG objects as "attributes name": the name is what follows them
+    built = meta_for(regions=[{"bbox": [10, 10, 50, 50], "text": "red striped shirt", "kind": "object",
+                               "attributes": ["red", "striped"]}])
+    drawn = {region_sample(picture, built, np.random.default_rng(seed), config)["texts"][0] for seed in range(30)}
+    assert drawn == {"red shirt", "striped shirt"}
+    assert region_sample(picture, built, np.random.default_rng(0), config.replace(
+        object_attributes="all"))["texts"] == ["red striped shirt"]
+
+
+def test_region_kinds_restrict_the_boxes(config):
+    meta = scene_meta()
+    data = jpeg(Image.new("RGB", (800, 600), (10, 200, 30)))
+    cfg = config.replace(max_regions=7, region_crop_prob=0.0)
+    objects = region_sample(data, meta, np.random.default_rng(0), cfg, kinds=("object",))
+    assert objects["is_image"].tolist() == [True, False, False]
+    assert set(objects["texts"][1:]) <= {"white cup", "white backpack", "large backpack"}
+    phrases = region_sample(data, meta, np.random.default_rng(0), cfg, kinds=("region",))
+    assert len(phrases["texts"]) == 5 and "white cup" not in phrases["texts"]
+    with pytest.raises(SkipSample, match="no_region"):
+        region_sample(data, meta_for(regions=meta["regions"][:1]), np.random.default_rng(0), cfg, kinds=("object",))
 
 
 def test_image_text_sample(config):
@@ -199,7 +236,7 @@ def test_image_text_sample(config):
     meta = meta_for(captions=["A red box on the left.", "   "])
     seen_flip = set()
     for seed in range(12):
-        s = image_text_sample(data, meta, np.random.default_rng(seed), config)
+        s = image_text_sample(data, meta, np.random.default_rng(seed), config.replace(swap_left_right=True))
         assert s["image"].shape == (3, 128, 128) and s["image"].dtype == torch.float32
         assert s["text_ids"].shape == (config.max_tokens,) and s["masked_pos"].shape == (config.max_masks,)
         assert s["text"] == ("a red box on the right" if s["flipped"] else "a red box on the left")
@@ -207,6 +244,14 @@ def test_image_text_sample(config):
         assert 0.2 * 800 * 600 * 0.97 <= w * h and x0 + w <= 800 and y0 + h <= 600
         seen_flip.add(s["flipped"])
     assert seen_flip == {True, False}
+    # X-VLM's default: no swap; and an image-text entry of one caption (caption_index) draws no caption
+    for seed in range(6):
+        s = image_text_sample(data, meta, np.random.default_rng(seed), config, caption_index=0)
+        assert s["text"] == "a red box on the left"
+    with pytest.raises(SkipSample, match="no_caption"):
+        image_text_sample(data, meta, np.random.default_rng(0), config, caption_index=1)   # empty after pre_caption
+    with pytest.raises(SkipSample, match="no_caption"):
+        image_text_sample(data, meta, np.random.default_rng(0), config, caption_index=2)   # no such caption
 
 
 @pytest.mark.parametrize("build", [image_text_sample, region_sample])

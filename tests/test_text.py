@@ -31,31 +31,57 @@ def sample_vocab(tmp_path_factory) -> text.Vocab:
     return text.load_vocab(str(folder))
 
 
-MASKING = dict(mask_prob=0.25, skipgram_prb=0.2, skipgram_size=3)
+MASKING = dict(mask_prob=0.25, skipgram_prb=0.2, skipgram_size=3, masking="whole_word")   # ours
+XVLM_MASKING = dict(mask_prob=0.25, skipgram_prb=0.2, skipgram_size=3, masking="xvlm")
 
 
 # ---------------------------------------------------------------- pre_caption
 
 @pytest.mark.parametrize("raw, expected", [
-    ("A Man's  dog, (running)!", "a man s dog running"),
+    # X-VLM's dataset/utils.py deletes the punctuation: "man's" -> "mans", "(running)!" -> "running"
+    ("A Man's  dog, (running)!", "a mans dog running"),
     ('Two "big" dogs: one ~ #1; *yes*?', "two big dogs one 1 yes"),
+    ("it's...a dog!!!  ", "itsa dog"),                    # a punctuation run between words joins them
+    ("wait , what ?", "wait what"),                        # punctuation between spaces leaves a space run
     ("black-and-white cat on a table/desk", "black and white cat on a table desk"),
-    ("  tabs\tand\nnewlines  ", "tabs and newlines"),
+    ("a -- b // c", "a b c"),
+    ("  tabs\tand\nnewlines  ", "tabs\tand\nnewlines"),  # one tab / newline stays (the tokenizer splits it)
+    ("two  \t spaces\n", "two spaces"),                    # runs of 2+ whitespace become one space
     ("<person> rides a horse", "person rides a horse"),
     ("Ünïcode stays, digits 42 too.", "ünïcode stays digits 42 too"),
+    ("“curly” quotes’ stay", "“curly” quotes’ stay"),     # only the ASCII characters are deleted
+    ("a\u3000b\u00a0\u00a0c", "a\u3000b c"),             # unicode whitespace: a run of two collapses
 ])
 def test_pre_caption(raw, expected):
     assert text.pre_caption(raw, 40) == expected
 
 
+@pytest.mark.parametrize("raw, expected", [
+    ("A Man's  dog, (running)!", "a man s dog running"),
+    ("it's...a dog!!!  ", "it s a dog"),
+    ("  tabs\tand\nnewlines  ", "tabs and newlines"),
+    ("black-and-white cat on a table/desk", "black and white cat on a table desk"),
+])
+def test_pre_caption_spaces_mode_is_ours_before(raw, expected):
+    assert text.pre_caption(raw, 40, "spaces") == expected
+
+
 def test_pre_caption_truncates_words():
     assert text.pre_caption("one two three four five", 3) == "one two three"
+    assert text.pre_caption("one, two. three four", 3) == "one two three"
+    assert text.pre_caption("one\ttwo three four", 2) == "one\ttwo three"      # words are split at spaces only
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "...", "?!-/ ,"])
-def test_pre_caption_empty_raises(raw):
+@pytest.mark.parametrize("raw", ["", "   ", "...", "?!-/ ,", "'\"()*#:;~", "\n", " \t "])
+@pytest.mark.parametrize("mode", ["xvlm", "spaces"])
+def test_pre_caption_empty_raises(raw, mode):
     with pytest.raises(text.EmptyText):
-        text.pre_caption(raw, 40)
+        text.pre_caption(raw, 40, mode)
+
+
+def test_pre_caption_unknown_mode():
+    with pytest.raises(XvlmError, match="pre_caption mode"):
+        text.pre_caption("a dog", 40, "commas")
 
 
 # ---------------------------------------------------------------- left/right
@@ -175,7 +201,7 @@ def _adjacent_fraction(vocab, skipgram_prb: float, trials: int) -> float:
     adjacent = 0
     for seed in range(trials):
         pos = text.choose_masked_positions(ids, vocab, np.random.default_rng(seed), mask_prob=0.05, max_masks=8,
-                                           skipgram_prb=skipgram_prb, skipgram_size=3)
+                                           skipgram_prb=skipgram_prb, skipgram_size=3, masking="whole_word")
         assert len(pos) == 2                       # round(0.05 * 40) = 2
         adjacent += pos[1] - pos[0] == 1
     return adjacent / trials
@@ -197,7 +223,7 @@ def test_spans_are_two_to_three_tokens(minilm):
     runs3 = 0
     for seed in range(2000):
         pos = text.choose_masked_positions(ids, minilm, np.random.default_rng(seed), mask_prob=3 / 40, max_masks=8,
-                                           skipgram_prb=1.0, skipgram_size=3)
+                                           skipgram_prb=1.0, skipgram_size=3, masking="whole_word")
         assert len(pos) == 3
         runs3 += pos[2] - pos[0] == 2
     assert 0.45 <= runs3 / 2000 <= 0.65
@@ -237,3 +263,78 @@ def test_masking_is_deterministic(minilm):
                                              max_tokens=16, max_masks=4, **MASKING).masked_pos, a.masked_pos)
               for s in range(6, 16)]
     assert any(differ)
+
+
+# ---------------------------------------------------------------- X-VLM's masking (the default)
+
+def test_xvlm_masking_count_and_random_ids(minilm):
+    """The count follows the formula exactly (the overshoot is cut to n); the 10% random ids come from the whole
+    vocabulary, special tokens included, as X-VLM's get_random_word."""
+    sentence = " ".join(SINGLE_PIECE_WORDS[:39])
+    counts = {"mask": 0, "random": 0, "kept": 0}
+    random_ids = set()
+    for seed in range(1500):
+        enc = text.encode(sentence, minilm, np.random.default_rng(seed), max_tokens=40, max_masks=8, **XVLM_MASKING)
+        masked = enc.masked_pos[enc.masked_ids != text.IGNORE_INDEX]
+        assert len(masked) == 8 and len(set(masked.tolist())) == 8 and masked.min() >= 1
+        for pos, original in zip(enc.masked_pos, enc.masked_ids):
+            new = int(enc.text_ids_masked[pos])
+            if new == minilm.mask_id:
+                counts["mask"] += 1
+            elif new == original:
+                counts["kept"] += 1
+            else:
+                counts["random"] += 1
+                random_ids.add(new)
+    total = sum(counts.values())
+    assert counts["mask"] / total == pytest.approx(0.8, abs=0.015)
+    assert counts["random"] / total == pytest.approx(0.1, abs=0.012)
+    assert max(random_ids) < minilm.size and len(random_ids) > 1000
+
+
+def test_xvlm_masking_spans_overshoot_then_cut(minilm):
+    """X-VLM takes a widened span whole and cuts the set to n at random afterwards: with skipgram_prb 1 and a budget
+    of 2, the first span (2 or 3 tokens) already fills or overshoots n, and the cut keeps 2 of a span's positions,
+    which need not be neighbours (ours keeps whole words from the left: always neighbours here)."""
+    ids = [minilm.cls_id] + minilm.tokenizer(" ".join(SINGLE_PIECE_WORDS[:39]), add_special_tokens=False)["input_ids"]
+    gaps = {"xvlm": [], "whole_word": []}
+    for masking in gaps:
+        for seed in range(600):
+            pos = text.choose_masked_positions(ids, minilm, np.random.default_rng(seed), mask_prob=2 / 40,
+                                               max_masks=8, skipgram_prb=1.0, skipgram_size=3, masking=masking)
+            assert len(pos) == 2
+            gaps[masking].append(pos[1] - pos[0])
+    # span 3 (p 1/2, when it does not run past the sentence's end: 37/39) cut to 2 of its 3 positions keeps the
+    # outer pair (gap 2) with p 1/3; ours takes the first two words of the span (neighbours)
+    gap2 = {masking: float(np.mean(np.array(values) == 2)) for masking, values in gaps.items()}
+    assert gap2["xvlm"] == pytest.approx(0.5 * 37 / 39 / 3, abs=0.04)
+    assert gap2["whole_word"] < 0.02
+
+
+def test_xvlm_masking_can_split_a_word(minilm):
+    """The random cut after an overshoot can mask part of a multi-piece word (X-VLM); ours never does."""
+    sentence = "the unbelievably tall giraffe and a skateboarder pass a zigzagging hexagonal airship"
+    split = {"xvlm": 0, "whole_word": 0}
+    for masking in split:
+        for seed in range(800):
+            enc = text.encode(sentence, minilm, np.random.default_rng(seed), max_tokens=40, max_masks=8,
+                              mask_prob=0.25, skipgram_prb=0.2, skipgram_size=3, masking=masking)
+            length = int(enc.text_atts.sum())
+            cont = minilm.continuation[enc.text_ids[:length]]
+            masked = set(enc.masked_pos[enc.masked_ids != text.IGNORE_INDEX].tolist())
+            for pos in masked:
+                start, end = pos, pos + 1
+                while cont[start]:
+                    start -= 1
+                while end < length and cont[end]:
+                    end += 1
+                if not set(range(start, end)) <= masked:
+                    split[masking] += 1
+                    break
+    assert split["whole_word"] == 0 and split["xvlm"] > 20
+
+
+def test_masking_mode_is_checked(minilm):
+    with pytest.raises(XvlmError, match="masking"):
+        text.encode("a dog", minilm, np.random.default_rng(0), max_tokens=8, max_masks=2, mask_prob=0.25,
+                    skipgram_prb=0.2, skipgram_size=3, masking="spans")

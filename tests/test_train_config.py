@@ -23,11 +23,25 @@ BASE = str(CONFIGS / "xvlm_base_4m.yaml")
 def test_shipped_configs_load_with_the_paper_recipe():
     base = load_config(BASE)
     assert (base.optim.lr, base.optim.betas, base.optim.eps, base.optim.weight_decay) == (1e-4, (0.9, 0.98), 1e-8, 0.01)
-    assert (base.schedule.warmup_steps, base.schedule.steps, base.schedule.iter_perc) == (2500, 200_000, 0.5)
+    # Pretrain.py: 41 epochs x ceil(5,114,489 / 1,024) image-text iterations, the scheduler stepping once per iteration
+    assert (base.schedule.warmup_steps, base.schedule.steps, base.schedule.iter_perc) == (2500, 41 * 4995, 0.5)
+    assert (base.schedule.mode, base.schedule.iter_perc_mode) == ("alternating", "xvlm")
     assert base.optim.grad_clip == 1.0 and base.optim.new_param_lr_mult == 2.0
     assert base.model.build().vision_name == "swin_base_patch4_window7_224"
     loader = base.data.build()
     assert (loader.image_text_batch_size, loader.region_batch_size, loader.region_max_images) == (128, 128, 48)
+    # every one of our own choices is off: the X-VLM config is the loader's defaults on these switches
+    from shards.loader_config import OURS, LoaderConfig
+
+    defaults = LoaderConfig()
+    for name, ours in OURS.items():
+        if name != "iter_perc_mode":
+            assert getattr(loader, name) == getattr(defaults, name) != ours, name
+    # the CPU quickstart keeps ours, written out in its config (its measured results were made with them)
+    quick = load_config(str(CONFIGS / "quickstart_cpu.yaml"), ["data.datasets=[x]"])
+    assert quick.schedule.iter_perc_mode == "per_batch" and quick.schedule.mode == "summed"
+    assert all(getattr(quick.data.build(), name) == ours for name, ours in OURS.items()
+               if name not in ("iter_perc_mode", "phrase_captions"))    # (phrase captions: separate streams only)
     tiny = load_config(TINY)
     assert tiny.model.build().hidden_size == 64
 
@@ -72,7 +86,9 @@ def test_overrides_are_yaml_scalars_and_reach_every_section():
     ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
     ("loss.itm=-1", "loss.itm=-1.0 must be >= 0 (0 skips that loss)"),
     ("loss.contrast=1", "unknown config key loss.contrast; valid keys in loss: ['bbox', 'centre', 'giou', 'itc', 'itm', 'mlm']"),
-    ("data.region_max_images=99", "region_max_images (99) must be <= region_batch_size"),
+    ("data.region_max_images=0", "region_max_images must be a positive integer, got 0"),
+    ("data.streams=both", "streams must be one of ['separate', 'shared'], got 'both'"),
+    ("schedule.iter_perc_mode=sometimes", "schedule.iter_perc_mode='sometimes': choose one of ['xvlm', 'per_batch']"),
     ("schedule", "is not of the form dotted.key=value"),
     ("schedule.steps.x=1", "schedule.steps is a value, not a section"),
 ])
@@ -87,8 +103,12 @@ def test_a_config_must_keep_an_image_text_loss():
         load_config(TINY, ["loss.itc=0", "loss.itm=0", "loss.mlm=0"])
     assert load_config(TINY, ["loss.itm=0", "loss.mlm=0", "loss.bbox=0.5"]).loss.weights() == \
         {"itc": 1.0, "bbox": 0.5, "giou": 1.0}
-    # region batches alone (iter_perc 1: the quickstart's box warm-up) may train the box losses alone, but not nothing
+    # region batches alone (per_batch with iter_perc 1: the quickstart's box warm-up) may train the box losses
+    # alone, but not nothing; X-VLM's iterations always hold an image-text batch
     boxes_only = ["loss.itc=0", "loss.itm=0", "loss.mlm=0", "schedule.iter_perc=1.0"]
+    with pytest.raises(XvlmError, match="must keep at least one of itc, itm, mlm above 0"):
+        load_config(TINY, boxes_only)
+    boxes_only.append("schedule.iter_perc_mode=per_batch")
     assert load_config(TINY, boxes_only).loss.weights() == {"bbox": 1.0, "giou": 1.0}
     with pytest.raises(XvlmError, match="must keep at least one loss above 0"):
         load_config(TINY, boxes_only + ["loss.bbox=0", "loss.giou=0"])

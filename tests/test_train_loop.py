@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,12 +53,55 @@ def test_evaluation_hook_runs_on_schedule_without_moving_the_training_rng(tmp_pa
 
 
 def test_gradient_accumulation_takes_several_batches_per_step(tmp_path):
-    summary = train(config(tmp_path, "schedule.grad_accum=2", "schedule.mode=alternating", "schedule.steps=2"))
-    entries = read_metrics(str(tmp_path / "metrics.jsonl"))
+    # ours (per_batch): an iteration is grad_accum batches of either kind in one optimizer step
+    summary = train(config(tmp_path / "ours", "schedule.grad_accum=2", "schedule.mode=alternating", "schedule.steps=2",
+                           "schedule.iter_perc_mode=per_batch"))
+    entries = read_metrics(str(tmp_path / "ours" / "metrics.jsonl"))
     assert [sum(e["kinds"].values()) for e in entries] == [2, 2]
+    assert [e["optimizer_steps"] for e in entries] == [1, 2] and summary["optimizer_steps"] == 2
     assert summary["last"]["step"] == 2
     # the lr follows the warmup-then-decay schedule: 0 at step 1 (warmup from 0), the peak at step 2
     assert [e["lr"] for e in entries] == [0.0, 3e-4]
+    # X-VLM (xvlm): two image-text batches per iteration in one step, their region batches in a step before it
+    train(config(tmp_path / "xvlm", "schedule.grad_accum=2", "schedule.steps=4", "schedule.iter_perc=0.7"))
+    entries = read_metrics(str(tmp_path / "xvlm" / "metrics.jsonl"))
+    assert all(e["kinds"]["image_text"] == 2 for e in entries)
+    steps = [1 + (e["kinds"]["region"] > 0) for e in entries]
+    assert [e["optimizer_steps"] for e in entries] == np.cumsum(steps).tolist() and max(steps) == 2
+    assert all(("grad_norm_region" in e) == (e["kinds"]["region"] > 0) for e in entries)
+
+
+def test_scheduler_steps_once_per_image_text_iteration(tmp_path):
+    """X-VLM's Pretrain.py: a region optimizer step (probability iter_perc) before each image-text step, both at
+    the current lr; scheduler.step() only after the image-text step, so warmup and decay count iterations."""
+    from train import distributed
+    from train.loop import Trainer
+
+    cfg = config(tmp_path, "schedule.steps=24", "schedule.warmup_steps=4", "schedule.iter_perc=0.5")
+    assert (cfg.schedule.mode, cfg.schedule.iter_perc_mode) == ("alternating", "xvlm")   # tiny_cpu.yaml: X-VLM's
+    ctx = distributed.setup(None)
+    trainer = Trainer(cfg, ctx)
+    steps = []                                  # (kind of the step's batch, lr it trained at)
+    original = trainer._optimizer_step
+
+    def record(batches, *args):
+        steps.append((batches[0]["kind"], trainer.optimizer.param_groups[0]["lr"]))
+        return original(batches, *args)
+
+    trainer._optimizer_step = record
+    summary = trainer.run()
+    entries = read_metrics(str(tmp_path / "metrics.jsonl"))
+    image_text = [lr for kind, lr in steps if kind == "image_text"]
+    regions = [(i, lr) for i, (kind, lr) in enumerate(steps) if kind == "region"]
+    assert len(image_text) == 24 == summary["steps"] and summary["optimizer_steps"] == len(steps) > 24
+    # iteration t (1-based) trains at factor(t - 1): warmup over 4 iterations, then linear decay to 0 at 24
+    factors = [t / 4 if t < 4 else (24 - t) / 20 for t in range(24)]
+    assert image_text == pytest.approx([3e-4 * f for f in factors])
+    assert [e["lr"] for e in entries] == pytest.approx(image_text)
+    # a region step comes right before an image-text step and trains at that step's lr
+    for i, lr in regions:
+        assert steps[i + 1][0] == "image_text" and steps[i + 1][1] == lr
+    assert [e["optimizer_steps"] for e in entries] == np.cumsum([1 + e["kinds"]["region"] for e in entries]).tolist()
 
 
 def test_loss_weights_scale_the_sum_and_zero_skips_a_loss(tmp_path):

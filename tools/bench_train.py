@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_config(out: str, args: argparse.Namespace, steps: int):
     overrides = [f"out={json.dumps(out)}", "data.synthetic=true", f"schedule.steps={steps}", "schedule.warmup_steps=1",
-                 f"schedule.mode={args.mode}", f"checkpoint.every={steps}", "checkpoint.keep=1",
+                 f"schedule.mode={args.mode}", "schedule.iter_perc_mode=per_batch",   # one batch per step, as the bare loop
+                 f"checkpoint.every={steps}", "checkpoint.keep=1",
                  "checkpoint.resume=none", "logging.tensorboard=false", f"logging.progress={str(args.progress).lower()}",
                  f"data.image_text_batch_size={args.batch}", f"data.region_batch_size={args.batch}",
                  f"data.region_max_images={max(2, args.batch // 2)}"]
@@ -56,7 +57,8 @@ def stream_for(trainer: Trainer, cfg) -> SyntheticStream:
                            max_tokens=loader.max_tokens, max_masks=loader.max_masks,
                            image_text_batch_size=loader.image_text_batch_size,
                            region_batch_size=loader.region_batch_size, region_max_images=loader.region_max_images,
-                           iter_perc=cfg.schedule.iter_perc, seed=cfg.schedule.seed)
+                           iter_perc=cfg.schedule.iter_perc, seed=cfg.schedule.seed,
+                           iter_perc_mode=cfg.schedule.iter_perc_mode)
 
 
 def trainer_step_time(args: argparse.Namespace, workdir: str, round_: int) -> float:

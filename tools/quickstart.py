@@ -287,7 +287,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     model = load_model(storage.join(path, ckpt.MODEL_FILE))
     metrics = evaluate(model, [str(layout.val_shards)],
                        EvalConfig(tokenizer=loader.tokenizer, max_words=loader.max_words,
-                                  max_tokens=loader.max_tokens, **options))
+                                  max_tokens=loader.max_tokens, pre_caption=loader.pre_caption, **options))
     return {"box_head": box_head, "steps": summary["steps"],
             "train_wall_s": stage_wall(summary, Path(cfg.out) / "metrics.jsonl"),
             "box_warmup_steps": warmup_steps, "box_warmup_wall_s": warmup_wall,

@@ -20,6 +20,7 @@ from model.errors import ModelError
 from shards.errors import XvlmError
 
 StepMode = Literal["summed", "alternating"]
+IterPercMode = Literal["xvlm", "per_batch"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -70,13 +71,23 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    """Steps, warmup then linear decay, how region and image-text batches share steps, accumulation."""
+    """Iterations, warmup then linear decay, how region and image-text batches share steps, accumulation.
 
-    steps: int = 200_000
-    warmup_steps: int = 2_500
+    As X-VLM's Pretrain.py, the schedule counts *iterations*: with iter_perc_mode xvlm an iteration is one
+    image-text optimizer step, preceded with probability iter_perc by one region optimizer step (alternating
+    mode), and the learning-rate scheduler steps once per iteration, so `steps` and `warmup_steps` count
+    image-text iterations and region steps train at the current lr. X-VLM 4M: 41 epochs x 4,995 = 204,795
+    iterations, warmup 2,500. With iter_perc_mode per_batch (ours before) an iteration is one batch of either kind.
+    """
+
+    steps: int = 204_795             # iterations (X-VLM: epochs 41 x ceil(5,114,489 / 1,024) image-text iterations)
+    warmup_steps: int = 2_500        # iterations of linear warmup from 0
     min_lr_ratio: float = 0.0        # the decay ends at lr x min_lr_ratio
-    mode: StepMode = "alternating"   # alternating: one kind per step; summed: both kinds' losses in one step
-    iter_perc: float = 0.5           # region batches per image-text batch (X-VLM's iter_perc)
+    mode: StepMode = "alternating"   # alternating: one optimizer step per batch kind (X-VLM); summed (ours,
+                                     # X2-VLM): the iteration's region and image-text losses in one step
+    iter_perc: float = 0.5           # X-VLM's iter_perc: probability of a region step before an image-text step
+    iter_perc_mode: IterPercMode = "xvlm"   # xvlm: as above (1/3 of optimizer steps are region steps at 0.5);
+                                            # per_batch (ours before): each batch is a region batch w.p. iter_perc
     grad_accum: int = 1              # micro-batches (per kind) per optimizer step
     seed: int = 42
 
@@ -164,9 +175,11 @@ class TrainConfig:
         for f in dataclasses.fields(self.loss):
             _check(getattr(self.loss, f.name) >= 0, f"loss.{f.name}", getattr(self.loss, f.name),
                    "must be >= 0 (0 skips that loss)")
-        _check(s.iter_perc == 1.0 or bool(set(self.loss.weights()) & {"itc", "itm", "mlm"}), "loss",
+        region_only = s.iter_perc == 1.0 and s.iter_perc_mode == "per_batch"
+        _check(region_only or bool(set(self.loss.weights()) & {"itc", "itm", "mlm"}), "loss",
                dataclasses.asdict(self.loss), "must keep at least one of itc, itm, mlm above 0 (image-text batches "
-               "have no box loss; only schedule.iter_perc=1, region batches alone, may train the box losses alone)")
+               "have no box loss; only region batches alone, schedule.iter_perc_mode=per_batch with "
+               "schedule.iter_perc=1, may train the box losses alone)")
         _check(bool(self.loss.weights()), "loss", dataclasses.asdict(self.loss), "must keep at least one loss above 0")
         _check(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
         _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")

@@ -99,8 +99,10 @@ def imported_text_settings(checkpoint: str, args: argparse.Namespace) -> None:
 
 
 def text_settings(config_path: str | None, args: argparse.Namespace) -> dict:
-    """tokenizer / max_words / max_tokens: the command line first, then the run config's data section."""
-    settings = {"tokenizer": args.tokenizer, "max_words": args.max_words, "max_tokens": args.max_tokens}
+    """tokenizer / max_words / max_tokens: the command line first, then the run config's data section (which also
+    gives pre_caption, X-VLM's by default)."""
+    settings = {"tokenizer": args.tokenizer, "max_words": args.max_words, "max_tokens": args.max_tokens,
+                "pre_caption": None}
     if config_path and storage.exists(config_path) and None in settings.values():
         from train.config import load_config
 

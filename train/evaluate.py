@@ -36,6 +36,7 @@ class EvalConfig:
     tokenizer: str = ""              # local BERT WordPiece tokenizer folder
     max_words: int = 40
     max_tokens: int = 40
+    pre_caption: str = "xvlm"        # the run's pre_caption mode (shards.text.pre_caption)
 
     def __post_init__(self) -> None:
         if self.k_test < 0:
@@ -196,7 +197,8 @@ def _held_out_samples(datasets: list) -> Iterator:
 
 
 def load_eval_set(datasets: str | Sequence[str], *, image_res: int, tokenizer: str, max_words: int = 40,
-                  max_tokens: int = 40, max_images: int | None = None, progress: bool = True) -> EvalSet:
+                  max_tokens: int = 40, max_images: int | None = None, progress: bool = True,
+                  pre_caption: str = "xvlm") -> EvalSet:
     """Read held-out shards (built datasets: folders or s3:// prefixes) in index order, deterministically.
 
     Damaged samples, images whose size disagrees with their JSON, texts that pre_caption empties and boxes outside
@@ -227,7 +229,7 @@ def load_eval_set(datasets: str | Sequence[str], *, image_res: int, tokenizer: s
 
     def encode(raw: str) -> tuple[str, list[int]] | None:
         try:
-            clean = text.pre_caption(raw, max_words)
+            clean = text.pre_caption(raw, max_words, pre_caption)
             return clean, text.token_ids(clean, vocab, max_tokens)
         except text.EmptyText:
             return None
@@ -370,6 +372,7 @@ def _as_eval_inputs(data: Any, cfg: EvalConfig | dict | None, model) -> tuple[Ev
         options.setdefault("tokenizer", loader.tokenizer)
         options.setdefault("max_words", loader.max_words)
         options.setdefault("max_tokens", loader.max_tokens)
+        options.setdefault("pre_caption", loader.pre_caption)
         options.setdefault("progress", False)
         options.setdefault("k_test", run_k_test(train_cfg, EvalConfig.k_test))
         return _as_eval_inputs(list(train_cfg.eval.datasets), options, model)
@@ -388,12 +391,13 @@ def _as_eval_inputs(data: Any, cfg: EvalConfig | dict | None, model) -> tuple[Ev
     if not cfg.tokenizer:
         raise XvlmError("evaluating dataset paths needs the tokenizer folder (EvalConfig.tokenizer / --tokenizer)")
     key = (tuple([data] if isinstance(data, str) else data), model.config.image_res, cfg.tokenizer, cfg.max_words,
-           cfg.max_tokens, cfg.max_images)
+           cfg.max_tokens, cfg.max_images, cfg.pre_caption)
     if key not in _EVAL_SET_CACHE:
         _EVAL_SET_CACHE.clear()          # keep one split in memory: periodic evaluation reuses it
         _EVAL_SET_CACHE[key] = load_eval_set(list(key[0]), image_res=model.config.image_res, tokenizer=cfg.tokenizer,
                                              max_words=cfg.max_words, max_tokens=cfg.max_tokens,
-                                             max_images=cfg.max_images, progress=cfg.progress)
+                                             max_images=cfg.max_images, progress=cfg.progress,
+                                             pre_caption=cfg.pre_caption)
     return _EVAL_SET_CACHE[key], cfg
 
 

@@ -1,10 +1,13 @@
 """The training loop: `train(cfg)` runs X-VLM pretraining in one process, under torchrun, or in a Ray Train worker.
 
-Each optimizer step takes its batches from the loader's deterministic plan (the same on every rank, checked each
-step): `alternating` trains one batch (of whichever kind comes next) per micro-step; `summed` sums the losses of
-the region batches that precede an image-text batch with that batch's losses, as X2-VLM does. Gradient
-accumulation, clipping, bf16 autocast on GPU, DDP. A checkpoint holds everything that decides the next steps
-(weights, optimizer, scheduler, scaler, every rank's RNG states and loader position), so a killed run resumed with
+The loop runs *iterations*, which the schedule counts (`schedule.steps`, warmup, lr decay), as X-VLM's Pretrain.py:
+with `iter_perc_mode: xvlm` an iteration is the region batch the loader's plan may put first (probability
+iter_perc) and one image-text batch. `alternating` (X-VLM) trains each in its own optimizer step, the region step at
+the current lr; `summed` (ours, X2-VLM) sums their losses in one step; the scheduler steps once per iteration. With
+`iter_perc_mode: per_batch` (ours before) an iteration is one batch of either kind (summed: the region batches up to
+the next image-text batch). The plan is the same on every rank (checked each iteration). Gradient accumulation,
+clipping, bf16 autocast on GPU, DDP. A checkpoint holds everything that decides the next steps (weights, optimizer,
+scheduler, scaler, every rank's RNG states and loader position), so a killed run resumed with
 `checkpoint.resume=auto` repeats an uninterrupted run's losses bit for bit on CPU.
 """
 from __future__ import annotations
@@ -75,11 +78,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 def build_stream(cfg: TrainConfig, ctx: distributed.DistContext, model: XVLM):
     """The batch source for this rank: the shards loader, or random in-memory batches (`data.synthetic`)."""
     forced = {"image_res": model.config.image_res, "grid_stride": model.grid_stride,
-              "seed": cfg.schedule.seed, "iter_perc": cfg.schedule.iter_perc}
+              "seed": cfg.schedule.seed, "iter_perc": cfg.schedule.iter_perc,
+              "iter_perc_mode": cfg.schedule.iter_perc_mode}
     clash = sorted(k for k in forced if k in cfg.data.overrides and cfg.data.overrides[k] != forced[k])
     if clash:
-        raise XvlmError(f"data.{clash[0]} is set by the trainer (image_res / grid_stride from the model, seed and "
-                        f"iter_perc from the schedule section); remove it from the data section")
+        raise XvlmError(f"data.{clash[0]} is set by the trainer (image_res / grid_stride from the model, seed, "
+                        f"iter_perc and iter_perc_mode from the schedule section); remove it from the data section")
     loader_cfg = cfg.data.build(**forced)
     if cfg.data.synthetic:
         from train.synthetic_stream import SyntheticStream
@@ -89,7 +93,7 @@ def build_stream(cfg: TrainConfig, ctx: distributed.DistContext, model: XVLM):
                                max_masks=loader_cfg.max_masks, image_text_batch_size=loader_cfg.image_text_batch_size,
                                region_batch_size=loader_cfg.region_batch_size,
                                region_max_images=loader_cfg.region_max_images, iter_perc=cfg.schedule.iter_perc,
-                               seed=cfg.schedule.seed, rank=ctx.rank)
+                               seed=cfg.schedule.seed, rank=ctx.rank, iter_perc_mode=cfg.schedule.iter_perc_mode)
     from shards.loader import MultiGrainedLoader
 
     return MultiGrainedLoader(cfg.data.datasets, loader_cfg, rank=ctx.rank, world_size=ctx.world_size)
@@ -134,7 +138,8 @@ class Trainer:
         self.evaluate = evaluate
         self._housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-prune")
         self._pruning: Future | None = None
-        self.step = 0
+        self.step = 0                # iterations done: what the schedule counts
+        self.optimizer_steps = 0     # optimizer steps done (region and image-text steps)
         self.eval_results: dict[str, Any] = {}
         # Dropout and ITM negatives differ per rank from here on; resume restores these states exactly.
         seed_everything(cfg.schedule.seed + 1000 * (ctx.rank + 1))
@@ -198,6 +203,7 @@ class Trainer:
             self.scaler.load_state_dict(trainer["scaler"])
         self.stream.load_state_dict(state.rank_state["loader"])
         self.step = state.step
+        self.optimizer_steps = int((trainer.get("extra") or {}).get("optimizer_steps", state.step))
         if self.ctx.is_main:
             log.info("resumed from %s at step %d", path, self.step)
         return state
@@ -210,14 +216,18 @@ class Trainer:
             return next(self.batches)
 
     def step_batches(self) -> list[dict[str, Any]]:
-        """The batches of the next optimizer step, from the loader's plan."""
+        """The batches of the next iteration, from the loader's plan: with iter_perc_mode xvlm or in summed mode the
+        region batches up to and including the next image-text batch (xvlm: at most one), else one batch; repeated
+        grad_accum times."""
+        schedule = self.cfg.schedule
+        grouped = schedule.mode == "summed" or schedule.iter_perc_mode == "xvlm"
         out: list[dict[str, Any]] = []
-        for _ in range(self.cfg.schedule.grad_accum):
-            if self.cfg.schedule.mode == "alternating":
+        for _ in range(schedule.grad_accum):
+            if not grouped:
                 out.append(self._next_batch())
                 continue
             regions = 0
-            while True:  # summed: region batches up to and including the next image-text batch
+            while True:  # region batches up to and including the next image-text batch
                 batch = self._next_batch()
                 out.append(batch)
                 if batch["kind"] == "image_text":
@@ -227,19 +237,27 @@ class Trainer:
                     break
         return out
 
+    def _optimizer_groups(self, batches: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], float]]:
+        """The iteration's optimizer steps, each (batches, loss scale): X-VLM's alternating mode trains the region
+        batches, then the image-text batches, each kind in its own step (each kind's micro-batches averaged); the
+        other modes train the iteration's batches in one step, each weighted 1 / grad_accum."""
+        schedule = self.cfg.schedule
+        if schedule.mode == "alternating" and schedule.iter_perc_mode == "xvlm":
+            groups = [[b for b in batches if b["kind"] == kind] for kind in KINDS]
+            return [(group, 1.0 / len(group)) for group in groups if group]
+        return [(batches, 1.0 / schedule.grad_accum)]
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
-        """Forward/backward over the step's batches, clip, optimizer and scheduler step. Returns local values."""
-        scale = 1.0 / self.cfg.schedule.grad_accum
-        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
-        counts = {kind: 0 for kind in KINDS}
+    def _optimizer_step(self, batches: list[dict[str, Any]], scale: float, sums: torch.Tensor,
+                        counts: dict[str, int]) -> tuple[float, int, float | None]:
+        """Forward/backward over `batches` (DDP synchronises the last), clip, optimizer step. Adds each loss to
+        `sums` and the batches to `counts`; returns the weighted loss, the images seen and the gradient norm."""
         total = 0.0
         images = 0
-        self.ddp.train()
         for i, batch in enumerate(batches):
             kind = batch["kind"]
             if kind not in LOSS_NAMES:
@@ -252,22 +270,41 @@ class Trainer:
                     losses = self.ddp(kind, objectives=self.loss_weights.keys(), **tensors)
                 loss = sum(self.loss_weights[name] * value for name, value in losses.items()) * scale
                 loss.backward()
-            values = {name: float(v.detach()) for name, v in losses.items()}
-            for name, value in values.items():
-                sums[METRIC_KEYS.index(f"{kind}/{name}")] += value
+            for name, value in losses.items():
+                sums[METRIC_KEYS.index(f"{kind}/{name}")] += float(value.detach())
             total += float(loss.detach())
             counts[kind] += 1
             images += int(tensors["image"].shape[0])
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return total, images, float(grad_norm) if grad_norm is not None else None
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """One iteration: its optimizer step(s) at the current lr, then one scheduler step. Returns local values."""
+        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        counts = {kind: 0 for kind in KINDS}
+        total = 0.0
+        images = 0
+        self.ddp.train()
         base_groups = [g for g in self.optimizer.param_groups if g.get("lr_scale", 1.0) == 1.0]
         lr = (base_groups or self.optimizer.param_groups)[0]["lr"]  # the lr of pretrained-able parameters
-        self.optimizer.step()
+        grad_norms: dict[str, float | None] = {}
+        groups = self._optimizer_groups(batches)
+        for group, scale in groups:
+            loss, seen, grad_norm = self._optimizer_step(group, scale, sums, counts)
+            total += loss
+            images += seen
+            grad_norms[group[-1]["kind"] if len(groups) > 1 else "step"] = grad_norm
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"sums": sums, "counts": counts, "loss": total, "images": images, "lr": lr,
-                "skips": batches[-1].get("skips") or {},
-                "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        out = {"sums": sums, "counts": counts, "loss": total, "images": images, "lr": lr,
+               "skips": batches[-1].get("skips") or {},
+               "grad_norm": grad_norms["image_text"] if len(groups) > 1 else grad_norms["step"]}
+        if len(groups) > 1:
+            out["grad_norm_region"] = grad_norms["region"]
+        return out
 
     def _reduce(self, local: dict[str, Any]) -> dict[str, Any]:
         """Means over ranks; fails when ranks disagree on the step's kinds (the plan must be shared)."""
@@ -314,7 +351,8 @@ class Trainer:
                 writes += ckpt.start_writes(path, {ckpt.MODEL_FILE: model_to_bytes(self.model)})
                 writes += ckpt.start_writes(path, ckpt.main_files(
                     optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, step=self.step,
-                    extra={"eval": self.eval_results}, config_yaml=self.cfg.to_yaml()))
+                    extra={"eval": self.eval_results, "optimizer_steps": self.optimizer_steps},
+                    config_yaml=self.cfg.to_yaml()))
         except Exception as err:  # noqa: BLE001 - every rank must learn that the checkpoint failed
             error = err
         try:
@@ -390,16 +428,20 @@ class Trainer:
             if not all(math.isfinite(v) for v in reduced["losses"].values()):
                 raise XvlmError(f"a loss is not finite at step {self.step}: {reduced['losses']} "
                                 "(lower optim.lr or check the data)")
-            entry = {"step": self.step, "loss": reduced["loss"], "losses": reduced["losses"], "lr": local["lr"],
-                     "kinds": reduced["kinds"], "grad_norm": local["grad_norm"],
+            entry = {"step": self.step, "optimizer_steps": self.optimizer_steps, "loss": reduced["loss"],
+                     "losses": reduced["losses"], "lr": local["lr"], "kinds": reduced["kinds"],
+                     "grad_norm": local["grad_norm"],
                      "samples_per_s": reduced["images"] / elapsed if elapsed > 0 else None,
                      "data_wait_frac": waited / elapsed if elapsed > 0 else None,
                      "skips": local["skips"], "time": time.time()}
+            if "grad_norm_region" in local:
+                entry["grad_norm_region"] = local["grad_norm_region"]
             evaluated = self.maybe_evaluate()
             if evaluated is not None:
                 entry["eval"] = evaluated
             if self.step % cfg.logging.every == 0 or self.step == total_steps:
-                postfix = {"loss": f"{reduced['loss']:.3f}", "lr": f"{local['lr']:.2e}",
+                postfix = {"opt_steps": self.optimizer_steps, "loss": f"{reduced['loss']:.3f}",
+                           "lr": f"{local['lr']:.2e}",
                            "img/s": f"{entry['samples_per_s'] or 0:.1f}", "wait": f"{entry['data_wait_frac'] or 0:.0%}"}
             else:
                 postfix = None
@@ -412,7 +454,7 @@ class Trainer:
         self.metrics.close()
         steps_run = self.step - start_step
         return {"rank": self.ctx.rank, "world_size": self.ctx.world_size, "steps": self.step,
-                "steps_run": steps_run, "start_step": start_step, "wall_s": wall,
+                "optimizer_steps": self.optimizer_steps, "steps_run": steps_run, "start_step": start_step, "wall_s": wall,
                 "data_wait_frac": data_wait_total / wall if wall > 0 else 0.0, "last": last,
                 "eval": self.eval_results, "out": cfg.out,
                 "checkpoint": ckpt.checkpoint_path(cfg.out, self.step) if steps_run or start_step else None}
