@@ -29,12 +29,20 @@ class EmptyText(ValueError):
 
 _PUNCT = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACES = re.compile(r"\s+")
+_SURROGATES = re.compile("[\ud800-\udfff]")   # lone halves of a UTF-16 pair: JSON's "\ud800" gives one
+
+
+def without_surrogates(text: str) -> str:
+    """The text without lone surrogates, which are not characters: the tokenizer (like any UTF-8 encoder) fails
+    on them, so one such caption would stop training at the same sample on every resume."""
+    return text if text.isascii() else _SURROGATES.sub("", text)
 
 
 def pre_caption(text: str, max_words: int) -> str:
     """X-VLM's pre_caption: lowercase, punctuation , . ' ! ? " ( ) * # : ; ~ and - / become spaces, whitespace
-    collapsed, at most `max_words` words. Raises EmptyText when nothing is left."""
-    caption = _PUNCT.sub(" ", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    collapsed, at most `max_words` words; lone surrogates dropped. Raises EmptyText when nothing is left."""
+    caption = _PUNCT.sub(" ", without_surrogates(text).lower())
+    caption = caption.replace("-", " ").replace("/", " ").replace("<person>", "person")
     words = _SPACES.sub(" ", caption).strip().split(" ")
     caption = " ".join(words[:max_words])
     if not caption:
@@ -111,7 +119,7 @@ def load_vocab(folder: str) -> Vocab:
 def token_ids(text: str, vocab: Vocab, max_tokens: int) -> list[int]:
     """[CLS] + the first max_tokens-1 WordPiece ids of an already pre_caption'd text (no [SEP])."""
     # The Rust tokenizer directly: same ids as the Python wrapper's __call__, 3x cheaper per text row.
-    ids = vocab.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    ids = vocab.tokenizer.backend_tokenizer.encode(without_surrogates(text), add_special_tokens=False).ids
     if not ids:
         raise EmptyText(f"text has no WordPiece tokens: {text[:80]!r}")
     return [vocab.cls_id] + list(ids[: max_tokens - 1])
