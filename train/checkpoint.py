@@ -293,23 +293,79 @@ def read_marker(path: str) -> dict[str, Any]:
     return meta
 
 
-def _read_file(path: str, name: str, marker: dict[str, Any],
-               hasher: ThreadPoolExecutor) -> tuple[bytes, Future | None]:
-    """A checkpoint file's bytes with its size checked against the marker, and its sha256 started in `hasher`
-    (None for a version-1 marker, which records no hashes)."""
-    where = storage.join(path, name)
+HASH_CHUNK = 64 << 20
+
+
+class _BufferFile(io.RawIOBase):
+    """A seekable binary file over a bytearray, so torch.load reads a chunked read's buffer without a copy of it."""
+
+    def __init__(self, buffer: bytearray) -> None:
+        super().__init__()
+        self.view = memoryview(buffer)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        n = max(0, min(len(target), len(self.view) - self.pos))
+        target[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = offset if whence == io.SEEK_SET else self.pos + offset if whence == io.SEEK_CUR \
+            else len(self.view) + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _size_error(path: str, name: str, size: int | str, recorded: int) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path}: {name} has {size} bytes, the marker records {recorded} (truncated or "
+                           f"replaced)")
+
+
+def _read_chunked(path: str, name: str, size: int, hasher: ThreadPoolExecutor) -> tuple[bytearray, Future]:
+    """Exactly `size` bytes of a checkpoint file read into one buffer, each chunk handed to `hasher` (one thread: in
+    order) as it arrives, so the hash runs while the rest is read."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    digest = hashlib.sha256()
+    pos = 0
+    with storage.open_read(storage.join(path, name)) as f:
+        while pos < size:
+            n = f.readinto(view[pos:min(size, pos + HASH_CHUNK)])
+            if not n:
+                raise _size_error(path, name, pos, size)
+            hasher.submit(digest.update, view[pos:pos + n])
+            pos += n
+        if f.read(1):
+            raise _size_error(path, name, f"more than {size}", size)
+    return buffer, hasher.submit(digest.hexdigest)
+
+
+def _read_file(path: str, name: str, marker: dict[str, Any], hasher: ThreadPoolExecutor,
+               chunked: bool = False) -> tuple[bytes | bytearray, Future | None]:
+    """A checkpoint file's bytes with its size checked against the marker, and its sha256 under way in `hasher`
+    (None for a version-1 marker, which records no hashes). `chunked` hashes while reading, into a bytearray."""
     record = marker["files"].get(name) if isinstance(marker["files"], dict) else None
     if marker["format_version"] == FORMAT_VERSION and record is None:
         raise CheckpointError(f"checkpoint {path}: its {MARKER} marker does not list {name}")
     try:
-        data = storage.read_bytes(where)
+        if record is not None and chunked:
+            return _read_chunked(path, name, record["bytes"], hasher)
+        data = storage.read_bytes(storage.join(path, name))
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint {path}: {name} is missing") from err
     if record is None:
         return data, None
     if len(data) != record["bytes"]:
-        raise CheckpointError(f"checkpoint {path}: {name} has {len(data)} bytes, the marker records "
-                              f"{record['bytes']} (truncated or replaced)")
+        raise _size_error(path, name, len(data), record["bytes"])
     return data, hasher.submit(lambda: hashlib.sha256(data).hexdigest())
 
 
@@ -319,9 +375,10 @@ def _check_hash(path: str, name: str, marker: dict[str, Any], digest: Future | N
                               f"copied from another checkpoint)")
 
 
-def _load_pt(data: bytes, where: str) -> Any:
+def _load_pt(data: bytes | bytearray, where: str) -> Any:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        source = _BufferFile(data) if isinstance(data, bytearray) else io.BytesIO(data)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for non-weights pickles and corrupt files
         raise CheckpointError(f"cannot read {where} as a weights-only torch file: {err}") from err
 
@@ -350,11 +407,15 @@ def load(path: str, rank: int, world_size: int) -> Checkpoint:
                         f"from its weights with model.init={storage.join(path, MODEL_FILE)}")
     if marker["format_version"] == 1:
         log.warning("checkpoint %s was written before checkpoints recorded their files' hashes: not verified", path)
-    names = (MODEL_FILE, TRAINER_FILE, rank_file(rank))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as hasher:
-        read = {name: _read_file(path, name, marker, hasher) for name in names}
+    names = (TRAINER_FILE, MODEL_FILE, rank_file(rank))
+    # The optimizer state (the largest file) is hashed chunk by chunk while it is read; the weights (safetensors
+    # wants bytes) in a second thread once read; both while the main thread reads and parses.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as chunks, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as files:
+        read = {TRAINER_FILE: _read_file(path, TRAINER_FILE, marker, chunks, chunked=True)}
+        read.update({name: _read_file(path, name, marker, files) for name in names[1:]})
         parsed, failure = {}, None
-        for name in names[1:]:
+        for name in (TRAINER_FILE, rank_file(rank)):
             try:
                 parsed[name] = _load_pt(read[name][0], storage.join(path, name))
             except CheckpointError as err:
