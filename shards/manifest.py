@@ -41,6 +41,9 @@ INDEX_SCHEMA = pa.schema([
     ("object_labels", pa.list_(pa.string())),        # text of kind == "object" regions (the bare label)
     ("attributes", pa.list_(pa.string())),           # every attribute of the sample's objects
 ])
+# The index columns every dataset of this format has: readers refuse an index without them (whichever they read).
+REQUIRED_INDEX_COLUMNS = ["key", "shard", "offset", "source", "width", "height", "jpeg_bytes", "passthrough",
+                          "num_captions", "num_regions", "num_objects", "caption_lengths", "box_area_fractions"]
 REJECTS_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("kind", pa.string()),                # image | caption | region | object | line
@@ -341,8 +344,10 @@ def _kind(t: pa.DataType) -> str:
 
 def check_columns(schema: pa.Schema, columns: list[str], where: str, expected: pa.Schema = INDEX_SCHEMA) -> None:
     """Raise XvlmError unless a side file's schema has `columns` with the format's types (`expected`: INDEX_SCHEMA
-    for index.parquet, REJECTS_SCHEMA for rejects.parquet)."""
+    for index.parquet, which must also have REQUIRED_INDEX_COLUMNS; REJECTS_SCHEMA for rejects.parquet)."""
     problems = []
+    if expected is INDEX_SCHEMA:
+        columns = REQUIRED_INDEX_COLUMNS + [c for c in columns if c not in REQUIRED_INDEX_COLUMNS]
     for name in columns:
         if name not in schema.names:
             problems.append(f"no column {name!r}")
