@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -33,7 +34,7 @@ DEFAULT_JOB_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 AWS_SETTINGS = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 AWS_VARIABLES = AWS_SETTINGS + AWS_CREDENTIALS
-SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE", "ACCESS_KEY")
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|(^|_)TOKEN($|_)")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SUBMIT_RETRY_S = 120.0       # how long to wait for the job agent of a head that is still starting
 
@@ -155,7 +156,7 @@ def job_environment(args: argparse.Namespace) -> dict[str, str]:
         if not sep or not name:
             raise XvlmError(f"--env expects NAME=VALUE, got {item!r}")
         env[name] = value
-    secrets = sorted(name for name in env if any(hint in name.upper() for hint in SECRET_HINTS))
+    secrets = sorted(name for name in env if SECRET_NAME.search(name.upper()))
     if secrets:
         log.warning("passing %s to the job: anyone who can open this cluster's Ray dashboard or call its Jobs API can "
                     "read them in the job's runtime environment. Prefer the cluster's own credentials (instance "
