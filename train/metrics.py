@@ -41,9 +41,12 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     entries = []
     for _number, raw in storage.iter_lines(path):
         try:
-            entries.append(json.loads(raw))
-        except json.JSONDecodeError:
+            entry = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             break  # only the last line can be torn: lines are written whole and in order
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+            break  # not a line of ours: the history ends before it
+        entries.append(entry)
     return entries
 
 
