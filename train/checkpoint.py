@@ -43,6 +43,7 @@ CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 2          # 2: the marker records each file's size and sha256 (1: names only, not verifiable)
 MAX_MARKER_BYTES = 1 << 20
 CKPT_NAME = re.compile(r"^ckpt-(\d{8})$")
+FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")   # a file of a checkpoint: a plain name, no folder
 # Tests set this to seconds to sleep after each file of a checkpoint, to kill a run in the middle of a save.
 SLOW_ENV = "XVLM_TEST_SLOW_CHECKPOINT"
 
@@ -285,9 +286,9 @@ def read_marker(path: str) -> dict[str, Any]:
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         problems.append(f"world_size {world!r:.40} is not a process count")
     if meta["format_version"] == FORMAT_VERSION and not (isinstance(files, dict) and all(
-            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
-            for r in files.values())):
-        problems.append("its `files` are not {name: {bytes, sha256}}")
+            FILE_NAME.match(name) and isinstance(r, dict) and isinstance(r.get("bytes"), int)
+            and isinstance(r.get("sha256"), str) for name, r in files.items())):
+        problems.append("its `files` are not {plain file name: {bytes, sha256}}")
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
     return meta
