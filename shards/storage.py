@@ -41,8 +41,8 @@ RETRY_ENV = "XVLM_S3_RETRY_S"            # how long requests to an endpoint that
 DEFAULT_RETRY_S = 120.0
 # Error codes of S3 and S3-compatible stores for credentials that are wrong, expired or not allowed.
 AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
-              "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed", "Forbidden",
-              "AllAccessDisabled", "AccountProblem", "403"}
+              "TokenRefreshRequired", "InvalidClientTokenId", "Forbidden", "AllAccessDisabled", "AccountProblem",
+              "403"}
 
 
 class S3AccessError(XvlmError):
