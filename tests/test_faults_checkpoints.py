@@ -160,3 +160,17 @@ def test_verify_run_reports_damage_and_the_checkpoint_resume_would_take(referenc
     assert "ckpt-00000006: [checkpoint] model.safetensors does not match the sha256" in printed
     assert "`--resume auto` continues from ckpt-00000004" in printed and "ckpt-00000008" in printed
     assert xvlm(["verify", str(folder(out, 4)), "--no-progress"]) == 0      # one checkpoint folder
+
+
+def test_a_checkpoint_from_before_the_hashes_still_resumes_with_a_warning(reference, tmp_path, caplog, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    marker = folder(out, 6) / ckpt.MARKER
+    old = json.loads(marker.read_text())
+    marker.write_text(json.dumps({"step": 6, "world_size": 1, "files": sorted(old["files"]), "format_version": 1}))
+    assert xvlm(["verify", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ckpt-00000006" in printed and "nothing to verify them against" in printed
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        state = ckpt.load(str(folder(out, 6)), rank=0, world_size=1)
+    assert state.step == 6 and any("not verified" in r.getMessage() for r in caplog.records)

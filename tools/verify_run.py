@@ -17,6 +17,7 @@ class RunCheck:
     run: str
     committed: int = 0
     partial: list[str] = field(default_factory=list)       # folders without a marker: resume ignores them
+    unverified: list[str] = field(default_factory=list)    # markers of format 1, without hashes: loaded unchecked
     problems: list[tuple[str, str]] = field(default_factory=list)   # (checkpoint folder name, problem)
     resume_from: str | None = None                          # what `--resume auto` takes: the newest that passes
 
@@ -50,6 +51,8 @@ def verify_run(path: str, progress: bool = True) -> RunCheck:
             result.partial.append(label)
             continue
         result.committed += 1
+        if not ckpt.verifiable(folder):
+            result.unverified.append(label)
         problems = ckpt.check(folder, on_bytes=bar.update)
         result.problems.extend((label, p) for p in problems)
         if not problems and result.resume_from is None:
@@ -63,6 +66,10 @@ def report_lines(result: RunCheck, max_listed: int = 200) -> list[str]:
     if result.partial:
         lines.append(f"note: {len(result.partial)} checkpoint folder(s) without a {ckpt.MARKER} marker (a save that "
                      f"did not finish, or one under way; resume ignores them): {', '.join(result.partial)}")
+    if result.unverified:
+        lines.append(f"note: {len(result.unverified)} checkpoint(s) written before checkpoints recorded their files' "
+                     f"hashes: nothing to verify them against (resume loads them with a warning): "
+                     f"{', '.join(result.unverified)}")
     pick = (f"`--resume auto` continues from {result.resume_from}" if result.resume_from
             else "no checkpoint passes: `--resume auto` would stop with an error")
     if result.problems:

@@ -432,15 +432,24 @@ def load(path: str, rank: int, world_size: int) -> Checkpoint:
                       trainer=trainer, rank_state=parsed[rank_file(rank)])
 
 
+def verifiable(path: str) -> bool:
+    """Whether a committed checkpoint's marker records its files' hashes (format 2 on)."""
+    try:
+        return read_marker(path)["format_version"] >= 2
+    except CheckpointError:
+        return True      # damaged: `check` says how
+
+
 def check(path: str, on_bytes=None) -> list[str]:
     """Every problem of one committed checkpoint, reading each file the marker lists through sha256 in chunks
-    (bounded memory): `xvlm verify RUN`. An empty list when it passes."""
+    (bounded memory): `xvlm verify RUN`. An empty list when it passes (or has a format-1 marker, which records no
+    hashes: see `verifiable`)."""
     try:
         marker = read_marker(path)
     except CheckpointError as err:
         return [str(err)]
     if marker["format_version"] == 1:
-        return ["written before checkpoints recorded their files' hashes (marker format 1): cannot be verified"]
+        return []     # written before checkpoints recorded their files' hashes: nothing to check against
     problems = []
     expected = {MODEL_FILE, TRAINER_FILE, CONFIG_FILE, *(rank_file(r) for r in range(marker["world_size"]))}
     missing = sorted(expected - set(marker["files"]))
