@@ -408,13 +408,15 @@ def load(path: str, rank: int, world_size: int) -> Checkpoint:
                         f"from its weights with model.init={storage.join(path, MODEL_FILE)}")
     if marker["format_version"] == 1:
         log.warning("checkpoint %s was written before checkpoints recorded their files' hashes: not verified", path)
-    names = (TRAINER_FILE, MODEL_FILE, rank_file(rank))
-    # The optimizer state (the largest file) is hashed chunk by chunk while it is read; the weights (safetensors
-    # wants bytes) in a second thread once read; both while the main thread reads and parses.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as chunks, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as files:
-        read = {TRAINER_FILE: _read_file(path, TRAINER_FILE, marker, chunks, chunked=True)}
-        read.update({name: _read_file(path, name, marker, files) for name in names[1:]})
+    names = (MODEL_FILE, TRAINER_FILE, rank_file(rank))
+    # The weights (safetensors wants bytes) are hashed in one thread while the optimizer state, the largest file,
+    # is read; that one is hashed chunk by chunk in another thread as it arrives; the main thread meanwhile reads
+    # and parses. Only the last chunk's hash is left to wait for.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as files, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as chunks:
+        read = {MODEL_FILE: _read_file(path, MODEL_FILE, marker, files)}
+        read[TRAINER_FILE] = _read_file(path, TRAINER_FILE, marker, chunks, chunked=True)
+        read[rank_file(rank)] = _read_file(path, rank_file(rank), marker, files)
         parsed, failure = {}, None
         for name in (TRAINER_FILE, rank_file(rank)):
             try:
