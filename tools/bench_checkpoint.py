@@ -11,6 +11,7 @@ Prints the median of each and the ratio (target: verified <= 1.10x plain). Files
 the transfer.
 
   python tools/bench_checkpoint.py                 # base, 5 rounds, ~3 minutes and ~9 GB of memory on 2 cores
+  python tools/bench_checkpoint.py --s3            # the checkpoint on a local SeaweedFS S3 server instead
   python tools/bench_checkpoint.py --preset tiny --rounds 9
 """
 from __future__ import annotations
@@ -76,46 +77,61 @@ def main() -> int:
     parser.add_argument("--preset", default="base", choices=["tiny", "base"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temp folder, removed)")
+    parser.add_argument("--s3", action="store_true", help="write and load the checkpoint on a local SeaweedFS server")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model(preset(args.preset))
     optimizer = build_optimizer(model, OptimSection())
-    scheduler = build_scheduler(optimizer, ScheduleSection(steps=10, warmup_steps=1))
     for p in model.parameters():          # one step, so AdamW holds its two moment tensors per parameter
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
-    scheduler.step()
     folder = args.dir or tempfile.mkdtemp(prefix="xvlm-bench-ckpt-")
     try:
-        path = write_checkpoint(folder, model, optimizer, scheduler)
-        size = sum(e.size for e in storage.list_files(path))
-        data = os.urandom(256 << 20)
-        start = time.perf_counter()
-        hashlib.sha256(data).hexdigest()
-        sha_rate = len(data) / (time.perf_counter() - start) / 1e9
-        del data
-        print(f"checkpoint {args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{size / 1e9:.2f} GB in {path}; sha256 {sha_rate:.2f} GB/s on one core")
-        load_plain(path, model, optimizer)      # warm the page cache and the allocator
-        times: dict[str, list[float]] = {"plain": [], "verified": []}
-        for r in range(args.rounds):
-            order = ("plain", "verified") if r % 2 == 0 else ("verified", "plain")
-            for kind in order:
-                start = time.perf_counter()
-                (load_plain if kind == "plain" else load_verified)(path, model, optimizer)
-                times[kind].append(time.perf_counter() - start)
-            print(f"round {r + 1}: plain {times['plain'][-1]:.2f} s, verified {times['verified'][-1]:.2f} s, "
-                  f"ratio {times['verified'][-1] / times['plain'][-1]:.3f}")
-        plain, verified = statistics.median(times["plain"]), statistics.median(times["verified"])
-        ratios = sorted(v / p for v, p in zip(times["verified"], times["plain"]))
-        print(f"median: plain {plain:.2f} s, verified {verified:.2f} s: verified / plain = {verified / plain:.3f} "
-              f"(per-round ratios {', '.join(f'{x:.3f}' for x in ratios)}; target <= 1.10)")
-        fastest = min(times["verified"]) / min(times["plain"])    # the least disturbed round of each
-        print(f"fastest: plain {min(times['plain']):.2f} s, verified {min(times['verified']):.2f} s: {fastest:.3f}")
+        if not args.s3:
+            measure(folder, args, model, optimizer)
+            return 0
+        from tools.seaweed import start_seaweed
+
+        server = start_seaweed(os.path.join(folder, "seaweed"), bucket="bench")
+        try:
+            with server.in_environment():
+                measure(server.url("run"), args, model, optimizer)
+        finally:
+            server.stop()
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def measure(folder: str, args: argparse.Namespace, model, optimizer) -> None:
+    """Write the checkpoint under `folder` (local or s3://), then time plain and verified loading."""
+    scheduler = build_scheduler(optimizer, ScheduleSection(steps=10, warmup_steps=1))
+    path = write_checkpoint(folder, model, optimizer, scheduler)
+    size = sum(e.size for e in storage.list_files(path))
+    data = os.urandom(256 << 20)
+    start = time.perf_counter()
+    hashlib.sha256(data).hexdigest()
+    sha_rate = len(data) / (time.perf_counter() - start) / 1e9
+    del data
+    print(f"checkpoint {args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{size / 1e9:.2f} GB in {path}; sha256 {sha_rate:.2f} GB/s on one core")
+    load_plain(path, model, optimizer)      # warm the page cache and the allocator
+    times: dict[str, list[float]] = {"plain": [], "verified": []}
+    for r in range(args.rounds):
+        order = ("plain", "verified") if r % 2 == 0 else ("verified", "plain")
+        for kind in order:
+            start = time.perf_counter()
+            (load_plain if kind == "plain" else load_verified)(path, model, optimizer)
+            times[kind].append(time.perf_counter() - start)
+        print(f"round {r + 1}: plain {times['plain'][-1]:.2f} s, verified {times['verified'][-1]:.2f} s, "
+              f"ratio {times['verified'][-1] / times['plain'][-1]:.3f}")
+    plain, verified = statistics.median(times["plain"]), statistics.median(times["verified"])
+    ratios = sorted(v / p for v, p in zip(times["verified"], times["plain"]))
+    print(f"median: plain {plain:.2f} s, verified {verified:.2f} s: verified / plain = {verified / plain:.3f} "
+          f"(per-round ratios {', '.join(f'{x:.3f}' for x in ratios)}; target <= 1.10)")
+    fastest = min(times["verified"]) / min(times["plain"])    # the least disturbed round of each
+    print(f"fastest: plain {min(times['plain']):.2f} s, verified {min(times['verified']):.2f} s: {fastest:.3f}")
 
 
 if __name__ == "__main__":
