@@ -201,7 +201,11 @@ def read_bytes(path: str, start: int | None = None, end: int | None = None) -> b
     """Whole file, or bytes [start, end) when given."""
     if is_s3(path):
         with open_read(path, start=start or 0, end=end) as f:
-            return f.read()
+            # read() without a size would go 8 KB at a time through RawIOBase.readall: 16 MB reads are ~1.5x faster
+            chunks = []
+            while chunk := f.read(16 << 20):
+                chunks.append(chunk)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     with open(path, "rb") as f:
         if start:
             f.seek(start)

@@ -331,9 +331,10 @@ def _size_error(path: str, name: str, size: int | str, recorded: int) -> Checkpo
                            f"replaced)")
 
 
-def _read_chunked(path: str, name: str, size: int, hasher: ThreadPoolExecutor) -> tuple[bytearray, Future]:
+def _read_chunked(path: str, name: str, size: int,
+                  hasher: ThreadPoolExecutor | None) -> tuple[bytearray, Future | None]:
     """Exactly `size` bytes of a checkpoint file read into one buffer, each chunk handed to `hasher` (one thread: in
-    order) as it arrives, so the hash runs while the rest is read."""
+    order) as it arrives, so the hash runs while the rest is read (no hash without a hasher)."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     digest = hashlib.sha256()
@@ -343,17 +344,19 @@ def _read_chunked(path: str, name: str, size: int, hasher: ThreadPoolExecutor) -
             n = f.readinto(view[pos:min(size, pos + HASH_CHUNK)])
             if not n:
                 raise _size_error(path, name, pos, size)
-            hasher.submit(digest.update, view[pos:pos + n])
+            if hasher is not None:
+                hasher.submit(digest.update, view[pos:pos + n])
             pos += n
         if f.read(1):
             raise _size_error(path, name, f"more than {size}", size)
-    return buffer, hasher.submit(digest.hexdigest)
+    return buffer, hasher.submit(digest.hexdigest) if hasher is not None else None
 
 
-def _read_file(path: str, name: str, marker: dict[str, Any], hasher: ThreadPoolExecutor,
+def _read_file(path: str, name: str, marker: dict[str, Any], hasher: ThreadPoolExecutor | None,
                chunked: bool = False) -> tuple[bytes | bytearray, Future | None]:
     """A checkpoint file's bytes with its size checked against the marker, and its sha256 under way in `hasher`
-    (None for a version-1 marker, which records no hashes). `chunked` hashes while reading, into a bytearray."""
+    (None for a version-1 marker, which records no hashes, or without a hasher). `chunked` hashes while reading,
+    into a bytearray."""
     record = marker["files"].get(name) if isinstance(marker["files"], dict) else None
     if marker["format_version"] == FORMAT_VERSION and record is None:
         raise CheckpointError(f"checkpoint {path}: its {MARKER} marker does not list {name}")
@@ -367,7 +370,7 @@ def _read_file(path: str, name: str, marker: dict[str, Any], hasher: ThreadPoolE
         return data, None
     if len(data) != record["bytes"]:
         raise _size_error(path, name, len(data), record["bytes"])
-    return data, hasher.submit(lambda: hashlib.sha256(data).hexdigest())
+    return data, hasher.submit(lambda: hashlib.sha256(data).hexdigest()) if hasher is not None else None
 
 
 def _check_hash(path: str, name: str, marker: dict[str, Any], digest: Future | None) -> None:
@@ -396,10 +399,11 @@ class Checkpoint:
     rank_state: dict[str, Any]
 
 
-def load(path: str, rank: int, world_size: int) -> Checkpoint:
+def load(path: str, rank: int, world_size: int, verify: bool = True) -> Checkpoint:
     """Read a committed checkpoint for `rank`, each file checked against the marker's size and sha256 (hashed in a
     thread while the next file is read and parsed: parsing is safe on any bytes, and nothing is loaded into a
-    model before this returns). CheckpointError for a damaged checkpoint; XvlmError when the world size differs."""
+    model before this returns). CheckpointError for a damaged checkpoint; XvlmError when the world size differs.
+    `verify=False` skips the hashes (sizes are still checked): what tools/bench_checkpoint.py compares against."""
     marker = read_marker(path)
     if marker["world_size"] != world_size:
         raise XvlmError(f"checkpoint {path} was written by {marker['world_size']} processes but this run has "
@@ -414,9 +418,9 @@ def load(path: str, rank: int, world_size: int) -> Checkpoint:
     # and parses. Only the last chunk's hash is left to wait for.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as files, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as chunks:
-        read = {MODEL_FILE: _read_file(path, MODEL_FILE, marker, files)}
-        read[TRAINER_FILE] = _read_file(path, TRAINER_FILE, marker, chunks, chunked=True)
-        read[rank_file(rank)] = _read_file(path, rank_file(rank), marker, files)
+        read = {MODEL_FILE: _read_file(path, MODEL_FILE, marker, files if verify else None)}
+        read[TRAINER_FILE] = _read_file(path, TRAINER_FILE, marker, chunks if verify else None, chunked=True)
+        read[rank_file(rank)] = _read_file(path, rank_file(rank), marker, files if verify else None)
         parsed, failure = {}, None
         for name in (TRAINER_FILE, rank_file(rank)):
             try:
