@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.sources import unsafe_tar_member
 from shards import storage
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,9 @@ class ImageReader:
                     self._tar.members.clear()   # stream mode keeps every header otherwise
                     if info.name != member:
                         continue
-                    if not info.isfile() or info.issparse() or info.name.startswith("/") \
-                            or ".." in info.name.split("/"):
-                        raise ImageReject("unsafe_tar_member", f"{tar_path}#{member}: not a safe regular file")
+                    unsafe = unsafe_tar_member(info)
+                    if unsafe:
+                        raise ImageReject("unsafe_tar_member", f"{tar_path}#{member}: {unsafe}")
                     if info.size > self.max_bytes:
                         raise ImageReject("file_too_large", f"{tar_path}#{member}: {info.size} bytes, more than "
                                                             f"{self.max_bytes} (--max-image-bytes)")

@@ -6,7 +6,6 @@ unless asked to, and then warns."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal

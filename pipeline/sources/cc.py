@@ -14,13 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
 from pipeline.records import Annotation, ImageRef, Reject, make_ref
-from pipeline.sources import safe_id
+from pipeline.sources import safe_id, unsafe_tar_member
 from pipeline.textclean import decode_strict
 from shards import storage
 from shards.errors import XvlmError
@@ -53,19 +52,6 @@ class Member:
     unsafe: str | None   # why the member must not be used, or None
 
 
-def _unsafe(info: tarfile.TarInfo) -> str | None:
-    name = info.name
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return "absolute path"
-    if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
-        return "'..' in the path"
-    if info.issym() or info.islnk():
-        return f"link to {info.linkname!r:.80}"
-    if not info.isreg() or info.issparse():
-        return "not a regular file" if not info.isreg() else "sparse file"
-    return None
-
-
 def scan_tar(path: str) -> tuple[dict[str, Member], list[Member], str | None]:
     """Every member of a tar, header by header: (first member per name, unsafe members, error or None).
     Nothing is extracted. A local tar is read by seeking from header to header; an S3 tar as one stream."""
@@ -74,9 +60,9 @@ def scan_tar(path: str) -> tuple[dict[str, Member], list[Member], str | None]:
     try:
         with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|" if storage.is_s3(path) else "r:") as tar:
             for info in tar:
-                if info.isdir() and _unsafe(info) == "not a regular file":
+                if info.isdir() and unsafe_tar_member(info) == "not a regular file":
                     continue  # a plain folder entry holds no data
-                member = Member(info.name, info.offset_data, info.size, _unsafe(info))
+                member = Member(info.name, info.offset_data, info.size, unsafe_tar_member(info))
                 if member.unsafe:
                     unsafe.append(member)
                 members.setdefault(info.name, member)
