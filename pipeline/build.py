@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WORK_NAME = "_work"
 WORK_VERSION = 1
+STAGING_PREFIX = "xvlm-build-"  # local staging of a build to S3: TMPDIR/xvlm-build-PID-XXXX, removed at the end
 GROUP_TARGET_ROWS = 1_000_000   # annotation rows per grouping partition (bounds the group step's memory)
 
 
@@ -108,6 +110,9 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
     stats.images += 1
     try:
         if group.byte_offset is not None and group.byte_size is not None and "#" in group.image_path:
+            if group.byte_size > reader.max_bytes:
+                raise ImageReject("file_too_large", f"{group.byte_size} bytes, more than {reader.max_bytes} "
+                                                    f"(--max-image-bytes)")
             tar_path = group.image_path.partition("#")[0]
             data = storage.read_bytes(tar_path, group.byte_offset, group.byte_offset + group.byte_size)
         else:
@@ -179,13 +184,14 @@ def _work_paths(out: str, name: str) -> tuple[str, str, str]:
 
 
 def write_shard(groups: list[ImageGroup], out: str, name: str, config: ImageConfig, fingerprint: str,
-                endpoint_url: str | None = None) -> int:
+                endpoint_url: str | None = None, roots: tuple[str, ...] = ()) -> int:
     """Write shard `name` from its groups, then its stats files (the stats JSON last: the shard's done marker).
-    Runs inside a Ray task. Returns the number of images processed."""
+    Runs inside a Ray task. `roots`: the source folders, which local image paths must not leave. Returns the
+    number of images processed."""
     if endpoint_url:
         storage.set_endpoint_url(endpoint_url)
     stats = ShardStats()
-    reader = ImageReader()
+    reader = ImageReader(roots, config.max_file_bytes)
     path = storage.join(out, name)
     try:
         with ShardWriter(path) as writer:
@@ -320,6 +326,33 @@ def _remove_local_temp_files(out: str) -> None:
                     os.remove(os.path.join(folder, name))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
+def _remove_dead_staging() -> None:
+    """Staging folders of builds to S3 whose process is gone (killed with -9: no `finally` ran), ours only."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        match = re.match(rf"{STAGING_PREFIX}(\d+)-", name)
+        path = os.path.join(base, name)
+        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s: the staging folder of a build that was killed", path)
+
+
 def _stage_and_group(config: BuildConfig, work_dir: str) -> Grouped:
     stage = stage_sources(config.sources, work_dir, StageConfig(progress=config.progress))
     rows = sum(sum(kinds.values()) for kinds in stage.inputs.values())
@@ -345,7 +378,8 @@ def run_build(config: BuildConfig) -> BuildResult:
     if config.work_dir:
         work_dir = config.work_dir
     elif storage.is_s3(out):
-        work_dir = temp_work = tempfile.mkdtemp(prefix="xvlm-build-")
+        _remove_dead_staging()
+        work_dir = temp_work = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
     else:
         work_dir = os.path.join(out, WORK_NAME)
     try:
@@ -385,7 +419,8 @@ def run_build(config: BuildConfig) -> BuildResult:
                 bar.update(len(chunk))
                 continue
             collect(block=False)
-            pending[task.remote(chunk, out, name, config.image, fingerprint, config.endpoint_url)] = name
+            pending[task.remote(chunk, out, name, config.image, fingerprint, config.endpoint_url,
+                                tuple(config.sources.values()))] = name
         collect(block=True)
         bar.close()
         manifest = finish(config, out, names, grouped, fingerprints)

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, metavar="P",
                         help=f"reject images whose header declares more pixels (decompression bombs; "
                              f"default {defaults.max_pixels})")
+    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_file_bytes, metavar="B",
+                        help=f"reject source image files larger than this, unread (default {defaults.max_file_bytes})")
     parser.add_argument("--ray-address", default=None, metavar="ADDR",
                         help="address of a running Ray cluster (e.g. 10.0.0.1:6379 or 'auto'); "
                              "default: start a local Ray in this process")
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             raise XvlmError(f"--source {name} given twice; give each source once")
         sources[name] = path
     try:
-        image = ImageConfig(max_side=args.max_image_side, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels)
+        image = ImageConfig(max_side=args.max_image_side, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
+                            max_file_bytes=args.max_image_bytes)
     except ValueError as err:
         raise XvlmError(str(err)) from None
     config = BuildConfig(sources=sources, out=args.out, samples_per_shard=args.samples_per_shard, image=image,
@@ -104,5 +107,6 @@ def _command(args: argparse.Namespace, sources: dict[str, str]) -> list[str]:
         command += ["--source", f"{name}={path}"]
     command += ["--out", args.out, "--samples-per-shard", str(args.samples_per_shard),
                 "--max-image-side", str(args.max_image_side), "--jpeg-quality", str(args.jpeg_quality),
-                "--max-pixels", str(args.max_pixels), "--shard-prefix", args.shard_prefix]
+                "--max-pixels", str(args.max_pixels), "--max-image-bytes", str(args.max_image_bytes),
+                "--shard-prefix", args.shard_prefix]
     return [re.sub(r"://[^/@\s]+@", "://", part) for part in command]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.sources import unsafe_tar_member
 from shards import storage
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class ImageConfig:
     max_side: int = 512                         # long side of a stored image, in pixels
     jpeg_quality: int = 90                      # quality of re-encoded JPEGs
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485   # header width*height above this: decompression_bomb
+    max_file_bytes: int = 256 * 1024 * 1024     # a source image file above this is not read: file_too_large
 
     def __post_init__(self) -> None:
         if self.max_side < 16:
@@ -42,6 +46,8 @@ class ImageConfig:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes must be positive, got {self.max_file_bytes}")
 
 
 class ImageReject(Exception):
@@ -69,22 +75,68 @@ class StoredImage:
 
 class ImageReader:
     """Reads image bytes from local paths, s3:// and `TARPATH#MEMBER`. Tar members are read by streaming the
-    tar forward (works on S3 without random access); asking for members in tar order reads each tar once."""
+    tar forward (works on S3 without random access); asking for members in tar order reads each tar once.
 
-    def __init__(self) -> None:
+    A release is input from elsewhere: a local path must lie inside one of `roots` (the source folders), and the
+    image file must not be a symlink out of them (it may resolve into its root, or into the folder it is listed in:
+    folders linked in by the user, e.g. train2017 -> /mnt/coco/train2017, are followed); it must be a regular file
+    (not a FIFO, device or folder) of at most `max_bytes`, and no file is read past that many bytes: a link to
+    /dev/zero, /etc/shadow or a huge file costs nothing and leaks nothing."""
+
+    def __init__(self, roots: tuple[str, ...] | list[str] = (), max_bytes: int = ImageConfig.max_file_bytes) -> None:
         self._tar_path: str | None = None
         self._stream = None
         self._tar: tarfile.TarFile | None = None
+        self.roots = [(os.path.normpath(os.path.abspath(r)), os.path.realpath(r))
+                      for r in roots if not storage.is_s3(r)]
+        self.max_bytes = max_bytes
+
+    def _outside(self, path: str) -> str:
+        """Why a local path leaves the source folders ('' when it does not)."""
+        if not self.roots:
+            return ""
+        lexical, real = os.path.normpath(os.path.abspath(path)), os.path.realpath(path)
+        for root, real_root in self.roots:
+            if _inside(lexical, root) and (_inside(real, real_root)
+                                           or _inside(real, os.path.realpath(os.path.dirname(lexical)))):
+                return ""
+        return f"resolves to {real}, outside the source folder(s)"
 
     def read(self, path: str) -> bytes:
-        """The file's bytes; raises ImageReject(missing_image / unsafe_tar_member)."""
+        """The file's bytes; raises ImageReject(missing_image / unsafe_tar_member / unsafe_path / not_a_file /
+        file_too_large)."""
         tar_path, hash_sign, member = path.partition("#")
         if hash_sign and tar_path.endswith(".tar"):
             return self._read_member(tar_path, member)
+        if not storage.is_s3(path):
+            return self._read_local(path)
         try:
-            return storage.read_bytes(path)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+            data = storage.read_bytes(path, 0, self.max_bytes + 1)
+        except FileNotFoundError as err:
             raise ImageReject("missing_image", f"no such file ({type(err).__name__})") from None
+        return self._checked_size(data)
+
+    def _checked_size(self, data: bytes) -> bytes:
+        if len(data) > self.max_bytes:
+            raise ImageReject("file_too_large", f"more than {self.max_bytes} bytes (--max-image-bytes)")
+        return data
+
+    def _read_local(self, path: str) -> bytes:
+        outside = self._outside(path)
+        if outside:
+            raise ImageReject("unsafe_path", outside)
+        real = os.path.realpath(path)
+        try:
+            info = os.stat(real)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise ImageReject("missing_image", f"no such file ({type(err).__name__})") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+            raise ImageReject("not_a_file", f"{real} is {kind}, not a regular file")
+        if info.st_size > self.max_bytes:
+            raise ImageReject("file_too_large", f"{info.st_size} bytes, more than {self.max_bytes} (--max-image-bytes)")
+        with open(real, "rb") as f:
+            return self._checked_size(f.read(self.max_bytes + 1))
 
     def _open_tar(self, tar_path: str) -> None:
         self.close()
@@ -105,8 +157,12 @@ class ImageReader:
                     self._tar.members.clear()   # stream mode keeps every header otherwise
                     if info.name != member:
                         continue
-                    if not info.isfile() or info.name.startswith("/") or ".." in info.name.split("/"):
-                        raise ImageReject("unsafe_tar_member", f"{tar_path}#{member}: not a safe regular file")
+                    unsafe = unsafe_tar_member(info)
+                    if unsafe:
+                        raise ImageReject("unsafe_tar_member", f"{tar_path}#{member}: {unsafe}")
+                    if info.size > self.max_bytes:
+                        raise ImageReject("file_too_large", f"{tar_path}#{member}: {info.size} bytes, more than "
+                                                            f"{self.max_bytes} (--max-image-bytes)")
                     return self._tar.extractfile(info).read()
             except tarfile.ReadError as err:
                 self.close()
@@ -117,6 +173,10 @@ class ImageReader:
         if self._stream is not None:
             self._stream.close()
         self._tar_path = self._stream = self._tar = None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 # ---------------------------------------------------------------------------------------------- checks

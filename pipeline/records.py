@@ -120,6 +120,9 @@ class ImageGroup:
 # Reason codes (stable strings: reports group by them).
 REASONS = {
     "missing_image": "the image file does not exist",
+    "unsafe_path": "the image path resolves (through a symlink) outside the source folder",
+    "not_a_file": "the image path is a folder, FIFO, device or socket, not a regular file",
+    "file_too_large": "the image file is larger than --max-image-bytes (it is not read)",
     "not_an_image": "the bytes are not a decodable image (e.g. an HTML error page saved as .jpg)",
     "truncated_image": "the image file is truncated",
     "decompression_bomb": "the image header declares more pixels than --max-pixels",

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from shards import storage
 from shards.errors import XvlmError
-from shards.format import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
+from shards.format import valid_key
+from shards.manifest import DatasetManifest, ShardEntry, check_columns, open_parquet, read_dataset_manifest
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ShardIndex:
 class Dataset:
     """A built dataset: its manifest and shards, ready for streaming."""
     path: str
-    manifest: dict
+    manifest: DatasetManifest
     shards: list[ShardIndex] = field(default_factory=list)
 
     @property
@@ -58,76 +58,80 @@ class Dataset:
     def fingerprint(self) -> str:
         """Identifies the exact shard contents (names + sha256); a resume refuses a changed dataset."""
         h = hashlib.sha256()
-        for s in self.manifest["shards"]:
-            h.update(f"{s['name']}:{s['samples']}:{s.get('sha256', '')};".encode())
+        for s in self.manifest.shards:
+            h.update(f"{s.name}:{s.samples}:{s.sha256};".encode())
         return h.hexdigest()[:16]
 
 
-def _major(version: str) -> str:
-    return str(version).split(".", 1)[0]
+def _index_table(manifest: DatasetManifest) -> pa.Table:
+    """The index columns the loader needs, checked for the format's types and for nulls."""
+    where = manifest.index_path
+    try:
+        raw = storage.read_bytes(where)
+    except FileNotFoundError as err:
+        raise XvlmError(f"dataset {manifest.path} has no {manifest.index_name}; rebuild the dataset") from err
+    parquet = open_parquet(io.BytesIO(raw), where)
+    check_columns(parquet.schema_arrow, _INDEX_COLUMNS, where)
+    try:
+        table = parquet.read(columns=_INDEX_COLUMNS)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise XvlmError(f"{where} cannot be read ({type(err).__name__}: {err}); rebuild the dataset") from None
+    nulls = [name for name in _INDEX_COLUMNS if table.column(name).null_count]
+    if nulls:
+        raise XvlmError(f"{where} has empty values in {nulls}; rebuild the dataset")
+    return table
+
+
+def _check_offsets(manifest: DatasetManifest, entry: ShardEntry, offsets: np.ndarray, keys: list[str]) -> None:
+    """Sample offsets must lie inside the shard and be distinct, keys be tar-safe: the loader reads the byte
+    ranges between consecutive offsets, so a damaged index must not send it anywhere else."""
+    bad = ""
+    if len(offsets) and (offsets[0] < 0 or offsets[-1] >= entry.bytes):
+        bad = f"an offset outside its {entry.bytes} bytes"
+    elif np.any(np.diff(offsets) <= 0):
+        bad = "two samples at one offset"
+    elif not all(valid_key(k) for k in keys):
+        bad = "a key with characters other than letters, digits, '_' and '-'"
+    if bad:
+        raise XvlmError(f"dataset {manifest.path}: {manifest.index_name} gives shard {entry.name} {bad}; the index "
+                        f"is damaged, rebuild the dataset")
 
 
 def open_dataset(path: str) -> Dataset:
     """Read and check manifest.json and index.parquet of the dataset at `path` (a folder or s3:// prefix)."""
-    path = str(path).rstrip("/")
-    manifest_path = storage.join(path, MANIFEST_NAME)
-    try:
-        raw = storage.read_bytes(manifest_path)
-    except FileNotFoundError:
-        raw = None
-    if raw is None:
-        if storage.list_files(path):
-            raise XvlmError(f"dataset {path} has no {MANIFEST_NAME}: the build did not finish (the manifest is "
-                            f"written last). Re-run `xvlm build-shards` with the same --out to complete it.")
-        raise XvlmError(f"dataset {path} does not exist (no {MANIFEST_NAME} there). Build it with "
-                        f"`xvlm build-shards --out {path} ...` or fix the path.")
-    try:
-        manifest = json.loads(raw)
-    except ValueError as err:
-        raise XvlmError(f"{manifest_path} is not valid JSON ({err}); rebuild the dataset") from err
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version is None:
-        raise XvlmError(f"{manifest_path} has no format_version: not an xvlm dataset manifest")
-    if _major(version) != _major(FORMAT_VERSION):
-        raise XvlmError(f"dataset {path} has shard format version {version}, this loader reads version "
-                        f"{FORMAT_VERSION} (major {_major(FORMAT_VERSION)}); rebuild the dataset with this "
-                        f"version of `xvlm build-shards` or use a matching xvlm-pipeline release")
-    entries = manifest.get("shards") or []
-    total = sum(int(s.get("samples", 0)) for s in entries)
-    if total == 0:
-        raise XvlmError(f"dataset {path} is empty (its manifest lists {len(entries)} shard(s) and 0 samples); "
+    manifest = read_dataset_manifest(path)
+    path = manifest.path
+    if manifest.samples == 0:
+        raise XvlmError(f"dataset {path} is empty (its manifest lists {len(manifest.shards)} shard(s) and 0 samples); "
                         f"check the build summary and rejects.parquet for why nothing was written")
-    index_name = manifest.get("files", {}).get("index", INDEX_NAME)
-    index_path = storage.join(path, index_name)
-    try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(index_path)), columns=_INDEX_COLUMNS)
-    except FileNotFoundError as err:
-        raise XvlmError(f"dataset {path} has no {index_name}; rebuild the dataset") from err
+    table = _index_table(manifest)
     by_shard: dict[str, list[int]] = {}
     for row, shard in enumerate(table.column("shard").to_pylist()):
         by_shard.setdefault(shard, []).append(row)
     cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in _INDEX_COLUMNS}
     dataset = Dataset(path=path, manifest=manifest)
-    for entry in entries:
-        rows = np.asarray(by_shard.get(entry["name"], []), dtype=np.int64)
-        if len(rows) != int(entry["samples"]):
-            raise XvlmError(f"dataset {path}: {index_name} has {len(rows)} rows for shard {entry['name']} but the "
-                            f"manifest says {entry['samples']} samples; the dataset is inconsistent, rebuild it")
+    for entry in manifest.shards:
+        rows = np.asarray(by_shard.get(entry.name, []), dtype=np.int64)
+        if len(rows) != entry.samples:
+            raise XvlmError(f"dataset {path}: {manifest.index_name} has {len(rows)} rows for shard {entry.name} but "
+                            f"the manifest says {entry.samples} samples; the dataset is inconsistent, rebuild it")
+        if entry.samples == 0:
+            continue
         offsets = cols["offset"][rows].astype(np.int64)
         order = np.argsort(offsets, kind="stable")  # tar order
         rows, offsets = rows[order], offsets[order]
-        if entry["samples"] == 0:
-            continue
+        keys = [str(k) for k in cols["key"][rows]]
+        _check_offsets(manifest, entry, offsets, keys)
         dataset.shards.append(ShardIndex(
-            name=entry["name"], path=storage.join(path, entry["name"]), samples=int(entry["samples"]),
-            bytes=int(entry["bytes"]), offsets=offsets, keys=[str(k) for k in cols["key"][rows]],
-            sources=[str(s) for s in cols["source"][rows]],
+            name=entry.name, path=storage.join(path, entry.name), samples=entry.samples, bytes=entry.bytes,
+            offsets=offsets, keys=keys, sources=[str(s) for s in cols["source"][rows]],
             has_caption=cols["num_captions"][rows] > 0,
             has_region=(cols["num_regions"][rows] + cols["num_objects"][rows]) > 0,
             num_captions=cols["num_captions"][rows].astype(np.int64),
             num_regions=cols["num_regions"][rows].astype(np.int64),
             num_objects=cols["num_objects"][rows].astype(np.int64)))
-    log.info("dataset %s: %d samples in %d shards (format %s)", path, dataset.samples, len(dataset.shards), version)
+    log.info("dataset %s: %d samples in %d shards (format %s)", path, dataset.samples, len(dataset.shards),
+             manifest.format_version)
     return dataset
 
 

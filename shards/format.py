@@ -4,8 +4,11 @@ The format itself is described in shards/FORMAT.md; bump FORMAT_VERSION whenever
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+
+import numpy as np
 
 FORMAT_VERSION = "1.0"
 
@@ -19,6 +22,12 @@ MEMBER_EXTENSIONS = ("jpg", "json", "txt")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")   # no dots: WebDataset splits KEY.EXT at the first dot
 _SHARD_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9_-]+)-(?P<number>\d{6})\.tar$")
 REGION_KINDS = ("region", "object")
+
+# Bounds a reader holds hostile data to. A stored JPEG is at most --max-image-side (512 by default) and a sample's
+# JSON a few KB even for a Visual Genome image with hundreds of boxes; the limits leave room for 8k-pixel images.
+MAX_MEMBER_BYTES = 64 * 1024 * 1024         # a tar member above this is refused unread
+MAX_SAMPLE_JSON_BYTES = 4 * 1024 * 1024     # KEY.json
+MAX_JSON_DEPTH = 16                         # nesting of [ and {: a sample JSON needs 4, a manifest 5
 
 
 class SampleError(ValueError):
@@ -38,6 +47,38 @@ def parse_shard_name(name: str) -> tuple[str, int] | None:
 
 def valid_key(key: str) -> bool:
     return bool(_KEY_RE.match(key))
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)   # a JSON string, escapes included
+
+
+def json_depth(data: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The deepest nesting of arrays and objects in JSON bytes, without parsing them (so without recursion):
+    strings are cut out, then the running count of opening minus closing brackets is taken. Exact above `limit`;
+    at or below it, an upper bound (JSON with few brackets is not scanned)."""
+    brackets = data.count(b"[") + data.count(b"{")
+    if brackets <= limit:
+        return brackets        # it cannot nest deeper than the brackets it has
+    outside = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    step = ((outside == ord("[")) | (outside == ord("{"))).astype(np.int64) \
+        - ((outside == ord("]")) | (outside == ord("}"))).astype(np.int64)
+    return int(np.cumsum(step).max(initial=0))
+
+
+def load_json(data: bytes | str, what: str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """JSON bytes parsed with a bound on size and nesting: hostile JSON (megabytes of text, 100k nested arrays) is
+    a SampleError naming `what`, never a RecursionError or a memory bomb."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if len(data) > max_bytes:
+        raise SampleError(f"{what} is {len(data)} bytes, more than the {max_bytes} allowed")
+    depth = json_depth(data, max_depth)
+    if depth > max_depth:
+        raise SampleError(f"{what} nests arrays / objects {depth} deep, more than the {max_depth} allowed")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:   # UnicodeDecodeError is a ValueError
+        raise SampleError(f"{what} is not UTF-8 JSON: {err}") from None
 
 
 def sample_text(meta: dict) -> str:

@@ -45,6 +45,7 @@ class LoaderConfig:
     randaug_n: int = 2                   # RandAugment(N, M) as X-VLM: N ops, each applied with p=0.5
     randaug_m: int = 7
     use_draft: bool = True               # DCT-scaled JPEG decoding when the output is much smaller
+    max_pixels: int = 4096 * 4096        # a stored image with more pixels (by its header) is skipped undecoded
     # ---- text
     tokenizer: str = ""                  # local BERT WordPiece tokenizer folder (vocab.txt / tokenizer.json)
     max_words: int = 40
@@ -102,8 +103,8 @@ class LoaderConfig:
             if not ok:
                 raise XvlmError(f"loader config: {what}")
 
-        for name in ("image_res", "grid_stride", "max_words", "max_tokens", "max_masks", "max_regions",
-                     "image_text_batch_size", "region_batch_size", "region_max_images"):
+        for name in ("image_res", "grid_stride", "max_pixels", "max_words", "max_tokens", "max_masks",
+                     "max_regions", "image_text_batch_size", "region_batch_size", "region_max_images"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(self.image_res % self.grid_stride == 0,

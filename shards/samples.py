@@ -4,7 +4,6 @@ region sample (anchor crop, whole-image caption row + box rows with targets and 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 from shards import augment, boxes, text
+from shards import format as shard_format
 from shards.loader_config import LoaderConfig
 
 PHRASE_CAPTION = 1_000     # caption indexes from here on are region phrases used as captions (shards/plan.py)
@@ -25,7 +25,7 @@ TEXT_FIELDS = ("text_ids", "text_atts", "text_ids_masked", "masked_pos", "masked
 
 class SkipSample(Exception):
     """This shard sample cannot give a training sample; `reason` is a short code for the skip counters:
-    no_caption, no_region, corrupt_image, size_mismatch, bad_json."""
+    no_caption, no_region, corrupt_image, too_many_pixels, size_mismatch, bad_json."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -48,12 +48,13 @@ class Row:
 # ---------------------------------------------------------------- shard json
 
 def parse_meta(meta: dict | bytes | str) -> dict:
-    """The KEY.json of a shard sample as a dict."""
+    """The KEY.json of a shard sample as a dict; parsed with bounded size and nesting (a hostile sample is a
+    counted skip, never a RecursionError that every resume would meet again)."""
     if isinstance(meta, dict):
         return _checked(meta)
     try:
-        parsed = json.loads(meta)
-    except (ValueError, UnicodeDecodeError) as exc:
+        parsed = shard_format.load_json(meta, "KEY.json", max_bytes=shard_format.MAX_SAMPLE_JSON_BYTES)
+    except shard_format.SampleError as exc:
         raise SkipSample("bad_json", str(exc)) from exc
     if not isinstance(parsed, dict):
         raise SkipSample("bad_json", f"expected an object, got {type(parsed).__name__}")
@@ -159,11 +160,15 @@ def _caption(meta: dict, index: int, config: LoaderConfig) -> str:
         raise SkipSample("no_caption", f"caption {index} of {meta.get('key')!r} is empty after pre_caption") from exc
 
 
-def _open_checked(image: bytes | Image.Image, meta: dict) -> Image.Image:
+def _open_checked(image: bytes | Image.Image, meta: dict, config: LoaderConfig) -> Image.Image:
     try:
         opened = augment.open_image(image)
     except DECODE_ERRORS as exc:
         raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+    # Checked on the header, before any decoding: a 144 Mpx JPEG would cost ~13 s of one worker's time.
+    if opened.size[0] * opened.size[1] > config.max_pixels:
+        raise SkipSample("too_many_pixels", f"image is {opened.size[0]}x{opened.size[1]}, more than max_pixels "
+                                            f"{config.max_pixels}")
     want = (meta.get("width"), meta.get("height"))
     if None not in want and tuple(opened.size) != (int(want[0]), int(want[1])):
         raise SkipSample("size_mismatch", f"image is {opened.size[0]}x{opened.size[1]}, json says {want[0]}x{want[1]}")
@@ -217,7 +222,7 @@ def image_text_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng:
         if not captions:
             raise SkipSample("no_caption", f"sample {meta.get('key')!r} has no caption left after pre_caption")
         caption = captions[int(rng.integers(len(captions)))]
-    opened = _open_checked(image, meta)
+    opened = _open_checked(image, meta, config)
     width, height = opened.size
     crop = boxes.random_resized_crop(width, height, rng, config.crop_scale, config.crop_ratio)
     flipped = bool(rng.random() < config.hflip_prob)
@@ -305,7 +310,7 @@ def region_sample(image: bytes | Image.Image, meta: dict | bytes | str, rng: np.
     as X-VLM's separate object and region files. Row fields are [K, ...]; `image` is float32 [3, R, R] (`pixels`
     with normalise=False, as image_text_sample). Raises SkipSample."""
     meta = parse_meta(meta)
-    opened = _open_checked(image, meta)
+    opened = _open_checked(image, meta, config)
     width, height = opened.size
     candidates, unusable = _region_rows(meta, width, height, config, kinds)
     if not candidates:

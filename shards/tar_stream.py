@@ -11,14 +11,15 @@ from typing import Iterator
 
 from shards import storage
 from shards.dataset import ShardIndex
-from shards.format import MEMBER_EXTENSIONS
+from shards import format as shard_format
+from shards.format import MEMBER_EXTENSIONS, valid_key
 
 log = logging.getLogger(__name__)
 
 # Skip reasons (stable strings; the loader's counters use them).
 CORRUPT = "corrupt_sample"        # bad tar header / member data, missing jpg or json, unreadable content
 TRUNCATED = "truncated_shard"     # the shard ends before this sample
-UNSAFE = "unsafe_member"          # absolute or '..' member name, a link or another non-regular member
+UNSAFE = "unsafe_member"          # not a plain KEY.EXT file: a link, a sparse file, a folder in the name, too large
 READ_ERROR = "read_error"         # storage kept failing after its retries and ours
 
 READ_RETRIES = 3                  # reopenings at the failed sample (after 1, 2, 4 s) before it is skipped
@@ -40,13 +41,22 @@ class Skipped:
     detail: str = ""
 
 
-def _unsafe(info: tarfile.TarInfo) -> str:
-    """Why a member must not be read, or '' when it is a plain file with a safe relative name."""
+def member_problem(info: tarfile.TarInfo) -> str:
+    """Why a shard's tar member must not be read, or '' when it may: the one rule of the loader, `xvlm verify` and
+    `xvlm show`. Only regular files, not sparse (tarfile reads a GNU sparse member as its expanded size: 0.6 MB of
+    shard became 3 GiB in memory), named KEY.EXT with a safe key and a format extension (no folder, no '..', no
+    absolute path), of at most MAX_MEMBER_BYTES (so reading one never holds more than that)."""
     name = info.name
-    if not info.isreg():
-        return f"{name!r} is not a regular file (type {info.type!r})"
-    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
-        return f"member name {name!r} is absolute or contains '..'"
+    if not info.isreg() or info.issparse():
+        kind = "a sparse file" if info.issparse() else f"not a regular file (tar type {info.type!r})"
+        return f"member {name!r} is {kind}"
+    if name.startswith(("/", "\\")) or "/" in name or "\\" in name:
+        return f"member name {name!r} is absolute or has a folder or '..'"
+    key, dot, ext = name.partition(".")
+    if not dot or not valid_key(key) or ext not in MEMBER_EXTENSIONS:
+        return f"member name {name!r} is not KEY.jpg / KEY.json / KEY.txt with KEY of [A-Za-z0-9_-]"
+    if info.size > shard_format.MAX_MEMBER_BYTES:
+        return f"member {name!r} holds {info.size} bytes, more than the {shard_format.MAX_MEMBER_BYTES} allowed"
     return ""
 
 
@@ -155,7 +165,7 @@ def _iter_stream(shard: ShardIndex, stream, first: int, stop: int) -> Iterator[R
                     if pos < stop:
                         yield pos
                     return
-            why = _unsafe(info)
+            why = member_problem(info)
             if why:
                 unsafe = unsafe or why
                 continue

@@ -32,20 +32,29 @@ PRE_CAPTION_MODES = ("xvlm", "spaces")
 _PUNCT = re.compile(r"[,.'!?\"()*#:;~]")
 _WHITESPACE_RUNS = re.compile(r"\s{2,}")
 _SPACES = re.compile(r"\s+")
+_SURROGATES = re.compile("[\ud800-\udfff]")   # lone halves of a UTF-16 pair: JSON's "\ud800" gives one
+
+
+def without_surrogates(text: str) -> str:
+    """The text without lone surrogates, which are not characters: the tokenizer (like any UTF-8 encoder) fails
+    on them, so one such caption would stop training at the same sample on every resume."""
+    return text if text.isascii() else _SURROGATES.sub("", text)
 
 
 def pre_caption(text: str, max_words: int, mode: str = "xvlm") -> str:
     """X-VLM's pre_caption (dataset/utils.py): lowercase; the characters , . ' ! ? " ( ) * # : ; ~ are deleted
     ("man's" -> "mans"); - and / become spaces; <person> becomes person; runs of two or more whitespace
     characters become one space (a single tab or newline stays, as there; the tokenizer splits on it anyway);
-    strip; the first `max_words` space-separated words. Raises EmptyText when nothing is left.
+    strip; the first `max_words` space-separated words. Raises EmptyText when nothing is left. Lone surrogates are
+    dropped first (ours: they crash the tokenizer).
 
     mode "spaces" (ours before issue 17): the punctuation becomes spaces ("man s") and all whitespace collapses."""
+    lowered = without_surrogates(text).lower()
     if mode == "xvlm":
-        caption = _PUNCT.sub("", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+        caption = _PUNCT.sub("", lowered).replace("-", " ").replace("/", " ").replace("<person>", "person")
         caption = _WHITESPACE_RUNS.sub(" ", caption).rstrip("\n").strip(" ")
     elif mode == "spaces":
-        caption = _PUNCT.sub(" ", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+        caption = _PUNCT.sub(" ", lowered).replace("-", " ").replace("/", " ").replace("<person>", "person")
         caption = _SPACES.sub(" ", caption).strip()
     else:
         raise XvlmError(f"pre_caption mode must be one of {PRE_CAPTION_MODES}, got {mode!r}")
@@ -125,7 +134,7 @@ def load_vocab(folder: str) -> Vocab:
 def token_ids(text: str, vocab: Vocab, max_tokens: int) -> list[int]:
     """[CLS] + the first max_tokens-1 WordPiece ids of an already pre_caption'd text (no [SEP])."""
     # The Rust tokenizer directly: same ids as the Python wrapper's __call__, 3x cheaper per text row.
-    ids = vocab.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    ids = vocab.tokenizer.backend_tokenizer.encode(without_surrogates(text), add_special_tokens=False).ids
     if not ids:
         raise EmptyText(f"text has no WordPiece tokens: {text[:80]!r}")
     return [vocab.cls_id] + list(ids[: max_tokens - 1])

@@ -21,6 +21,7 @@ from shards import boxes as box_math  # noqa: E402
 from shards import samples  # noqa: E402
 from shards.augment import to_tensor  # noqa: E402
 from shards.loader_config import preset  # noqa: E402
+from shards.manifest import read_dataset_manifest  # noqa: E402
 from shards.plan import rng_for  # noqa: E402
 from tools import show  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
@@ -178,8 +179,9 @@ def test_show_by_key_on_a_tiny_dataset(tmp_path):
     path = shardkit.make_dataset(str(tmp_path / "ds"), samples=6, per_shard=3, size=(400, 300))
     written = show.show(show.ShowOptions(dataset=path, keys=["coco-000004"], out=str(tmp_path / "out")))
     assert [Path(p).name for p in written] == ["coco-000004.png"]
-    row = show.find_rows(path, ["coco-000004"])[0]
-    sample = show.read_sample(path, row)
+    manifest = read_dataset_manifest(path)
+    row = show.find_rows(manifest, ["coco-000004"])[0]
+    sample = show.read_sample(manifest, row)
     assert sample.meta["key"] == "coco-000004" and row["shard"] == "shard-000001.tar"
     png = np.asarray(Image.open(written[0]).convert("RGB"))
     assert_outlines(png, [tuple(r["bbox"]) for r in sample.meta["regions"]], 1)

@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     except (XvlmError, ModelError) as err:  # clear, actionable errors: no traceback
         print(f"xvlm {top.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # credentials, bucket or endpoint errors from any S3 call: one line too
+        from shards.storage import access_error
+
+        message = access_error(err)
+        if message is None:
+            raise
+        print(f"xvlm {top.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import math
 import tarfile
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from shards import storage
 from shards.errors import XvlmError
-from shards.format import INDEX_NAME
-from tools.stats import iter_batches, local_copy, read_manifest
-from tools.verify import unsafe_member
+from shards.format import MAX_SAMPLE_JSON_BYTES, SampleError, load_json
+from shards.loader_config import LoaderConfig
+from shards.manifest import DatasetManifest, check_columns, open_parquet, read_dataset_manifest
+from shards.tar_stream import member_problem
+from tools.stats import iter_batches, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,15 @@ class ShardSample:
     txt: str
 
 
-def find_rows(dataset: str, keys: list[str] | None = None, random_n: int = 0, seed: int = 0) -> list[dict]:
+def find_rows(manifest: DatasetManifest, keys: list[str] | None = None, random_n: int = 0,
+              seed: int = 0) -> list[dict]:
     """Index rows (key, shard, offset) of the given keys (in the order given) or of N random samples."""
-    path = storage.join(dataset, INDEX_NAME)
+    dataset, path = manifest.path, manifest.index_path
     columns = ["key", "shard", "offset"]
     try:
         with local_copy(path) as local:
-            parquet = pq.ParquetFile(local)
+            parquet = open_parquet(local, path)
+            check_columns(parquet.schema_arrow, columns, path)
             if keys:
                 found: dict[str, dict] = {}
                 wanted = set(keys)
@@ -185,9 +187,14 @@ def _is_in(batch, wanted: set[str]):
     return pc.is_in(batch.column("key"), value_set=pa.array(sorted(wanted), pa.string()))
 
 
-def read_sample(dataset: str, row: dict) -> ShardSample:
+def read_sample(manifest: DatasetManifest, row: dict) -> ShardSample:
     """The members of one sample, read from its byte offset in its shard (a ranged read on S3)."""
-    path = storage.join(dataset, row["shard"])
+    dataset = manifest.path
+    entry = next((s for s in manifest.shards if s.name == row["shard"]), None)
+    if entry is None or not isinstance(row["offset"], int) or not 0 <= row["offset"] < entry.bytes:
+        raise XvlmError(f"index.parquet puts sample {row['key']!r} at byte {row['offset']} of {row['shard']!r}, "
+                        f"which the manifest does not list or is not that long; run `xvlm verify {dataset}`")
+    path = storage.join(dataset, entry.name)
     files: dict[str, bytes] = {}
     try:
         with storage.open_read(path, start=int(row["offset"])) as stream:
@@ -196,7 +203,7 @@ def read_sample(dataset: str, row: dict) -> ShardSample:
                 key, _, ext = info.name.partition(".")
                 if key != row["key"]:
                     break
-                why = unsafe_member(info)
+                why = member_problem(info)
                 if why:
                     raise XvlmError(f"{row['shard']}: {why}; run `xvlm verify {dataset}`")
                 member = tar.extractfile(info)
@@ -212,9 +219,11 @@ def read_sample(dataset: str, row: dict) -> ShardSample:
         raise XvlmError(f"sample {row['key']} at byte {row['offset']} of {path} has members {sorted(files)}, "
                         f"not jpg + json; run `xvlm verify {dataset}`")
     try:
-        meta = json.loads(files["json"])
-    except ValueError as err:
-        raise XvlmError(f"{row['key']}.json in {path} is not valid JSON ({err}); run `xvlm verify {dataset}`") from None
+        meta = load_json(files["json"], f"{row['key']}.json in {path}", max_bytes=MAX_SAMPLE_JSON_BYTES)
+    except SampleError as err:
+        raise XvlmError(f"{err}; run `xvlm verify {dataset}`") from None
+    if not isinstance(meta, dict):
+        raise XvlmError(f"{row['key']}.json in {path} is not a JSON object; run `xvlm verify {dataset}`")
     return ShardSample(row["key"], row["shard"], int(row["offset"]), files["jpg"], meta,
                        files.get("txt", b"").decode("utf-8", "replace"))
 
@@ -228,16 +237,43 @@ def _region_label(region: dict) -> str:
     return f"{region.get('kind', '?')}: {region.get('text', '')}{extra}"
 
 
+def _drawable_box(region: object) -> tuple[float, float, float, float] | None:
+    """A region's bbox as 4 finite numbers with a positive size, or None (NaN, strings, negative sizes...)."""
+    bbox = region.get("bbox") if isinstance(region, dict) else None
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 1e6
+            for v in bbox):
+        return None
+    return tuple(float(v) for v in bbox) if bbox[2] > 0 and bbox[3] > 0 else None
+
+
+def _open_stored(sample: ShardSample) -> Image.Image:
+    """The stored image, decoded; XvlmError when it is not an image or has more pixels than the loader takes."""
+    try:
+        image = Image.open(io.BytesIO(sample.jpg))   # Pillow's bomb and truncation checks stay on
+        if image.width * image.height > LoaderConfig.max_pixels:
+            raise XvlmError(f"image is {image.width}x{image.height}, more than the loader's max_pixels "
+                            f"{LoaderConfig.max_pixels}")
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise XvlmError(f"image does not decode ({type(err).__name__}: {err})") from None
+    return image
+
+
 def raw_view(sample: ShardSample) -> Image.Image:
-    """The stored image with every box of its JSON."""
-    image = Image.open(io.BytesIO(sample.jpg))   # Pillow's bomb and truncation checks stay on
-    image.load()
+    """The stored image with every box of its JSON (a box that is not 4 finite numbers is listed, not drawn)."""
+    image = _open_stored(sample)
     meta = sample.meta
-    boxes = [DrawnBox(tuple(float(v) for v in r["bbox"]), _region_label(r)) for r in meta.get("regions") or []]
+    regions = [r for r in meta.get("regions") or [] if isinstance(r, dict)] \
+        if isinstance(meta.get("regions"), list) else []
+    boxes = [DrawnBox(box, _region_label(r)) for r in regions if (box := _drawable_box(r)) is not None]
     lines = [f"{sample.key} ({meta.get('source')}, id {meta.get('source_id')}) - stored {image.width}x{image.height}, "
              f"{sample.shard} @ byte {sample.offset}"]
-    lines += [f"caption: {c}" for c in meta.get("captions") or []]
-    if not meta.get("captions"):
+    lines += [f"not drawn, bbox is not 4 finite numbers with a size: {r.get('bbox')!r:.60} ({_region_label(r)})"
+              for r in regions if _drawable_box(r) is None]
+    captions = meta.get("captions") if isinstance(meta.get("captions"), list) else []
+    lines += [f"caption: {c}" for c in captions]
+    if not captions:
         lines.append("(no caption)")
     return draw_sample(image, boxes, lines)
 
@@ -326,15 +362,19 @@ class ShowOptions:
 
 def show(options: ShowOptions) -> list[str]:
     """Write the PNGs; returns the paths written (and logs why a view was not possible)."""
-    dataset = options.dataset.rstrip("/")
-    read_manifest(dataset)   # refuses an unfinished or foreign folder with a clear message
+    manifest = read_dataset_manifest(options.dataset)   # refuses an unfinished, foreign or damaged dataset
     config = options.loader_config() if options.augmented else None
-    rows = find_rows(dataset, options.keys or None, options.random, options.seed)
+    rows = find_rows(manifest, options.keys or None, options.random, options.seed)
     storage.makedirs(options.out)
-    written = []
+    written, failed = [], []
     for row in rows:
-        sample = read_sample(dataset, row)
-        views: dict[str, Image.Image | str] = {"": raw_view(sample)}
+        try:   # a damaged sample is reported and the others are still drawn
+            sample = read_sample(manifest, row)
+            views: dict[str, Image.Image | str] = {"": raw_view(sample)}
+        except XvlmError as err:
+            print(f"{row['key']}: not drawn: {err}")
+            failed.append(f"{row['key']} ({err})")
+            continue
         if config is not None:
             views.update({f".{k}": v for k, v in augmented_views(sample, config, options.seed).items()})
         for suffix, view in views.items():
@@ -346,6 +386,9 @@ def show(options: ShowOptions) -> list[str]:
             view.save(buf, format="PNG")
             storage.write_bytes(path, buf.getvalue())
             written.append(path)
+    if failed:
+        raise XvlmError(f"{len(failed)} of {len(rows)} sample(s) could not be drawn: {'; '.join(failed)[:600]}; "
+                        f"run `xvlm verify {manifest.path}`")
     return written
 
 

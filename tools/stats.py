@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from shards import storage
 from shards.errors import XvlmError
-from shards.format import INDEX_NAME, MANIFEST_NAME, REJECTS_NAME
+from shards.manifest import REJECTS_SCHEMA, DatasetManifest, check_columns, open_parquet, read_dataset_manifest
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class BoundedCounter:
 class DatasetStats:
     """Everything the report shows about one dataset, accumulated batch by batch."""
     path: str
-    manifest: dict
+    manifest: DatasetManifest
     max_side: int
     slots: dict[str, int] = field(default_factory=dict)          # source -> row of the per-source arrays
     images: np.ndarray = field(default_factory=lambda: np.zeros(MAX_SOURCES, np.int64))
@@ -354,40 +354,19 @@ def local_copy(path: str) -> Iterator[str]:
         os.remove(tmp)
 
 
-def read_manifest(path: str) -> dict:
-    try:
-        raw = storage.read_bytes(storage.join(path, MANIFEST_NAME))
-    except FileNotFoundError:
-        raise XvlmError(f"{path} has no {MANIFEST_NAME}: not a dataset, or its build did not finish (the manifest "
-                        f"is written last); build it with `xvlm build-shards --out {path} ...`") from None
-    try:
-        manifest = json.loads(raw)
-    except ValueError as err:
-        raise XvlmError(f"{storage.join(path, MANIFEST_NAME)} is not valid JSON ({err}); rebuild the dataset") from err
-    if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise XvlmError(f"{storage.join(path, MANIFEST_NAME)} is not an xvlm dataset manifest (no format_version)")
-    return manifest
-
-
 def collect(path: str, tokenizer: str | None = None, batch_size: int = 65_536, progress: bool = True) -> DatasetStats:
     """Read one dataset's side files into a DatasetStats."""
-    path = str(path).rstrip("/")
-    manifest = read_manifest(path)
-    max_side = int(((manifest.get("build") or {}).get("config") or {}).get("image", {}).get("max_side") or 1024)
-    stats = DatasetStats(path=path, manifest=manifest, max_side=max_side)
-    files = manifest.get("files") or {}
-    index_path = storage.join(path, files.get("index", INDEX_NAME))
-    rejects_path = storage.join(path, files.get("rejects", REJECTS_NAME))
+    manifest = read_dataset_manifest(path)
+    path = manifest.path
+    stats = DatasetStats(path=path, manifest=manifest, max_side=_max_side(manifest))
+    index_path, rejects_path = manifest.index_path, manifest.rejects_path
     tokens = TokenCounter(tokenizer) if tokenizer else None
     try:
         with local_copy(index_path) as local:
-            parquet = pq.ParquetFile(local)
+            parquet = open_parquet(local, index_path)
             present = set(parquet.schema_arrow.names)
-            missing = [c for c in BASE_COLUMNS if c not in present]
-            if missing:
-                raise XvlmError(f"{index_path} lacks the columns {missing} of the shard format; rebuild the dataset "
-                                "with this version of `xvlm build-shards`")
             columns = BASE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present]
+            check_columns(parquet.schema_arrow, columns, index_path)
             stats.index_columns = columns
             bar = tqdm(total=parquet.metadata.num_rows, unit=" rows", desc=f"stats {os.path.basename(path)}",
                        disable=not progress, mininterval=0.5, dynamic_ncols=True)
@@ -397,14 +376,24 @@ def collect(path: str, tokenizer: str | None = None, batch_size: int = 65_536, p
             bar.close()
     except FileNotFoundError:
         raise XvlmError(f"{index_path} does not exist; the dataset is incomplete, rebuild it") from None
+    except (pa.ArrowException, OSError) as err:   # pages damaged behind a readable footer
+        raise XvlmError(f"{index_path} cannot be read ({type(err).__name__}: {err}); rebuild the dataset") from None
     _token_notes(stats, tokenizer)
     _read_rejects(rejects_path, stats, batch_size)
     indexed = int(stats.images.sum())
-    listed = int(sum(int(s.get("samples", 0)) for s in manifest.get("shards") or []))
+    listed = manifest.samples
     if indexed != listed:
         stats.notes.append(f"index.parquet has {indexed} rows but the manifest lists {listed} samples: "
                            f"the dataset is inconsistent (run `xvlm verify {path}`)")
     return stats
+
+
+def _max_side(manifest: DatasetManifest) -> int:
+    """The build's --max-image-side (the image-size plots' range), 1024 when the manifest does not say."""
+    config = manifest.build.get("config")
+    image = config.get("image") if isinstance(config, dict) else None
+    side = image.get("max_side") if isinstance(image, dict) else None
+    return side if isinstance(side, int) and not isinstance(side, bool) and 0 < side <= 1 << 16 else 1024
 
 
 def _token_notes(stats: DatasetStats, tokenizer: str | None) -> None:
@@ -430,7 +419,8 @@ def _token_notes(stats: DatasetStats, tokenizer: str | None) -> None:
 def _read_rejects(path: str, stats: DatasetStats, batch_size: int) -> None:
     try:
         with local_copy(path) as local:
-            parquet = pq.ParquetFile(local)
+            parquet = open_parquet(local, path)
+            check_columns(parquet.schema_arrow, REJECT_COLUMNS, path, REJECTS_SCHEMA)
             for batch in iter_batches(parquet, REJECT_COLUMNS, batch_size):
                 table = pa.Table.from_batches([batch])
                 grouped = table.group_by(["source", "kind", "reason"]).aggregate([("reason", "count")])
@@ -446,6 +436,8 @@ def _read_rejects(path: str, stats: DatasetStats, batch_size: int) -> None:
                         have.append(row)
     except FileNotFoundError:
         stats.notes.append(f"{path} does not exist: rejects are shown from the manifest's counts only")
+    except (pa.ArrowException, OSError) as err:
+        raise XvlmError(f"{path} cannot be read ({type(err).__name__}: {err}); rebuild the dataset") from None
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -464,14 +456,14 @@ def summarize(stats: DatasetStats) -> dict:
     for (source, kind, reason), n in sorted(stats.rejects.items()):
         reasons.setdefault(reason, {}).setdefault(source, 0)
         reasons[reason][source] += n
-    shards = m.get("shards") or []
+    shards = m.shards
     return {
         "dataset": stats.path,
-        "format_version": m.get("format_version"),
-        "build_command": (m.get("build") or {}).get("command"),
+        "format_version": m.format_version,
+        "build_command": m.build.get("command"),
         "index_columns": stats.index_columns,
         "samples": {"by_source": per_source, "total": totals},
-        "records": {name: src for name, src in sorted((m.get("sources") or {}).items())},
+        "records": {name: counts.to_json() for name, counts in sorted(m.sources.items())},
         "per_image": {"captions": stats.captions_per_image.summary(slots),
                       "regions": stats.regions_per_image.summary(slots),
                       "objects": stats.objects_per_image.summary(slots)},
@@ -491,9 +483,9 @@ def summarize(stats: DatasetStats) -> dict:
                     "by_reason_source": reasons,
                     "by_source_kind_reason": [[s, k, r, n] for (s, k, r), n in sorted(stats.rejects.items())],
                     "examples": {f"{s}/{r}": rows for (s, r), rows in sorted(stats.reject_examples.items())}},
-        "shards": {"count": len(shards), "bytes": [int(s.get("bytes", 0)) for s in shards][:10_000],
-                   "samples": [int(s.get("samples", 0)) for s in shards][:10_000],
-                   "total_bytes": int(sum(int(s.get("bytes", 0)) for s in shards))},
+        "shards": {"count": len(shards), "bytes": [s.bytes for s in shards][:10_000],
+                   "samples": [s.samples for s in shards][:10_000],
+                   "total_bytes": sum(s.bytes for s in shards)},
         "notes": list(stats.notes),
     }
 

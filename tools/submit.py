@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -28,8 +29,12 @@ WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytes
 CONFIG_ENV = "XVLM_SUBMIT_CONFIG_YAML"
 # Variables the workers need for loopback-only CPU clusters and quiet, deterministic runs; set when not given.
 DEFAULT_JOB_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Where S3 is (not secret) and who may use it (secret: a job's runtime environment is readable by anyone with
+# access to the Ray dashboard or Jobs API, so these travel only on an explicit --forward-aws-credentials).
+AWS_SETTINGS = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+AWS_VARIABLES = AWS_SETTINGS + AWS_CREDENTIALS
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|(^|_)TOKEN($|_)")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SUBMIT_RETRY_S = 120.0       # how long to wait for the job agent of a head that is still starting
 
@@ -40,7 +45,11 @@ DESCRIPTION = (
     "Ray restarts the worker group (up to --max-failures times) and the trainer resumes from the last committed\n"
     "checkpoint. The job's logs stream back until it ends (Ctrl-C detaches; the job keeps running).\n\n"
     "Authentication: when the cluster uses Ray token auth (RAY_AUTH_MODE=token), the token is read from\n"
-    "RAY_AUTH_TOKEN, or the file in RAY_AUTH_TOKEN_PATH / --auth-token-file, or ~/.ray/auth_token."
+    "RAY_AUTH_TOKEN, or the file in RAY_AUTH_TOKEN_PATH / --auth-token-file, or ~/.ray/auth_token.\n\n"
+    "S3 credentials: give the cluster its own (an instance role / IRSA, or ~/.aws/credentials or AWS_* variables\n"
+    "set on every node): boto3 on the workers finds them through its standard chain. --forward-aws passes only the\n"
+    "region and endpoint of this shell. Secrets passed to a job (--forward-aws-credentials, --env, --forward-env) go\n"
+    "into its runtime environment, which anyone who can open the Ray dashboard or call the Jobs API can read."
 )
 EPILOG = (
     "examples:\n"
@@ -86,8 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
                         help="pass this variable of the submitting shell to the job (repeatable)")
     parser.add_argument("--forward-aws", action="store_true",
-                        help="pass the AWS_* credential and endpoint variables of this shell to the job "
-                             "(for s3:// data and checkpoints on clusters without an instance role)")
+                        help="pass this shell's AWS region and endpoint variables (AWS_DEFAULT_REGION, AWS_REGION, "
+                             "AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3) to the job; no secrets. Credentials should "
+                             "come from the cluster's own chain (instance role, IRSA, ~/.aws on the nodes)")
+    parser.add_argument("--forward-aws-credentials", action="store_true",
+                        help="also pass AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (opt-in, with "
+                             "a warning: they become readable by anyone with access to the Ray dashboard / Jobs "
+                             "API; use short-lived session credentials if you must)")
     parser.add_argument("--auth-token-file", help="file holding the cluster's Ray auth token")
     parser.add_argument("--no-wait", action="store_true", help="submit and print the job id; do not stream logs")
     parser.add_argument("--follow", action="store_true", help="with --logs: keep streaming until the job ends")
@@ -127,9 +141,12 @@ def client(address: str, token_file: str | None = None):
 
 
 def job_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The job's environment variables. Secrets in it are warned about (never printed): a Ray job's runtime
+    environment is readable through the dashboard and the Jobs API."""
     env = dict(DEFAULT_JOB_ENV)
-    names = list(args.forward_env) + (list(AWS_VARIABLES) if args.forward_aws else [])
-    for name in names:
+    aws = list(AWS_SETTINGS) if args.forward_aws or args.forward_aws_credentials else []
+    aws += list(AWS_CREDENTIALS) if args.forward_aws_credentials else []
+    for name in list(args.forward_env) + aws:
         if name in os.environ:
             env[name] = os.environ[name]
         elif name not in AWS_VARIABLES:
@@ -139,6 +156,11 @@ def job_environment(args: argparse.Namespace) -> dict[str, str]:
         if not sep or not name:
             raise XvlmError(f"--env expects NAME=VALUE, got {item!r}")
         env[name] = value
+    secrets = sorted(name for name in env if SECRET_NAME.search(name.upper()))
+    if secrets:
+        log.warning("passing %s to the job: anyone who can open this cluster's Ray dashboard or call its Jobs API can "
+                    "read them in the job's runtime environment. Prefer the cluster's own credentials (instance "
+                    "role / IRSA / ~/.aws on the nodes) or short-lived session credentials", ", ".join(secrets))
     return env
 
 

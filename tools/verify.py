@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import tarfile
@@ -25,8 +24,12 @@ from tqdm import tqdm
 
 from shards import storage
 from shards.errors import XvlmError
-from shards.format import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, MEMBER_EXTENSIONS, REJECTS_NAME,
-                           sample_problems, sample_text, valid_key)
+from shards.format import (INDEX_NAME, MANIFEST_NAME, MAX_SAMPLE_JSON_BYTES, MEMBER_EXTENSIONS, REJECTS_NAME,
+                           SampleError, load_json, sample_problems, sample_text)
+from shards.loader_config import LoaderConfig
+from shards.manifest import (REJECTS_SCHEMA, DatasetManifest, ShardEntry, check_columns, open_parquet,
+                             read_dataset_manifest)
+from shards.tar_stream import member_problem
 from tools.stats import iter_batches, local_copy
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,9 @@ DESCRIPTION = (
     "    the size the JSON states (Pillow, decompression-bomb and truncation checks on), every box inside it,\n"
     "    KEY.txt equal to the first text, and its index.parquet row (key, byte offset, counts) matching;\n"
     "  - rejects.parquet: readable, and its counts equal the manifest's.\n"
+    "Given a training run folder (the --out of `xvlm train`) instead, it checks every committed checkpoint: each\n"
+    "file its COMMITTED marker lists present with the recorded size and sha256, the marker naming its own step; and\n"
+    "says which checkpoint `--resume auto` would continue from.\n"
     "Exits 0 when everything holds, 1 when there is a problem (the list says which shard / sample and what)."
 )
 EPILOG = (
@@ -50,6 +56,7 @@ EPILOG = (
     "  xvlm verify data/shards\n"
     "  xvlm verify s3://bucket/xvlm/v1 --workers 8 --endpoint-url http://127.0.0.1:8333\n"
     "  xvlm verify data/shards --no-images      # skip image decoding (sizes, hashes, JSON and boxes only)\n"
+    "  xvlm verify runs/tiny                    # a training run: its checkpoints against their markers\n"
     "see docs/reports.md."
 )
 
@@ -116,26 +123,15 @@ class _HashingReader(io.RawIOBase):
         return n
 
 
-def unsafe_member(info: tarfile.TarInfo) -> str:
-    """Why a tar member is not a plain sample file with a safe name ('' when it is)."""
-    name = info.name
-    if not info.isreg():
-        return f"{name!r} is not a regular file (tar type {info.type!r})"
-    if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or "/" in name:
-        return f"member name {name!r} is absolute, has a folder or '..'"
-    key, dot, ext = name.partition(".")
-    if not dot or not valid_key(key) or ext not in MEMBER_EXTENSIONS:
-        return f"member name {name!r} is not KEY.jpg / KEY.json / KEY.txt with KEY of [A-Za-z0-9_-]"
-    return ""
-
-
 def check_image(data: bytes, meta: dict | None) -> list[str]:
-    """Problems of one stored image: not decodable (Pillow's bomb and truncation checks stay on), not an RGB JPEG,
-    or not the size its JSON states (then its boxes are not where the JSON says)."""
+    """Problems of one stored image: not decodable (Pillow's bomb and truncation checks stay on), more pixels than
+    the loader takes (it would skip the sample), not an RGB JPEG, or not the size its JSON states (then its boxes are
+    not where the JSON says)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                return [f"image of {image.width}x{image.height} pixels exceeds Pillow's decompression-bomb limit"]
+            if image.width * image.height > LoaderConfig.max_pixels:
+                return [f"image of {image.width}x{image.height} pixels exceeds the loader's max_pixels "
+                        f"{LoaderConfig.max_pixels} (the loader skips it; not decoded here)"]
             image.load()
             problems = []
             if image.format != "JPEG":
@@ -169,9 +165,9 @@ def _sample_problems(where: str, files: dict[str, bytes], offset: int, row: dict
     meta = None
     if "json" in files:
         try:
-            meta = json.loads(files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            out.append(Problem(where, "schema", f"{key}.json is not UTF-8 JSON: {err}"))
+            meta = load_json(files["json"], f"{key}.json", max_bytes=MAX_SAMPLE_JSON_BYTES)
+        except SampleError as err:
+            out.append(Problem(where, "schema", str(err)))
     if meta is not None:
         for p in sample_problems(meta):
             out.append(Problem(where, "schema", p))
@@ -198,21 +194,21 @@ def _sample_problems(where: str, files: dict[str, bytes], offset: int, row: dict
     return out
 
 
-def check_shard(path: str, entry: dict, index_local: str | None, options: VerifyOptions,
+def check_shard(path: str, entry: ShardEntry, index_local: str | None, options: VerifyOptions,
                 on_bytes=None) -> tuple[int, list[Problem]]:
     """Read one shard once: hash, size, member names, samples. Returns (samples read, problems)."""
-    name = entry.get("name", "?")
+    name = entry.name
     problems: list[Problem] = []
     if not storage.exists(path):
         return 0, [Problem(name, "missing_shard", f"listed in the manifest but {path} does not exist")]
     actual_size = storage.size(path)
-    if actual_size != entry.get("bytes"):
-        problems.append(Problem(name, "size", f"{actual_size} bytes, the manifest says {entry.get('bytes')}"
-                                + (" (truncated)" if actual_size < int(entry.get("bytes") or 0) else "")))
+    if actual_size != entry.bytes:
+        problems.append(Problem(name, "size", f"{actual_size} bytes, the manifest says {entry.bytes}"
+                                + (" (truncated)" if actual_size < entry.bytes else "")))
     rows = _index_rows(index_local, name)
-    if rows is not None and len(rows) != entry.get("samples"):
+    if rows is not None and len(rows) != entry.samples:
         problems.append(Problem(name, "index", f"index.parquet has {len(rows)} rows for this shard, the manifest "
-                                               f"says {entry.get('samples')} samples"))
+                                               f"says {entry.samples} samples"))
     samples = 0
     with storage.open_read(path) as raw:
         reader = _HashingReader(raw, on_bytes)
@@ -231,7 +227,7 @@ def check_shard(path: str, entry: dict, index_local: str | None, options: Verify
         try:
             tar = tarfile.open(fileobj=stream, mode="r|")
             for info in tar:
-                why = unsafe_member(info)
+                why = member_problem(info)
                 if why:
                     problems.append(Problem(name, "member_name", why))
                     continue
@@ -263,75 +259,47 @@ def check_shard(path: str, entry: dict, index_local: str | None, options: Verify
             problems.append(Problem(name, "tar", f"the tar archive ends at byte {stopped} but {tail} more bytes "
                                                  f"with data follow (a damaged tar header?)"))
     digest = reader.sha256.hexdigest()
-    if digest != entry.get("sha256"):
-        problems.append(Problem(name, "sha256", f"sha256 is {digest}, the manifest says {entry.get('sha256')}"))
-    if samples != entry.get("samples"):
-        problems.append(Problem(name, "sample_count", f"{samples} samples read, the manifest says "
-                                                      f"{entry.get('samples')}"))
+    if digest != entry.sha256:
+        problems.append(Problem(name, "sha256", f"sha256 is {digest}, the manifest says {entry.sha256}"))
+    if samples != entry.samples:
+        problems.append(Problem(name, "sample_count", f"{samples} samples read, the manifest says {entry.samples}"))
     return samples, problems
 
 
 # ---------------------------------------------------------------------------------------------- the dataset
 
 
-def _check_manifest(path: str, manifest: dict, problems: list[Problem]) -> list[dict]:
-    version = str(manifest.get("format_version", ""))
-    if version.split(".", 1)[0] != FORMAT_VERSION.split(".", 1)[0]:
-        problems.append(Problem(MANIFEST_NAME, "format_version", f"format {version!r}, this xvlm reads "
-                                                                 f"{FORMAT_VERSION}"))
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        problems.append(Problem(MANIFEST_NAME, "manifest", "no `shards` list"))
-        return []
-    good = []
-    for i, entry in enumerate(shards):
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("bytes"), int)
-                and isinstance(entry.get("samples"), int) and isinstance(entry.get("sha256"), str)):
-            problems.append(Problem(MANIFEST_NAME, "manifest", f"shards[{i}] lacks name / bytes / samples / sha256"))
-            continue
-        if "/" in entry["name"] or entry["name"].startswith(".") or not entry["name"].endswith(".tar"):
-            problems.append(Problem(MANIFEST_NAME, "manifest", f"shards[{i}] has an unsafe name {entry['name']!r}"))
-            continue
-        good.append(entry)
-    names = Counter(e["name"] for e in good)
-    for n, c in names.items():
-        if c > 1:
-            problems.append(Problem(MANIFEST_NAME, "manifest", f"shard {n} is listed {c} times"))
-    for source, counts in sorted((manifest.get("sources") or {}).items()):
-        inputs, written, rejected = counts.get("inputs", {}), counts.get("written", {}), counts.get("rejected", {})
-        for kind in sorted(set(inputs) | set(written) | set(rejected)):
-            rej = sum((rejected.get(kind) or {}).values())
-            if inputs.get(kind, 0) != written.get(kind, 0) + rej:
-                problems.append(Problem(MANIFEST_NAME, "accounting", f"{source} {kind}: {inputs.get(kind, 0)} inputs "
-                                                                     f"!= {written.get(kind, 0)} written + {rej} rejected"))
-    return good
+def _check_accounting(manifest: DatasetManifest, problems: list[Problem]) -> None:
+    """inputs = written + rejected, per source and record kind."""
+    for source, counts in sorted(manifest.sources.items()):
+        for kind in sorted(set(counts.inputs) | set(counts.written) | set(counts.rejected)):
+            rejected = sum(counts.rejected.get(kind, {}).values())
+            inputs, written = counts.inputs.get(kind, 0), counts.written.get(kind, 0)
+            if inputs != written + rejected:
+                problems.append(Problem(MANIFEST_NAME, "accounting", f"{source} {kind}: {inputs} inputs != {written} "
+                                                                     f"written + {rejected} rejected"))
 
 
-def _check_index(local: str, manifest_shards: list[dict], problems: list[Problem]) -> None:
-    parquet = pq.ParquetFile(local)
-    missing = [c for c in INDEX_CHECK_COLUMNS if c not in parquet.schema_arrow.names]
-    if missing:
-        raise XvlmError(f"{INDEX_NAME} lacks the columns {missing}: not an index of this format")
+def _check_index(local: str, manifest: DatasetManifest, problems: list[Problem]) -> None:
+    parquet = open_parquet(local, manifest.index_path)
+    check_columns(parquet.schema_arrow, INDEX_CHECK_COLUMNS, manifest.index_path)
     per_shard: Counter = Counter()
     for batch in iter_batches(parquet, ["shard"], 262_144):
         counts = pc.value_counts(batch.column("shard"))
         for item in counts.to_pylist():
             per_shard[item["values"]] += item["counts"]
-    listed = {e["name"] for e in manifest_shards}
+    listed = {e.name for e in manifest.shards}
     for shard, n in sorted(per_shard.items()):
         if shard not in listed:
             problems.append(Problem(INDEX_NAME, "index", f"{n} rows point at shard {shard!r}, which the manifest "
                                                          f"does not list"))
 
 
-def _check_rejects(path: str, manifest: dict, problems: list[Problem]) -> None:
+def _check_rejects(path: str, manifest: DatasetManifest, problems: list[Problem]) -> None:
     try:
         with local_copy(path) as local:
-            parquet = pq.ParquetFile(local)
-            missing = [c for c in REJECT_COLUMNS if c not in parquet.schema_arrow.names]
-            if missing:
-                problems.append(Problem(REJECTS_NAME, "rejects", f"lacks the columns {missing}"))
-                return
+            parquet = open_parquet(local, path)
+            check_columns(parquet.schema_arrow, REJECT_COLUMNS, path, REJECTS_SCHEMA)
             counted: Counter = Counter()
             for batch in iter_batches(parquet, ["source", "kind", "reason"], 262_144):
                 grouped = pa.Table.from_batches([batch]).group_by(["source", "kind", "reason"]).aggregate(
@@ -341,12 +309,15 @@ def _check_rejects(path: str, manifest: dict, problems: list[Problem]) -> None:
     except FileNotFoundError:
         problems.append(Problem(REJECTS_NAME, "missing_file", f"{path} does not exist"))
         return
+    except XvlmError as err:   # not parquet, or not the format's columns: reported with the same message
+        problems.append(Problem(REJECTS_NAME, "rejects", str(err)))
+        return
     except Exception as err:  # noqa: BLE001 - any parquet failure is the file's problem, reported
         problems.append(Problem(REJECTS_NAME, "rejects", f"unreadable: {type(err).__name__}: {err}"))
         return
     expected: Counter = Counter()
-    for source, counts in (manifest.get("sources") or {}).items():
-        for kind, reasons in (counts.get("rejected") or {}).items():
+    for source, counts in manifest.sources.items():
+        for kind, reasons in counts.rejected.items():
             for reason, n in reasons.items():
                 if n:
                     expected[(source, kind, reason)] += n
@@ -358,26 +329,16 @@ def _check_rejects(path: str, manifest: dict, problems: list[Problem]) -> None:
 
 def verify(options: VerifyOptions) -> VerifyResult:
     """Every check; never stops at the first problem."""
-    path = options.dataset.rstrip("/")
+    manifest = read_dataset_manifest(options.dataset)   # a damaged manifest: the same error as every reader
+    path = manifest.path
     result = VerifyResult(dataset=path)
     problems = result.problems
-    try:
-        manifest = json.loads(storage.read_bytes(storage.join(path, MANIFEST_NAME)))
-    except FileNotFoundError:
-        raise XvlmError(f"{path} has no {MANIFEST_NAME}: not a dataset, or its build did not finish (the manifest "
-                        f"is written last); re-run `xvlm build-shards` with the same --out") from None
-    except ValueError as err:
-        problems.append(Problem(MANIFEST_NAME, "manifest", f"not valid JSON: {err}"))
-        return result
-    if not isinstance(manifest, dict):
-        problems.append(Problem(MANIFEST_NAME, "manifest", "not a JSON object"))
-        return result
-    entries = _check_manifest(path, manifest, problems)
+    _check_accounting(manifest, problems)
+    entries = list(manifest.shards)
     result.shards = len(entries)
-    files = manifest.get("files") or {}
-    index_path = storage.join(path, files.get("index", INDEX_NAME))
-    _check_rejects(storage.join(path, files.get("rejects", REJECTS_NAME)), manifest, problems)
-    total_bytes = sum(int(e["bytes"]) for e in entries)
+    index_path = manifest.index_path
+    _check_rejects(manifest.rejects_path, manifest, problems)
+    total_bytes = sum(e.bytes for e in entries)
     with contextlib.ExitStack() as stack:
         try:
             index_local = stack.enter_context(local_copy(index_path))
@@ -386,7 +347,7 @@ def verify(options: VerifyOptions) -> VerifyResult:
             index_local = None
         if index_local is not None:
             try:
-                _check_index(index_local, entries, problems)
+                _check_index(index_local, manifest, problems)
             except XvlmError:
                 raise
             except Exception as err:  # noqa: BLE001 - reported as the index's problem
@@ -400,11 +361,11 @@ def verify(options: VerifyOptions) -> VerifyResult:
             with lock:
                 bar.update(n)
 
-        def one(entry: dict) -> tuple[int, list[Problem]]:
+        def one(entry: ShardEntry) -> tuple[int, list[Problem]]:
             try:
-                return check_shard(storage.join(path, entry["name"]), entry, index_local, options, on_bytes)
+                return check_shard(storage.join(path, entry.name), entry, index_local, options, on_bytes)
             except Exception as err:  # noqa: BLE001 - storage errors after retries: the shard's problem
-                return 0, [Problem(entry["name"], "read_error", f"{type(err).__name__}: {err}")]
+                return 0, [Problem(entry.name, "read_error", f"{type(err).__name__}: {err}")]
 
         with ThreadPoolExecutor(max_workers=options.workers) as pool:
             for samples, found in pool.map(one, entries):   # map keeps the manifest's order in the output
@@ -412,7 +373,7 @@ def verify(options: VerifyOptions) -> VerifyResult:
                 problems.extend(found)
         bar.close()
     # shards on disk that the manifest does not list (e.g. from another build into the same folder)
-    listed = {e["name"] for e in entries}
+    listed = {e.name for e in entries}
     for item in storage.list_files(path, recursive=False):
         name = item.path.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".tar") and name not in listed:
@@ -439,7 +400,9 @@ def report_lines(result: VerifyResult, max_listed: int = 200) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", metavar="DATASET", help="dataset folder or s3://bucket/prefix (with manifest.json)")
+    parser.add_argument("dataset", metavar="DATASET|RUN",
+                        help="dataset folder or s3://bucket/prefix (with manifest.json), or a training run folder "
+                             "(--out of `xvlm train`) or one of its checkpoint folders")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                         help="shards checked in parallel (default min(4, CPUs))")
     parser.add_argument("--no-images", action="store_true",
@@ -454,6 +417,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.endpoint_url:
         storage.set_endpoint_url(args.endpoint_url)
+    from tools import verify_run
+
+    if not storage.exists(storage.join(args.dataset, MANIFEST_NAME)) and verify_run.is_run(args.dataset):
+        checked = verify_run.verify_run(args.dataset, progress=not args.no_progress)
+        for line in verify_run.report_lines(checked, args.max_listed):
+            print(line)
+        return 0 if checked.ok and checked.committed else 1
     options = VerifyOptions(dataset=args.dataset, images=not args.no_images, workers=args.workers,
                             progress=not args.no_progress, max_listed=args.max_listed)
     result = verify(options)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,41 @@ from shards.errors import XvlmError
 StepMode = Literal["summed", "alternating"]
 IterPercMode = Literal["xvlm", "per_batch"]
 Precision = Literal["auto", "fp32", "bf16"]
+MAX_CONFIG_BYTES = 1 << 20        # a config is a few KB; a larger file is refused unread
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases: `*name` references let a few hundred bytes expand to gigabytes (an alias
+    bomb), and a config never needs them."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} (YAML aliases are not allowed "
+                                                          f"in xvlm configs: write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str, what: str):
+    """A YAML document parsed without aliases; XvlmError naming `what` when it is not valid."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:   # its message spans lines (context, caret): one line here
+        raise XvlmError(f"{what} is not valid YAML: {' '.join(str(err).split())}") from err
+    except RecursionError:
+        raise XvlmError(f"{what} nests too deeply to be a config") from None
+
+
+def _check_finite(values: Any, key: str = "") -> None:
+    """Every number in a config must be finite: `optim.lr=.inf` passes `lr > 0` and turns every weight into NaN."""
+    if isinstance(values, float) and not math.isfinite(values):
+        raise XvlmError(f"config {key}={values!r} must be a finite number")
+    if isinstance(values, dict):
+        for name, value in values.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            _check_finite(value, f"{key}[{i}]")
 
 
 @dataclass
@@ -315,6 +352,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise XvlmError(f"config {key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise XvlmError(f"config {key}={value!r} must be a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -349,10 +388,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise XvlmError(f"override {text!r} is not of the form dotted.key=value (e.g. schedule.steps=20)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise XvlmError(f"override {text!r}: the value is not valid YAML ({err})") from err
+    value = _yaml(raw, f"override {text!r}: the value") if raw.strip() else ""
     return key.split("."), value
 
 
@@ -377,16 +413,34 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config (local or s3://; None = the defaults), apply `key=value` overrides, validate."""
     values: dict[str, Any] = {}
     if path:
-        from shards import storage
+        values = _read_config_file(path)
+    values = apply_overrides(values, list(overrides))
+    _check_finite(values)
+    return TrainConfig.from_dict(values)
 
-        try:
-            text = storage.read_text(path)
-        except FileNotFoundError as err:
-            raise XvlmError(f"config file {path} does not exist") from err
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise XvlmError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(values, dict):
-            raise XvlmError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
-    return TrainConfig.from_dict(apply_overrides(values, list(overrides)))
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML config file (local or s3://), with a clear error for every way the file can be wrong."""
+    from shards import storage
+
+    if not storage.is_s3(path) and os.path.exists(path) and not os.path.isfile(path):
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        raise XvlmError(f"config file {path} is {kind}; give a YAML file such as train/configs/tiny_cpu.yaml")
+    try:
+        raw = storage.read_bytes(path, end=MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError as err:
+        raise XvlmError(f"config file {path} does not exist") from err
+    except OSError as err:
+        raise XvlmError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise XvlmError(f"config file {path} is over {MAX_CONFIG_BYTES} bytes: not a config (they are a few KB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise XvlmError(f"config file {path} is not UTF-8 text (a binary file?); give a YAML config") from None
+    if "\0" in text:
+        raise XvlmError(f"config file {path} holds NUL bytes (a binary file?); give a YAML config")
+    values = _yaml(text, f"config file {path}") or {}
+    if not isinstance(values, dict):
+        raise XvlmError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values

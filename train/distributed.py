@@ -79,6 +79,15 @@ def broadcast_object(ctx: DistContext, value: Any) -> Any:
     return box[0]
 
 
+def gather_objects(ctx: DistContext, value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (small picklable values made by our own code)."""
+    if not ctx.distributed:
+        return [value]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_ok(ctx: DistContext, ok: bool) -> bool:
     """True only when every rank passes ok=True (e.g. a checkpoint part was written everywhere)."""
     if not ctx.distributed:

@@ -131,6 +131,7 @@ def k_test_for(config_path: str | None, k_test: int | None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from model.io import load_model
+    from train import checkpoint as ckpt
     from train.evaluate import EvalConfig, evaluate
 
     model_path, config_path = resolve_checkpoint(args.checkpoint, args.run)
@@ -138,7 +139,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(k_test=k_test_for(config_path, args.k_test), batch_size=args.batch_size, iou_threshold=args.iou,
                      max_images=args.max_images, progress=not args.no_progress, **text_settings(config_path, args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(model_path).to(device)
+    folder = model_path.rsplit("/", 1)[0]
+    if model_path.endswith(f"/{ckpt.MODEL_FILE}") and storage.exists(storage.join(folder, ckpt.MARKER)):
+        model = ckpt.read_model(folder).to(device)     # a committed checkpoint: its weights are checked first
+    else:
+        model = load_model(model_path).to(device)
     log.info("evaluating %s on %s (%s)", model_path, ", ".join(args.data), device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:

@@ -168,26 +168,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> ckpt.Checkpoint | None:
-        path = None
+        candidates: list[str] = []
         error = None
         if self.ctx.is_main:
             try:
-                path = ckpt.resolve_resume(self.cfg.out, self.cfg.checkpoint.resume)
-                if path is None and ckpt.committed_checkpoints(self.cfg.out):
+                candidates = ckpt.resume_candidates(self.cfg.out, self.cfg.checkpoint.resume)
+                if not candidates and ckpt.committed_checkpoints(self.cfg.out):
                     # A fresh start among another run's checkpoints: a later `--resume auto` would pick those up.
                     raise XvlmError(f"{self.cfg.out} already holds checkpoints of another run; continue it with "
                                     "--resume auto, or start fresh in a new --out (or delete the old one)")
                 storage.abort_stale_uploads(ckpt.checkpoints_root(self.cfg.out))
             except XvlmError as err:
                 error = str(err)
-        path, error = distributed.broadcast_object(self.ctx, (path, error))
+        candidates, error = distributed.broadcast_object(self.ctx, (candidates, error))
         if error:
             raise XvlmError(error)
-        if path is None:
+        if not candidates:
             if self.ctx.is_main:
                 log.info("starting a new run in %s", self.cfg.out)
             return None
-        state = ckpt.load(path, self.ctx.rank, self.ctx.world_size)
+        state = self._first_good_checkpoint(candidates)
+        path = state.path
         try:
             load_weights(self.model, state.model_bytes, source=path)
         except ModelError as err:
@@ -207,6 +208,34 @@ class Trainer:
         if self.ctx.is_main:
             log.info("resumed from %s at step %d", path, self.step)
         return state
+
+    def _first_good_checkpoint(self, candidates: list[str]) -> ckpt.Checkpoint:
+        """The first of `candidates` that every rank reads and verifies; with `--resume auto` the others are
+        skipped with a warning saying why, an explicit `--resume PATH` that fails is an error."""
+        explicit = self.cfg.checkpoint.resume not in ("auto", "none")
+        skipped = []
+        for path in candidates:
+            state, why, fatal = None, "", False
+            try:
+                state = ckpt.load(path, self.ctx.rank, self.ctx.world_size)
+            except ckpt.CheckpointError as err:
+                why = str(err)
+            except XvlmError as err:     # not about this checkpoint (e.g. another world size): no fallback helps
+                why, fatal = str(err), True
+            if not distributed.all_ok(self.ctx, not fatal):
+                raise XvlmError(why or "resuming failed on another rank (see its log)")
+            if distributed.all_ok(self.ctx, not why):
+                if skipped and self.ctx.is_main:
+                    log.warning("resuming from %s, the newest checkpoint that passes its checks", path)
+                return state
+            why = why or f"checkpoint {path} fails its checks on another rank (see that rank's log)"
+            if explicit:
+                raise XvlmError(f"--resume {path}: {why}; give another checkpoint, or --resume auto to take the newest "
+                                "that passes its checks")
+            log.warning("skipping a checkpoint that fails its checks: %s", why)
+            skipped.append(why)
+        raise XvlmError(f"no checkpoint in {ckpt.checkpoints_root(self.cfg.out)} passes its checks ("
+                        + "; ".join(skipped) + "); restore one, or start a new run in a new --out")
 
     # ------------------------------------------------------------------ one step
     def _next_batch(self) -> dict[str, Any]:
@@ -344,6 +373,7 @@ class Trainer:
         distributed.barrier(self.ctx)
         error = None
         writes: list = []
+        records: dict[str, dict] = {}
         try:
             writes += ckpt.start_writes(path, ckpt.rank_files(self.ctx.rank, self.stream.state_dict()))
             if self.ctx.is_main:
@@ -356,15 +386,16 @@ class Trainer:
         except Exception as err:  # noqa: BLE001 - every rank must learn that the checkpoint failed
             error = err
         try:
-            ckpt.finish_writes(writes)   # also after a failure: no write is left running behind it
+            records = ckpt.finish_writes(writes)   # also after a failure: no write is left running behind it
         except Exception as err:  # noqa: BLE001
             error = error or err
         if not distributed.all_ok(self.ctx, error is None):
             raise XvlmError(f"checkpoint step {self.step} failed on at least one rank"
                             + (f": {error}" if error else "")) from error
+        every_rank = distributed.gather_objects(self.ctx, records)   # sizes and hashes for the marker
         if self.ctx.is_main:
-            self.metrics.sync()
-            ckpt.commit(path, self.step, self.ctx.world_size)
+            self.metrics.sync()   # never raises: a failed upload is retried at the next checkpoint
+            ckpt.commit(path, self.step, self.ctx.world_size, {k: v for part in every_rank for k, v in part.items()})
             # Old checkpoints go in the background while training goes on (a kill meanwhile is harmless: their
             # markers go first); the next save waits for it.
             self._pruning = self._housekeeping.submit(ckpt.prune, self.cfg.out, self.cfg.checkpoint.keep)

@@ -1,8 +1,10 @@
 """Training metrics on rank 0: a tqdm bar with ETA, metrics.jsonl (one JSON line per step), TensorBoard if present.
 
 metrics.jsonl lives in the run folder when it is local; for an s3:// run it is written to a local folder and
-uploaded beside the checkpoints (`{out}/metrics.jsonl`) each time one is saved. On resume the file is cut back to
-the resumed step, so it reads exactly like the file of a run that was never interrupted.
+uploaded beside the checkpoints (`{out}/metrics.jsonl`) each time one is saved. An upload that fails (after the
+storage layer's retries) never ends the run: it is warned about, and the next checkpoint uploads the whole file
+again. On resume the file is cut back to the resumed step, so it reads exactly like the file of a run that was
+never interrupted.
 """
 from __future__ import annotations
 
@@ -39,9 +41,12 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     entries = []
     for _number, raw in storage.iter_lines(path):
         try:
-            entries.append(json.loads(raw))
-        except json.JSONDecodeError:
+            entry = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             break  # only the last line can be torn: lines are written whole and in order
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+            break  # not a line of ours: the history ends before it
+        entries.append(entry)
     return entries
 
 
@@ -58,6 +63,7 @@ class MetricsLogger:
         self.bar = None
         self.writer = None
         self.file = None
+        self.unsynced = 0            # failed uploads since the last one that went through
         if not enabled:
             return
         os.makedirs(self.dir, exist_ok=True)
@@ -99,14 +105,26 @@ class MetricsLogger:
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
 
-    def sync(self) -> None:
-        """Upload metrics.jsonl next to the checkpoints (s3:// runs); called before a checkpoint commits."""
+    def sync(self) -> bool:
+        """Upload metrics.jsonl next to the checkpoints (s3:// runs); called before a checkpoint commits. Never
+        raises: a failed upload is a warning (the file stays complete locally, and the next sync sends all of it).
+        Returns whether the remote copy is up to date."""
         if not self.enabled or self.remote is None:
-            return
+            return True
         if not self.file.closed:
             self.file.flush()
-        with open(self.path, "rb") as f:
-            storage.write_bytes(self.remote, f.read())
+        try:
+            with open(self.path, "rb") as f:
+                storage.write_bytes(self.remote, f.read())
+        except Exception as err:  # noqa: BLE001 - metrics must never end a run; the next sync retries
+            self.unsynced += 1
+            log.warning("could not upload %s to %s (%s: %s); it stays complete in %s and is uploaded again at the "
+                        "next checkpoint", METRICS_FILE, self.remote, type(err).__name__, err, self.path)
+            return False
+        if self.unsynced:
+            log.info("%s uploaded again to %s after %d failed upload(s)", METRICS_FILE, self.remote, self.unsynced)
+            self.unsynced = 0
+        return True
 
     def close(self) -> None:
         if not self.enabled or self.file.closed:

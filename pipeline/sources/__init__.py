@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import posixpath
 import re
+import tarfile
 from types import ModuleType
 
 from shards.errors import XvlmError
@@ -60,3 +62,21 @@ def safe_id(text: str) -> str:
     if cleaned != text:
         cleaned = f"{cleaned[:80]}-{hashlib.sha1(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return cleaned
+
+
+def unsafe_tar_member(info: tarfile.TarInfo) -> str | None:
+    """Why a member of a release's tar (img2dataset output) must not be read, or None: the one rule for source tars
+    (the shards' own rule is shards.tar_stream.member_problem). Absolute or '..' paths, links, anything but a
+    regular non-sparse file."""
+    name = info.name
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "absolute path"
+    if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
+        return "'..' in the path"
+    if info.issym() or info.islnk():
+        return f"link to {info.linkname!r:.80}"
+    if not info.isreg():
+        return "not a regular file"
+    if info.issparse():
+        return "sparse file"
+    return None

@@ -1,20 +1,25 @@
 """Conceptual Captions: (a) img2dataset webdataset output — NNNNN.tar + NNNNN.parquet, rows with status success,
 the image inside the tar — or (b) the caption TSV (caption TAB url, no header) + images/ROW.jpg.
 
+The TSV is read record by record with the csv module's rules, as the downloaders (pandas) number its rows: a quoted
+field may hold tabs and newlines, blank lines are not records. ROW counts records from 0, so neither a blank line
+nor a caption split over two lines shifts the pairing of captions and images.
+
 The mode follows the folder: .tar / .parquet files in it mean (a), a .tsv means (b). Tars are read as streams,
 member by member, never extracted: a member with an absolute or '..' path, or a link, is rejected as
 `unsafe_tar_member` and its bytes are never used; an image's ImageRef carries its byte range in the tar.
 """
 from __future__ import annotations
 
+import csv
+import io
 import logging
-import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
 from pipeline.records import Annotation, ImageRef, Reject, make_ref
-from pipeline.sources import safe_id
+from pipeline.sources import safe_id, unsafe_tar_member
 from pipeline.textclean import decode_strict
 from shards import storage
 from shards.errors import XvlmError
@@ -47,19 +52,6 @@ class Member:
     unsafe: str | None   # why the member must not be used, or None
 
 
-def _unsafe(info: tarfile.TarInfo) -> str | None:
-    name = info.name
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return "absolute path"
-    if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
-        return "'..' in the path"
-    if info.issym() or info.islnk():
-        return f"link to {info.linkname!r:.80}"
-    if not info.isreg():
-        return "not a regular file"
-    return None
-
-
 def scan_tar(path: str) -> tuple[dict[str, Member], list[Member], str | None]:
     """Every member of a tar, header by header: (first member per name, unsafe members, error or None).
     Nothing is extracted. A local tar is read by seeking from header to header; an S3 tar as one stream."""
@@ -68,9 +60,9 @@ def scan_tar(path: str) -> tuple[dict[str, Member], list[Member], str | None]:
     try:
         with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|" if storage.is_s3(path) else "r:") as tar:
             for info in tar:
-                if info.isdir() and _unsafe(info) == "not a regular file":
+                if info.isdir() and unsafe_tar_member(info) == "not a regular file":
                     continue  # a plain folder entry holds no data
-                member = Member(info.name, info.offset_data, info.size, _unsafe(info))
+                member = Member(info.name, info.offset_data, info.size, unsafe_tar_member(info))
                 if member.unsafe:
                     unsafe.append(member)
                 members.setdefault(info.name, member)
@@ -119,15 +111,17 @@ def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> It
     used: set[str] = set()
     for row, (raw_key, status, caption, message, width, height) in enumerate(
             zip(keys, statuses, captions, errors, widths, heights)):
-        key = decode_strict(raw_key) if raw_key is not None else None
+        key = decode_strict(raw_key) if isinstance(raw_key, bytes) else None
         where = f"row {row}" + (f" key {key}" if key else "")
         if not key:
-            yield Reject(NAME, "image", rel, where, "malformed_line", "row without a key")
+            detail = "row without a key" if raw_key is None or isinstance(raw_key, bytes) else \
+                f"key is {type(raw_key).__name__} {raw_key!r:.40}, not a string (not img2dataset output?)"
+            yield Reject(NAME, "image", rel, where, "malformed_line", detail)
             if caption is not None:
-                yield Reject(NAME, "caption", rel, where, "no_image_record", "row without a key")
+                yield Reject(NAME, "caption", rel, where, "no_image_record", detail)
             continue
         if status != "success":
-            detail = f"status {status!r}" + (f": {message}" if message else "")
+            detail = f"status {status!r:.60}" + (f": {message}" if isinstance(message, str) and message else "")
             yield Reject(NAME, "image", rel, where, "status_not_success", detail[:300])
             if caption is not None:
                 yield Reject(NAME, "caption", rel, where, "status_not_success", detail[:300])
@@ -152,8 +146,11 @@ def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> It
                        byte_offset=member.offset, byte_size=member.size)
         if caption is None:
             continue  # no caption: the image alone is rejected as no_annotations when grouped
-        text = decode_strict(caption)
-        if text is None:
+        text = decode_strict(caption) if isinstance(caption, bytes) else None
+        if not isinstance(caption, bytes):
+            yield Reject(NAME, "caption", rel, where, "malformed_line",
+                         f"caption is {type(caption).__name__} {caption!r:.60}, not a string")
+        elif text is None:
             yield Reject(NAME, "caption", rel, where, "invalid_utf8", f"{caption[:120]!r}")
         else:
             yield Annotation(NAME, source_id, "caption", text, ref=make_ref(rel, where))
@@ -189,24 +186,60 @@ def _tsv_file(entries: list[storage.Entry]) -> str:
                     f"point cc=PATH at a folder with one TSV and its images/ folder")
 
 
+MAX_RECORD_LINES = 8      # a record spanning more lines has an unclosed quote that swallowed the lines after it
+
+
+def _valid_text(field: str) -> str | None:
+    """A field read with surrogateescape, or None when its bytes were not UTF-8."""
+    try:
+        field.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return field
+
+
 def _tsv(root: str, tsv_path: str) -> Iterator[ImageRef | Annotation | Reject]:
     rel = _rel(tsv_path, root)
-    for number, raw in storage.iter_lines(tsv_path):
-        row = number - 1  # images/ROW.jpg counts data rows from 0 (no header)
-        where = f"line {number}"
-        fields = raw.split(b"\t")
-        url = decode_strict(fields[1]).strip() if len(fields) == 2 and decode_strict(fields[1]) is not None else None
-        if len(fields) != 2 or not url or not url.startswith(("http://", "https://")):
-            yield Reject(NAME, "line", rel, where, "malformed_line",
-                         f"expected 'caption<TAB>url', got {len(fields)} field(s): {raw[:120]!r}")
-            continue
-        source_id = str(row)
-        yield ImageRef(NAME, source_id, storage.join(root, "images", f"{row}.jpg"), ref=make_ref(rel, where))
-        text = decode_strict(fields[0])
-        if text is None:
-            yield Reject(NAME, "caption", rel, where, "invalid_utf8", f"{fields[0][:120]!r}")
-        else:
-            yield Annotation(NAME, source_id, "caption", text, ref=make_ref(rel, where))
+    csv.field_size_limit(1 << 20)
+    with storage.open_read(tsv_path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.reader(text, delimiter="\t")
+        row, first_line = -1, 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:      # e.g. a field over the size limit: one record, counted
+                row += 1
+                yield Reject(NAME, "line", rel, f"line {first_line}", "malformed_line", f"unreadable record: {err}")
+                first_line = reader.line_num + 1
+                continue
+            where, lines = f"line {first_line}", reader.line_num - first_line + 1
+            first_line = reader.line_num + 1
+            if not fields:
+                continue                   # a blank line is not a record: it takes no row number
+            row += 1                       # images/ROW.jpg counts records from 0 (no header)
+            yield from _tsv_record(root, rel, row, where, lines, fields)
+
+
+def _tsv_record(root: str, rel: str, row: int, where: str, lines: int,
+                fields: list[str]) -> Iterator[ImageRef | Annotation | Reject]:
+    url = _valid_text(fields[1]).strip() if len(fields) == 2 and _valid_text(fields[1]) is not None else None
+    if len(fields) != 2 or not url or not url.startswith(("http://", "https://")) or lines > MAX_RECORD_LINES:
+        why = f"an unclosed quote joined {lines} lines into this record" if lines > MAX_RECORD_LINES else \
+            f"expected 'caption<TAB>url', got {len(fields)} field(s)"
+        shown = "\t".join(fields).encode("utf-8", "surrogateescape")[:120]
+        yield Reject(NAME, "line", rel, where, "malformed_line", f"{why}: {shown!r}")
+        return
+    source_id = str(row)
+    yield ImageRef(NAME, source_id, storage.join(root, "images", f"{row}.jpg"), ref=make_ref(rel, where))
+    caption = _valid_text(fields[0])
+    if caption is None:
+        yield Reject(NAME, "caption", rel, where, "invalid_utf8",
+                     f"{fields[0].encode('utf-8', 'surrogateescape')[:120]!r}")
+    else:
+        yield Annotation(NAME, source_id, "caption", caption, ref=make_ref(rel, where))
 
 
 def iter_records(path: str) -> Iterator[ImageRef | Annotation | Reject]:

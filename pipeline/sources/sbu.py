@@ -3,6 +3,10 @@ and a folder images/ of the downloads, each named by its URL's basename.
 
 The sample id is the URL's basename without extension (the Flickr photo id and secret), made tar-safe. A URL
 without a downloaded file still yields its image: the image stage rejects it as `missing_image`.
+
+The two files pair by line number, so both must have the same number of lines: when they do not (a line lost or
+added anywhere), every caption after that point would sit under another photo's URL; nothing is read and the build
+stops with an error naming both counts (empty lines at the very end of a file are ignored: they pair nothing).
 """
 from __future__ import annotations
 
@@ -27,21 +31,32 @@ def file_name(url: str) -> str:
     return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
+def _lines(path: str) -> int:
+    """Lines of a text file, not counting empty lines at its very end."""
+    last = 0
+    for number, raw in storage.iter_lines(path):
+        if raw:
+            last = number
+    return last
+
+
 def iter_records(path: str) -> Iterator[ImageRef | Annotation | Reject]:
     urls_path, captions_path = storage.join(path, URLS), storage.join(path, CAPTIONS)
     for needed in (urls_path, captions_path):
         if not storage.exists(needed):
             raise XvlmError(f"{needed} does not exist: point sbu=PATH at the folder holding {URLS}, {CAPTIONS} "
                             f"and {IMAGES}/")
-    pairs = itertools.zip_longest(storage.iter_lines(urls_path), storage.iter_lines(captions_path))
+    urls, captions = _lines(urls_path), _lines(captions_path)
+    if urls != captions:
+        raise XvlmError(f"{URLS} has {urls} lines but {CAPTIONS} has {captions}: the files pair by line, so a line "
+                        f"lost or added shifts every caption after it onto another photo. Nothing was read; restore "
+                        f"the files of the SBU release (or drop the extra lines) and build again")
+    pairs = zip(itertools.islice(storage.iter_lines(urls_path), urls),
+                itertools.islice(storage.iter_lines(captions_path), captions))
     for url_line, caption_line in pairs:
-        number = (url_line or caption_line)[0]
+        number = url_line[0]
         where = f"line {number}"
         source_id = None
-        if url_line is None:
-            yield Reject(NAME, "caption", CAPTIONS, where, "no_image_record",
-                         f"{URLS} has fewer lines: this caption has no URL")
-            continue
         url = decode_strict(url_line[1])
         name = file_name(url.strip()) if url else ""
         if url is None or not url.strip().startswith(("http://", "https://")) or not name:
@@ -50,8 +65,6 @@ def iter_records(path: str) -> Iterator[ImageRef | Annotation | Reject]:
             stem = name.rsplit(".", 1)[0] if "." in name else name
             source_id = safe_id(stem)
             yield ImageRef(NAME, source_id, storage.join(path, IMAGES, name), ref=make_ref(URLS, where))
-        if caption_line is None:
-            continue  # an image without caption: grouping rejects it as no_annotations
         text = decode_strict(caption_line[1])
         if source_id is None:
             yield Reject(NAME, "caption", CAPTIONS, where, "no_image_record", "the URL on the same line is malformed")
