@@ -87,9 +87,11 @@ def _peak_rss_mb() -> float:
 @pytest.mark.parametrize("iter_perc", [0.0, 1.0])
 def test_loader_skips_and_counts_every_hostile_sample_in_flat_memory(hostile_dataset, iter_perc):
     before = _peak_rss_mb()
+    # per_batch: iter_perc 1.0 gives region batches only (X-VLM's per-iteration mode always has image-text batches)
     loader = MultiGrainedLoader([hostile_dataset], preset("tiny", tokenizer=TOKENIZER, iter_perc=iter_perc,
-                                                          image_text_batch_size=4, region_batch_size=4,
-                                                          region_max_images=2, shuffle_buffer=4))
+                                                          iter_perc_mode="per_batch", image_text_batch_size=4,
+                                                          region_batch_size=4, region_max_images=2,
+                                                          shuffle_buffer=4))
     batches = list(loader)
     assert len(batches) == len(loader) > 0
     skips = batches[-1]["skips"]
@@ -118,7 +120,7 @@ def test_training_on_hostile_data_runs_and_resumes(hostile_dataset, tmp_path):
             f"out={json.dumps(str(tmp_path / 'run'))}", f"data.datasets=[{hostile_dataset}]",
             f"data.tokenizer={TOKENIZER}", f"schedule.steps={steps}", "schedule.warmup_steps=1",
             "checkpoint.every=2", "logging.progress=false", "logging.tensorboard=false",
-            "data.image_text_batch_size=4", "data.region_batch_size=4", "data.region_max_images=2",
+            "data.image_text_batch_size=8", "data.region_batch_size=4", "data.region_max_images=2",
             "data.shuffle_buffer=4", "data.num_workers=0"]))
 
     assert run(2)["steps"] == 2
