@@ -6,7 +6,7 @@ import logging
 
 from pipeline.build import BuildConfig, run_build, summary_lines
 from pipeline.images import ImageConfig
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.format import DEFAULT_SHARD_PREFIX
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from shards.dataset import Dataset, ShardIndex
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.loader_config import LoaderConfig
 from shards.samples import PHRASE_CAPTION
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"pipeline", "shards", "model", "train", "tools"}
+OURS = {"storage", "pipeline", "shards", "model", "train", "tools"}
 ALLOWED = {
-    "shards": {"shards"},
+    "storage": {"storage"},
+    "shards": {"shards", "storage"},
     "model": {"model"},
-    "pipeline": {"pipeline", "shards"},
-    "train": {"train", "model", "shards"},
+    "pipeline": {"pipeline", "shards", "storage"},
+    "train": {"train", "model", "shards", "storage"},
     "tools": OURS,
 }
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.images import ImageConfig
-from shards import storage
+import storage
 from shards.format import sample_problems
 from shards.manifest import read_manifest
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert, box_iou
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from train.evaluate import (best_positive_rank, box_iou_pairs, grounding_accuracy, recall_at_k, rerank_top_k,
                             retrieval_metrics)
 

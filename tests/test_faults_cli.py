@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 
-from shards import storage  # noqa: E402
+import storage  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
 from tools.seaweed import start_seaweed  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402

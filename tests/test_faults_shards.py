@@ -23,7 +23,7 @@ from test_loader_split import TOKENIZER  # noqa: E402
 
 from shards import format as shard_format  # noqa: E402
 from shards.dataset import open_dataset  # noqa: E402
-from shards.errors import XvlmError  # noqa: E402
+from storage.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader  # noqa: E402
 from shards.loader_config import preset  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402

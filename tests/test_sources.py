@@ -17,8 +17,8 @@ from pipeline import sources as source_registry
 from pipeline.group import GroupConfig, group_images, iter_groups, load_accounting, reject_files
 from pipeline.records import Annotation, ImageRef, Reject
 from pipeline.stage import StageConfig, stage_sources
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 QUIET = StageConfig(progress=False)
 

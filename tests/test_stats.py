@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 
-from shards import storage  # noqa: E402
+import storage  # noqa: E402
 from tools import stats  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from shards import text
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 
 def minilm_folder() -> str:

@@ -10,7 +10,7 @@ import yaml
 
 from model.config import preset as model_preset
 from model.xvlm import build_model
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from train import checkpoint as ckpt
 from train.config import apply_overrides, load_config, parse_override
 from train.optim import WarmupLinearDecay, build_optimizer, build_scheduler

@@ -24,7 +24,7 @@ from model.config import BOX_HEADS, preset
 from model.losses import box_losses
 from model.params import param_groups
 from model.xvlm import build_model
-from shards import storage
+import storage
 from tools import scenes
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.io import load_weights, model_to_bytes  # noqa: E402
 from model.xvlm import build_model  # noqa: E402
-from shards import storage  # noqa: E402
+import storage  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train.config import OptimSection, ScheduleSection  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402

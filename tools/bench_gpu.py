@@ -38,8 +38,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from shards import storage  # noqa: E402
-from shards.errors import XvlmError  # noqa: E402
+import storage  # noqa: E402
+from storage.errors import XvlmError  # noqa: E402
 from train.config import (CheckpointSection, DataSection, LoggingSection, ModelSection,  # noqa: E402
                           ScheduleSection, TrainConfig)
 from train.distributed import DistContext  # noqa: E402

@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from shards import storage
+import storage
 from shards.dataset import open_dataset
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.format import shard_name
 from shards.loader import MultiGrainedLoader
 from shards.loader_config import OURS, preset

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from model.io import model_to_bytes  # noqa: E402
-from shards import storage  # noqa: E402
+import storage  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train import distributed  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -136,7 +136,7 @@ def bench_checkpoint(args: argparse.Namespace, workdir: str) -> dict:
         files = {"model.safetensors": model_bytes, "trainer.pt": trainer_buf.getvalue(),
                  "rank-00000.pt": rank_buf.getvalue(), "config.yaml": cfg.to_yaml().encode()}
         total = sum(len(v) for v in files.values())
-        client = storage.s3_client()
+        client = storage.backend_for(server.url("bench-run")).client()
         ours, put, managed = [], [], []
         for r in range(args.rounds):
             trainer.step += 1

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from model.errors import ModelError
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 # name -> (module, one-line help). The order is the order of the data flow.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xvlm {top.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # credentials, bucket or endpoint errors from any S3 call: one line too
-        from shards.storage import access_error
+        import storage
 
-        message = access_error(err)
+        message = storage.describe_error(err)
         if message is None:
             raise
         print(f"xvlm {top.command}: error: {message}", file=sys.stderr)

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from model.errors import ModelError
-from shards import storage
+import storage
 
 log = logging.getLogger(__name__)
 

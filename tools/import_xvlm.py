@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from model.errors import ModelError
-from shards import storage
+import storage
 from train.checkpoint import IMPORT_REPORT, MODEL_FILE
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from model.config import BOX_HEADS
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 

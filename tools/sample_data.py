@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from tools import scenes
 from tools.scenes import Scene
 
@@ -451,7 +451,7 @@ def write_tokenizer(root: Path) -> dict:
 
 
 def _prepare_out(out: Path) -> None:
-    if storage.is_s3(str(out)):
+    if storage.local_path(str(out)) is None:
         raise XvlmError(f"sample-data writes to a local folder, not {out}; generate locally, then copy it")
     if out.exists() and not out.is_dir():
         raise XvlmError(f"{out} exists and is not a folder; pick another OUT")

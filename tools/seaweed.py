@@ -89,7 +89,7 @@ class SeaweedS3:
     def in_environment(self) -> Iterator["SeaweedS3"]:
         """Set the standard AWS variables to this server for the block (boto3 and subprocesses find it), then
         restore them; the storage layer's cached clients are dropped on both sides."""
-        from shards import storage
+        import storage
 
         saved = {k: os.environ.get(k) for k in self.env()}
         os.environ.update(self.env())

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from shards.format import MAX_SAMPLE_JSON_BYTES, SampleError, load_json
 from shards.loader_config import LoaderConfig
-from shards.manifest import DatasetManifest, check_columns, open_parquet, read_dataset_manifest
+from shards.manifest import DatasetManifest, read_dataset_manifest
+from shards.side_files import check_columns, iter_batches, open_parquet
 from shards.tar_stream import member_problem
-from tools.stats import iter_batches, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def find_rows(manifest: DatasetManifest, keys: list[str] | None = None, random_n
     dataset, path = manifest.path, manifest.index_path
     columns = ["key", "shard", "offset"]
     try:
-        with local_copy(path) as local:
+        with storage.local_copy(path) as local:
             parquet = open_parquet(local, path)
             check_columns(parquet.schema_arrow, columns, path)
             if keys:

@@ -27,9 +27,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from shards import storage
-from shards.errors import XvlmError
-from shards.manifest import REJECTS_SCHEMA, DatasetManifest, check_columns, open_parquet, read_dataset_manifest
+import storage
+from storage.errors import XvlmError
+from shards.format import DEFAULT_MAX_IMAGE_SIDE
+from shards.manifest import REJECTS_SCHEMA, DatasetManifest, read_dataset_manifest
+from shards.side_files import check_columns, iter_batches, open_parquet
 
 log = logging.getLogger(__name__)
 
@@ -321,39 +323,6 @@ def _add_index_batch(batch: pa.RecordBatch, stats: DatasetStats, tokens: TokenCo
         stats.attributes.update(_strings(pc.list_flatten(batch.column("attributes"))))
 
 
-def iter_batches(parquet: pq.ParquetFile, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of a parquet file with bounded memory. One `iter_batches` reader over a whole file keeps
-    memory for every list-column batch it decoded (pyarrow 26: ~0.8 MB per 65k-row batch, so ~120 MB on a
-    10M-row index, growing with the file); a fresh reader per group of row groups frees it as it goes."""
-    meta = parquet.metadata
-    group: list[int] = []
-    rows = 0
-    for i in range(meta.num_row_groups):
-        group.append(i)
-        rows += meta.row_group(i).num_rows
-        if rows >= batch_size:
-            yield from parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=group)
-            group, rows = [], 0
-    if group:
-        yield from parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=group)
-
-
-@contextlib.contextmanager
-def local_copy(path: str) -> Iterator[str]:
-    """A local path for a parquet file: itself, or an S3 object streamed to a temp file (parquet readers seek)."""
-    if not storage.is_s3(path):
-        yield path
-        return
-    fd, tmp = tempfile.mkstemp(prefix="xvlm-stats-", suffix=".parquet")
-    try:
-        with os.fdopen(fd, "wb") as out, storage.open_read(path) as src:
-            while chunk := src.read(8 << 20):
-                out.write(chunk)
-        yield tmp
-    finally:
-        os.remove(tmp)
-
-
 def collect(path: str, tokenizer: str | None = None, batch_size: int = 65_536, progress: bool = True) -> DatasetStats:
     """Read one dataset's side files into a DatasetStats."""
     manifest = read_dataset_manifest(path)
@@ -362,7 +331,7 @@ def collect(path: str, tokenizer: str | None = None, batch_size: int = 65_536, p
     index_path, rejects_path = manifest.index_path, manifest.rejects_path
     tokens = TokenCounter(tokenizer) if tokenizer else None
     try:
-        with local_copy(index_path) as local:
+        with storage.local_copy(index_path) as local:
             parquet = open_parquet(local, index_path)
             present = set(parquet.schema_arrow.names)
             columns = BASE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present]
@@ -389,11 +358,12 @@ def collect(path: str, tokenizer: str | None = None, batch_size: int = 65_536, p
 
 
 def _max_side(manifest: DatasetManifest) -> int:
-    """The build's --max-image-side (the image-size plots' range), 1024 when the manifest does not say."""
+    """The build's --max-image-side (the image-size plots' range); the builder's default when the manifest does
+    not say."""
     config = manifest.build.get("config")
     image = config.get("image") if isinstance(config, dict) else None
     side = image.get("max_side") if isinstance(image, dict) else None
-    return side if isinstance(side, int) and not isinstance(side, bool) and 0 < side <= 1 << 16 else 1024
+    return side if isinstance(side, int) and not isinstance(side, bool) and 0 < side <= 1 << 16 else DEFAULT_MAX_IMAGE_SIDE
 
 
 def _token_notes(stats: DatasetStats, tokenizer: str | None) -> None:
@@ -418,7 +388,7 @@ def _token_notes(stats: DatasetStats, tokenizer: str | None) -> None:
 
 def _read_rejects(path: str, stats: DatasetStats, batch_size: int) -> None:
     try:
-        with local_copy(path) as local:
+        with storage.local_copy(path) as local:
             parquet = open_parquet(local, path)
             check_columns(parquet.schema_arrow, REJECT_COLUMNS, path, REJECTS_SCHEMA)
             for batch in iter_batches(parquet, REJECT_COLUMNS, batch_size):

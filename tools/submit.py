@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def entrypoint_and_config_env(args: argparse.Namespace) -> tuple[str, dict[str, 
     if not args.config:
         raise XvlmError("submitting a job needs --config CONFIG.yaml (or use --status / --logs / --stop / --list)")
     extra_env: dict[str, str] = {}
-    if storage.is_s3(args.config):
+    if storage.local_path(args.config) is None:
         config_arg = args.config
     else:
         path = Path(args.config).resolve()

@@ -22,15 +22,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from shards.format import (INDEX_NAME, MANIFEST_NAME, MAX_SAMPLE_JSON_BYTES, MEMBER_EXTENSIONS, REJECTS_NAME,
                            SampleError, load_json, sample_problems, sample_text)
 from shards.loader_config import LoaderConfig
-from shards.manifest import (REJECTS_SCHEMA, DatasetManifest, ShardEntry, check_columns, open_parquet,
-                             read_dataset_manifest)
+from shards.manifest import REJECTS_SCHEMA, DatasetManifest, ShardEntry, read_dataset_manifest
+from shards.side_files import check_columns, iter_batches, open_parquet
 from shards.tar_stream import member_problem
-from tools.stats import iter_batches, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +296,7 @@ def _check_index(local: str, manifest: DatasetManifest, problems: list[Problem])
 
 def _check_rejects(path: str, manifest: DatasetManifest, problems: list[Problem]) -> None:
     try:
-        with local_copy(path) as local:
+        with storage.local_copy(path) as local:
             parquet = open_parquet(local, path)
             check_columns(parquet.schema_arrow, REJECT_COLUMNS, path, REJECTS_SCHEMA)
             counted: Counter = Counter()
@@ -341,7 +340,7 @@ def verify(options: VerifyOptions) -> VerifyResult:
     total_bytes = sum(e.bytes for e in entries)
     with contextlib.ExitStack() as stack:
         try:
-            index_local = stack.enter_context(local_copy(index_path))
+            index_local = stack.enter_context(storage.local_copy(index_path))
         except FileNotFoundError:
             problems.append(Problem(INDEX_NAME, "missing_file", f"{index_path} does not exist"))
             index_local = None

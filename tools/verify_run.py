@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from shards import storage
+import storage
 from train import checkpoint as ckpt
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if summary["rank"] != 0:
         return 0
     if args.summary_json:
-        from shards import storage
+        import storage
 
         storage.write_text(args.summary_json, json.dumps(summary, indent=2))
     last = summary.get("last") or {}

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from model.errors import ModelError
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 StepMode = Literal["summed", "alternating"]
 IterPercMode = Literal["xvlm", "per_batch"]
@@ -421,9 +421,9 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 def _read_config_file(path: str) -> dict[str, Any]:
     """The mapping in a YAML config file (local or s3://), with a clear error for every way the file can be wrong."""
-    from shards import storage
+    import storage
 
-    if not storage.is_s3(path) and os.path.exists(path) and not os.path.isfile(path):
+    if storage.local_path(path) is not None and os.path.exists(path) and not os.path.isfile(path):
         kind = "a folder" if os.path.isdir(path) else "not a regular file"
         raise XvlmError(f"config file {path} is {kind}; give a YAML file such as train/configs/tiny_cpu.yaml")
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from model.errors import ModelError
 from model.io import load_weights, model_to_bytes
 from model.xvlm import XVLM, build_model
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from train import checkpoint as ckpt
 from train import distributed
 from train.config import TrainConfig
@@ -177,7 +177,7 @@ class Trainer:
                     # A fresh start among another run's checkpoints: a later `--resume auto` would pick those up.
                     raise XvlmError(f"{self.cfg.out} already holds checkpoints of another run; continue it with "
                                     "--resume auto, or start fresh in a new --out (or delete the old one)")
-                storage.abort_stale_uploads(ckpt.checkpoints_root(self.cfg.out))
+                storage.clean_interrupted_writes(ckpt.checkpoints_root(self.cfg.out))
             except XvlmError as err:
                 error = str(err)
         candidates, error = distributed.broadcast_object(self.ctx, (candidates, error))

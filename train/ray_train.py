@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def check_shared_paths(cfg) -> None:
              "data.tokenizer": [cfg.data.overrides.get("tokenizer") or ""], "model.init": [cfg.model.init or ""]}
     for key, values in paths.items():
         for value in values:
-            if value and not storage.is_s3(value) and not os.path.isabs(value):
+            if value and storage.local_path(value) is not None and not os.path.isabs(value):
                 raise XvlmError(f"config {key}={value!r} is a relative path; under Ray every worker needs shared "
                                 "storage: give an absolute path on a filesystem all nodes mount, or s3://")
 
@@ -93,7 +93,7 @@ def build_trainer(cfg, *, num_workers: int, gpus_per_worker: float, cpus_per_wor
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
-    if storage_path is None and not storage.is_s3(cfg.out):
+    if storage_path is None and storage.local_path(cfg.out) is not None:
         storage_path = os.path.join(cfg.out, "ray")
     run_name = name or os.path.basename(cfg.out.rstrip("/")) or "xvlm"
     return TorchTrainer(
