@@ -22,7 +22,7 @@ from test_stats import sample_build  # noqa: E402
 import storage  # noqa: E402
 from shards.manifest import INDEX_SCHEMA, REJECTS_SCHEMA, write_table  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
-from tools.verify import VerifyOptions, verify  # noqa: E402
+from reports.verify import VerifyOptions, verify  # noqa: E402
 
 
 def _kinds(path: str) -> set[tuple[str, str]]:
