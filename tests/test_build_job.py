@@ -25,7 +25,7 @@ MAX_SIDE = 160   # smaller than every sample picture, so every image is resized 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> dict:
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     return generate(tmp_path_factory.mktemp("sample"), images=40, val_images=10, seed=3, progress=False)
 

@@ -148,7 +148,7 @@ def held_out(tmp_path_factory):
     from pathlib import Path
 
     from shardkit import corrupt_member, make_dataset
-    from tools.sample_data import write_tokenizer
+    from sampledata.sample_data import write_tokenizer
 
     root = tmp_path_factory.mktemp("heldout")
     dataset = make_dataset(str(root / "val"), samples=12, per_shard=6, size=(96, 72))

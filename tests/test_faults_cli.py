@@ -21,7 +21,7 @@ import shardkit  # noqa: E402
 
 import storage  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
-from tools.seaweed import start_seaweed  # noqa: E402
+from seaweed import start_seaweed  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train.metrics import METRICS_FILE, MetricsLogger, read_metrics  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_a_missing_bucket_is_named_not_mistaken_for_a_missing_manifest(s3, sbu_r
 
 @pytest.mark.s3
 def test_an_endpoint_that_never_answers_is_one_line(s3, s3_dataset, tmp_path, capsys, monkeypatch):
-    from tools.seaweed import free_ports
+    from seaweed import free_ports
 
     monkeypatch.setenv("XVLM_S3_MAX_ATTEMPTS", "2")
     _fresh_clients()

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.s3
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Our own SeaweedFS (not the session one): this module stops and restarts it."""
-    from tools.seaweed import start_seaweed
+    from seaweed import start_seaweed
 
     srv = start_seaweed(str(tmp_path_factory.mktemp("seaweed-loader")), bucket="loader")
     try:

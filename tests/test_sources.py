@@ -25,7 +25,7 @@ QUIET = StageConfig(progress=False)
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> dict:
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     return generate(tmp_path_factory.mktemp("sample"), images=40, val_images=4, seed=3, progress=False)
 

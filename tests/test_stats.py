@@ -43,7 +43,7 @@ def sample_build(tmp_path_factory) -> tuple[Path, Path]:
         return src, out
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     generate(str(src), images=60, val_images=10, seed=0)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -354,7 +354,7 @@ def test_optional_index_columns_fill_labels_boxes_and_tokens(tmp_path):
     path = str(tmp_path / "ext")
     _extended_index(path)
     tokenizer = str(tmp_path / "tok")
-    from tools.sample_data import write_tokenizer
+    from sampledata.sample_data import write_tokenizer
 
     write_tokenizer(Path(tokenizer))
     summary = stats.summarize(stats.collect(path, tokenizer=tokenizer, progress=False))

@@ -154,7 +154,7 @@ class Layout:
 
 def make_sample_data(layout: Layout, images: int, val_images: int, seed: int) -> dict:
     """Step 1: reuse OUT/sample when it was made with the same settings, else (re)generate it."""
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     summary_path = layout.sample / "sample_data.json"
     if summary_path.is_file():

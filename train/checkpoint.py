@@ -399,7 +399,7 @@ def load(path: str, rank: int, world_size: int, verify: bool = True) -> Checkpoi
     """Read a committed checkpoint for `rank`, each file checked against the marker's size and sha256 (hashed in a
     thread while the next file is read and parsed: parsing is safe on any bytes, and nothing is loaded into a
     model before this returns). CheckpointError for a damaged checkpoint; XvlmError when the world size differs.
-    `verify=False` skips the hashes (sizes are still checked): what tools/bench_checkpoint.py compares against."""
+    `verify=False` skips the hashes (sizes are still checked): what bench/bench_checkpoint.py compares against."""
     marker = read_marker(path)
     if marker["world_size"] != world_size:
         raise XvlmError(f"checkpoint {path} was written by {marker['world_size']} processes but this run has "

@@ -5,7 +5,7 @@
   3. the Pillow build in use (pillow or pillow-simd; run once in each environment to compare them)
   4. Ray: the same shard tasks with 2 workers vs 1                                         (target >= 1.7x)
 
-Run: python tools/bench_shards.py [--images 200] [--max-side 512]. The images are `xvlm sample-data` pictures
+Run: python bench/bench_shards.py [--images 200] [--max-side 512]. The images are `xvlm sample-data` pictures
 (~640-1000 px JPEGs). Timings on a shared machine are noisy: the load average is printed with the results.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ _LANCZOS = getattr(getattr(Image, "Resampling", Image), "LANCZOS")
 
 
 def _images(root: Path, count: int) -> list[Path]:
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     generate(root, images=max(20, count), val_images=1, seed=11, progress=False)
     files = sorted((root / "coco" / "train2017").glob("*.jpg")) + sorted((root / "vg").rglob("*.jpg")) + \

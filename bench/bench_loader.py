@@ -10,9 +10,9 @@ second of this process, which moves less with other jobs' load on a shared machi
 of two or more CPUs, this process is pinned to one CPU and the SeaweedFS server to the others (--no-pin: both
 share every CPU), so the server's work does not slow the loader it serves, as with a server on its own machine.
 
-    python tools/bench_loader.py --samples 400 --image-res 224
-    python tools/bench_loader.py --source-size 1024x768 --no-s3 --no-mds
-    python tools/bench_loader.py --dataset /data/shards --samples 2000 --no-s3
+    python bench/bench_loader.py --samples 400 --image-res 224
+    python bench/bench_loader.py --source-size 1024x768 --no-s3 --no-mds
+    python bench/bench_loader.py --dataset /data/shards --samples 2000 --no-s3
 """
 from __future__ import annotations
 
@@ -21,16 +21,19 @@ import contextlib
 import io
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-import storage
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench.* when run as a script from a checkout
+import storage  # noqa: E402
 from shards.dataset import open_dataset
 from storage.errors import XvlmError
 from shards.format import shard_name
@@ -91,7 +94,7 @@ def synth_dataset(out: str, samples: int, per_shard: int, seed: int = 0, size=(5
     bar.close()
     write_dataset_files(out, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA),
                         pa.Table.from_pylist([], schema=REJECTS_SCHEMA),
-                        Manifest(build={"command": ["tools/bench_loader.py"], "config": {}}, sources=counts,
+                        Manifest(build={"command": ["bench/bench_loader.py"], "config": {}}, sources=counts,
                                  shards=entries))
     return out
 
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     if not args.no_s3:
-        from tools.seaweed import start_seaweed
+        from bench.local_s3 import start_seaweed
 
         cpus = sorted(os.sched_getaffinity(0))
         pin = not args.no_pin and len(cpus) >= 2

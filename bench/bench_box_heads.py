@@ -5,7 +5,7 @@ being the scenes' region phrases; accuracy is the share of held-out phrases whos
 with the true one. Prints the curves and the ratio of each of our heads to X-VLM's (the baseline, measured in
 this run).
 
-    python tools/bench_box_heads.py --steps 300 --batch 64 --out /tmp/box_heads
+    python bench/bench_box_heads.py --steps 300 --batch 64 --out /tmp/box_heads
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from model.losses import box_losses
 from model.params import param_groups
 from model.xvlm import build_model
 import storage
-from tools import scenes
+from sampledata import scenes
 
 log = logging.getLogger(__name__)
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)

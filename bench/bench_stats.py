@@ -1,8 +1,8 @@
 """Peak memory of `xvlm stats` on a synthetic 10M-row index.parquet, against reading the same index whole
 (the naive way) and against `xvlm stats` on a 100k-row index, each measured in its own subprocess in this run.
 
-    python tools/bench_stats.py --rows 10000000 --work /tmp/bench-stats      # ~1-3 min on 2 cores, ~0.5 GB disk
-    python tools/bench_stats.py --rows 1000000 --no-naive                    # quicker
+    python bench/bench_stats.py --rows 10000000 --work /tmp/bench-stats      # ~1-3 min on 2 cores, ~0.5 GB disk
+    python bench/bench_stats.py --rows 1000000 --no-naive                    # quicker
 
 Prints peak RSS (ru_maxrss of the child) and wall time of each run and the ratios.
 """
@@ -86,7 +86,7 @@ def write_synthetic(out: str, rows: int, batch: int = 500_000, seed: int = 0,
     pq.write_table(table, os.path.join(out, REJECTS_NAME), compression="zstd")
     shards = [{"name": f"shard-{i:06d}.tar", "samples": min(SAMPLES_PER_SHARD, rows - i * SAMPLES_PER_SHARD),
                "bytes": 300_000_000, "sha256": "0" * 64} for i in range(-(-rows // SAMPLES_PER_SHARD))]
-    manifest = {"format_version": "1.0", "build": {"command": ["tools/bench_stats.py"],
+    manifest = {"format_version": "1.0", "build": {"command": ["bench/bench_stats.py"],
                                                    "config": {"image": {"max_side": 512}}},
                 "sources": {s: {"inputs": {"image": n}, "written": {"image": n}, "rejected": {}, "clipped_boxes": 0}
                             for s, n in counts.items()},

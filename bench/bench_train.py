@@ -5,8 +5,8 @@
 2. A checkpoint save to S3 (SeaweedFS on 127.0.0.1: every file, the commit marker, keep-K pruning) vs a plain
    boto3 upload of the same bytes (target <= 1.5x).
 
-  python tools/bench_train.py                      # tiny model, ~1-2 minutes on 2 cores
-  python tools/bench_train.py --steps 30 --hidden 256 --rounds 3
+  python bench/bench_train.py                      # tiny model, ~1-2 minutes on 2 cores
+  python bench/bench_train.py --steps 30 --hidden 256 --rounds 3
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def bench_loop(args: argparse.Namespace, workdir: str) -> dict:
 
 
 def bench_checkpoint(args: argparse.Namespace, workdir: str) -> dict:
-    from tools.seaweed import start_seaweed
+    from bench.local_s3 import start_seaweed
 
     server = start_seaweed(os.path.join(workdir, "seaweed"))
     os.environ.update(server.env())

@@ -12,9 +12,9 @@ Prints the medians and the ratios verified / plain and verified / unhashed (the 
 <= 1.10). Local files come from the page cache (the fastest reading, so the largest relative cost of hashing); with
 --s3 they come from a local SeaweedFS.
 
-  python tools/bench_checkpoint.py                 # base, 5 rounds, ~3 minutes and ~9 GB of memory on 2 cores
-  python tools/bench_checkpoint.py --s3            # the checkpoint on a local SeaweedFS S3 server instead
-  python tools/bench_checkpoint.py --preset tiny --rounds 9
+  python bench/bench_checkpoint.py                 # base, 5 rounds, ~3 minutes and ~9 GB of memory on 2 cores
+  python bench/bench_checkpoint.py --s3            # the checkpoint on a local SeaweedFS S3 server instead
+  python bench/bench_checkpoint.py --preset tiny --rounds 9
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def main() -> int:
         if not args.s3:
             measure(folder, args, model, optimizer)
             return 0
-        from tools.seaweed import start_seaweed
+        from bench.local_s3 import start_seaweed
 
         server = start_seaweed(os.path.join(folder, "seaweed"), bucket="bench")
         try:

@@ -1,8 +1,8 @@
 """Benchmark: the streaming annotation stage (stage_sources + group_images) against json.load + group-by-image,
 on synthetic Visual Genome files of the real size (108,077 images, ~5.4M regions, ~3.8M objects).
 
-    python tools/bench_annotations.py --scale 0.1          # a quick run (10,808 images)
-    python tools/bench_annotations.py                      # the real size (~1.3 GB of JSON; the json.load way
+    python bench/bench_annotations.py --scale 0.1          # a quick run (10,808 images)
+    python bench/bench_annotations.py                      # the real size (~1.3 GB of JSON; the json.load way
                                                            # needs many GB of RAM)
 
 Each way runs in its own subprocess; peak RSS is that child's ru_maxrss (resource.getrusage(RUSAGE_CHILDREN)),

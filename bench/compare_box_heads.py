@@ -1,8 +1,8 @@
 """The paper's box head vs our soft-argmax and dense heads through the whole quickstart pipeline (sample scenes ->
 shards -> trainer -> held-out evaluation), at equal steps: grounding and retrieval curves (PNG + JSON).
 
-    python tools/compare_box_heads.py --out xvlm-quickstart            # the quickstart's budget, every head
-    python tools/compare_box_heads.py --out /tmp/heads --steps 200 --eval-points 8
+    python bench/compare_box_heads.py --out xvlm-quickstart            # the quickstart's budget, every head
+    python bench/compare_box_heads.py --out /tmp/heads --steps 200 --eval-points 8
 
 Runs that already exist in OUT (e.g. from `xvlm quickstart --compare-heads`) are reused, not retrained.
 """
