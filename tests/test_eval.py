@@ -292,7 +292,7 @@ def test_eval_cli_on_an_imported_official_checkpoint(held_out, tmp_path):
     from model.official import export_official, official_config
     from model.xvlm import build_model
     from tools.cli import main
-    from train.eval_cli import imported_text_settings
+    from train.eval_checkpoint import imported_text_settings
 
     dataset, tokenizer = held_out
     torch.manual_seed(0)

@@ -258,7 +258,7 @@ def test_a_build_to_s3_killed_with_9_leaves_no_staging_folder_after_the_next_run
 
 
 def test_submit_passes_no_secret_unless_asked_and_then_warns(monkeypatch, caplog):
-    from tools.submit import job_environment
+    from train.ray_jobs import job_environment
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
@@ -269,7 +269,7 @@ def test_submit_passes_no_secret_unless_asked_and_then_warns(monkeypatch, caplog
         vars(args).update(flags)
         return job_environment(args)
 
-    with caplog.at_level(logging.WARNING, logger="tools.submit"):
+    with caplog.at_level(logging.WARNING, logger="train.ray_jobs"):
         plain = env(forward_aws=True)
         assert plain["AWS_ENDPOINT_URL"] == "http://s3.internal:8333"
         assert "AWS_SECRET_ACCESS_KEY" not in plain and "AWS_ACCESS_KEY_ID" not in plain

@@ -1,4 +1,4 @@
-"""`xvlm build-shards`: convert COCO / Visual Genome / SBU / Conceptual Captions into box-aware tar shards."""
+"""`xvlm build-shards`: convert dataset releases (every source of pipeline/sources/) into box-aware tar shards."""
 from __future__ import annotations
 
 import argparse
@@ -6,26 +6,21 @@ import logging
 
 from pipeline.build import BuildConfig, run_build, summary_lines
 from pipeline.images import ImageConfig
-from storage.errors import XvlmError
 from shards.format import DEFAULT_SHARD_PREFIX
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = (
-    "Convert COCO, Visual Genome, SBU Captions and Conceptual Captions releases into WebDataset tar shards with\n"
-    "one sample per image: KEY.jpg (RGB JPEG, long side <= --max-image-side), KEY.json (captions and region /\n"
-    "object boxes in stored-pixel coordinates) and KEY.txt (first caption). Beside the shards: index.parquet,\n"
+    "Convert dataset releases (the sources listed below) into WebDataset tar shards with one sample per image:\n"
+    "KEY.jpg (RGB JPEG, long side <= --max-image-side), KEY.json (captions and region / object boxes in\n"
+    "stored-pixel coordinates) and KEY.txt (first caption). Beside the shards: index.parquet,\n"
     "rejects.parquet (every input record that was not written, with its reason) and manifest.json (written last).\n"
     "Shard writing runs as Ray tasks: a local Ray by default, or an existing cluster with --ray-address.\n"
     "Re-running the same command after an interruption resumes: finished shards are kept, and the result is\n"
     "byte-identical to an uninterrupted run. The format is described in shards/FORMAT.md."
 )
-EPILOG = (
-    "sources (--source NAME=PATH, repeatable; PATH local or s3://):\n"
-    "  coco=ROOT   annotations/captions_*.json + instances_*.json, images in train2017/ ...\n"
-    "  vg=ROOT     image_data.json, region_descriptions.json, attributes.json/objects.json, VG_100K*/\n"
-    "  sbu=ROOT    SBU_captioned_photo_dataset_urls.txt + _captions.txt, images/\n"
-    "  cc=ROOT     img2dataset output (tars + parquet) or a caption TSV + images/\n\n"
+EPILOG_EXAMPLES = (
     "tiny example (CPU, a few seconds after Ray starts):\n"
     "  xvlm sample-data /tmp/xs --images 40 --val-images 10\n"
     "  xvlm build-shards --source coco=/tmp/xs/coco --source vg=/tmp/xs/vg --source sbu=/tmp/xs/sbu \\\n"
@@ -33,8 +28,23 @@ EPILOG = (
     "to S3 (credentials from the standard AWS chain; never printed):\n"
     "  xvlm build-shards --source coco=s3://data/coco --out s3://bucket/xvlm/v1 --endpoint-url http://127.0.0.1:8333\n\n"
     "on a running Ray cluster:  xvlm build-shards ... --ray-address 10.0.0.1:6379\n"
-    "see docs/shard_builder.md for the accounting, crash safety and benchmarks."
+    "see docs/shard_builder.md for the accounting, crash safety and benchmarks; docs/pipeline_sources.md for the sources."
 )
+
+
+def epilog() -> str:
+    """The sources, from the source registry (each module's NAME and DESCRIPTION), then the examples."""
+    from pipeline.sources import registry
+
+    sources = registry()
+    width = max(len(name) for name in sources) + len("=ROOT")
+    lines = [f"  {name + '=ROOT':<{width}}  {getattr(module, 'DESCRIPTION', '')}".rstrip()
+             for name, module in sorted(sources.items())]
+    return ("sources (--source NAME=PATH, repeatable; PATH local or s3://):\n" + "\n".join(lines) + "\n\n"
+            + EPILOG_EXAMPLES)
+
+
+EPILOG = epilog   # built when `--help` asks for it: importing the sources costs a moment
 
 
 def _source(text: str) -> tuple[str, str]:
@@ -46,8 +56,10 @@ def _source(text: str) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ImageConfig()
+    from pipeline.sources import registry
+
     parser.add_argument("--source", type=_source, action="append", required=True, metavar="NAME=PATH",
-                        help="a source release (coco, vg, sbu, cc); repeat for several")
+                        help=f"a source release ({', '.join(sorted(registry()))}); repeat for several")
     parser.add_argument("--out", required=True, metavar="DIR|s3://bucket/prefix", help="output folder or S3 prefix")
     parser.add_argument("--samples-per-shard", type=int, default=5000, metavar="N",
                         help="samples per tar shard (default 5000: ~250 MB at 512-px JPEGs)")
