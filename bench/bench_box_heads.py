@@ -89,7 +89,7 @@ def train_head(box_head: str, train: dict, val: dict, vocab_size: int, steps: in
         unique, inverse = images.unique(return_inverse=True)
         image_embeds = model.vision(train["image"][unique])[inverse]
         text, _ = model.encode_text(train["text_ids"][rows], train["text_atts"][rows])
-        pred = model._boxes(image_embeds, text, train["text_atts"][rows])
+        pred = model.raw_boxes(image_embeds, text, train["text_atts"][rows])
         l1, giou = box_losses(pred, train["target"][rows], torch.ones(batch, dtype=torch.bool))
         optimizer.zero_grad()
         (l1 + giou).backward()

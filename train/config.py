@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from model.errors import ModelError
+from model.objectives import IMAGE_TEXT, OBJECTIVES, objectives_of
 from storage.errors import XvlmError
 
 StepMode = Literal["summed", "alternating"]
@@ -129,22 +130,19 @@ class ScheduleSection:
     seed: int = 42
 
 
-@dataclass
-class LossSection:
-    """Weight of each loss in the step's sum (X-VLM's five: all 1; `centre` is ours, 0 = off). A weight of 0 skips
-    that loss entirely: it is not computed, so turning ITM and MLM off halves a step (ITC + box trains the
-    quickstart fastest)."""
+def _loss_weights(self) -> dict[str, float]:
+    """{loss name: weight} of the losses to compute (weight > 0)."""
+    return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) > 0}
 
-    itc: float = 1.0
-    itm: float = 1.0
-    mlm: float = 1.0
-    bbox: float = 1.0
-    giou: float = 1.0
-    centre: float = 0.0   # ours: the box head's attention trained on the patch of the box centre (softargmax, dense)
 
-    def weights(self) -> dict[str, float]:
-        """{loss name: weight} of the losses to compute (weight > 0)."""
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) > 0}
+# One field per objective of the registry (model/objectives.py), its default weight the registry's: X-VLM's five at
+# 1, ours (`centre`) at 0. A new objective there is a new key here.
+LossSection = dataclasses.make_dataclass(
+    "LossSection", [(name, float, field(default=objective.weight)) for name, objective in OBJECTIVES.items()],
+    namespace={"weights": _loss_weights, "__module__": __name__, "__doc__": (
+        "Weight of each loss in the step's sum, one key per objective of model/objectives.py (X-VLM's five: all 1; "
+        "`centre` is ours, 0 = off). A weight of 0 skips that loss entirely: it is not computed, so turning ITM and "
+        "MLM off halves a step (ITC + box trains the quickstart fastest).")})
 
 
 @dataclass
@@ -213,9 +211,10 @@ class TrainConfig:
             _check(getattr(self.loss, f.name) >= 0, f"loss.{f.name}", getattr(self.loss, f.name),
                    "must be >= 0 (0 skips that loss)")
         region_only = s.iter_perc == 1.0 and s.iter_perc_mode == "per_batch"
-        _check(region_only or bool(set(self.loss.weights()) & {"itc", "itm", "mlm"}), "loss",
-               dataclasses.asdict(self.loss), "must keep at least one of itc, itm, mlm above 0 (image-text batches "
-               "have no box loss; only region batches alone, schedule.iter_perc_mode=per_batch with "
+        image_text = objectives_of(IMAGE_TEXT)
+        _check(region_only or bool(set(self.loss.weights()) & set(image_text)), "loss",
+               dataclasses.asdict(self.loss), f"must keep at least one of {', '.join(image_text)} above 0 (image-text "
+               "batches have no box loss; only region batches alone, schedule.iter_perc_mode=per_batch with "
                "schedule.iter_perc=1, may train the box losses alone)")
         _check(bool(self.loss.weights()), "loss", dataclasses.asdict(self.loss), "must keep at least one loss above 0")
         _check(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
@@ -230,9 +229,10 @@ class TrainConfig:
             model = self.model.build()
         except (XvlmError, ModelError) as err:
             raise XvlmError(f"config model section: {err}") from err
-        _check(self.loss.centre == 0 or model.box_head in ("softargmax", "dense"), "loss.centre", self.loss.centre,
-               "trains the attention of a softargmax or dense box head: set model.box_head to one of them, or the "
-               "weight to 0")
+        for name, weight in self.loss.weights().items():   # what an objective needs of the model
+            requires = OBJECTIVES[name].requires
+            problem = requires(model) if requires else None
+            _check(problem is None, f"loss.{name}", weight, problem or "")
         try:
             self.data.build()
         except ImportError:  # the loader is optional for config-only work; checked again when training starts

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.errors import ModelError
 from model.io import load_weights, model_to_bytes
+from model.objectives import BATCH_KINDS, objectives_of
 from model.xvlm import XVLM, build_model
 import storage
 from storage.errors import XvlmError
@@ -40,8 +41,8 @@ from train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-KINDS = ("region", "image_text")
-LOSS_NAMES = {"region": ("itc", "itm", "mlm", "bbox", "giou", "centre"), "image_text": ("itc", "itm", "mlm")}
+KINDS = BATCH_KINDS                                              # ("region", "image_text")
+LOSS_NAMES = {kind: objectives_of(kind) for kind in KINDS}      # the objectives of each batch kind
 METRIC_KEYS = [f"{kind}/{name}" for kind in KINDS for name in LOSS_NAMES[kind]]
 MAX_REGION_BATCHES_PER_GROUP = 8   # summed mode: a group closes after this many region batches without image-text
 EvaluateFn = Callable[..., dict]
