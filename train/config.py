@@ -413,10 +413,46 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config (local or s3://; None = the defaults), apply `key=value` overrides, validate."""
     values: dict[str, Any] = {}
     if path:
-        values = _read_config_file(path)
+        values = read_config_values(path)
     values = apply_overrides(values, list(overrides))
     _check_finite(values)
     return TrainConfig.from_dict(values)
+
+
+EXTENDS = "extends"         # a config's first key may name the config it changes (a path relative to it)
+MAX_EXTENDS = 8
+
+
+def read_config_values(path: str, depth: int = 0) -> dict[str, Any]:
+    """The mapping a config file describes: its own keys over those of the config it `extends` (recursively;
+    mappings merge key by key, anything else is replaced). E.g. the quickstart's warm-up is `extends:
+    quickstart_cpu.yaml` plus the settings it changes, and runs as it is with `xvlm train --config`."""
+    values = _read_config_file(path)
+    base = values.pop(EXTENDS, None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base.endswith((".yaml", ".yml")):
+        raise XvlmError(f"config file {path}: `{EXTENDS}` must name a YAML config file, got {base!r}")
+    if depth >= MAX_EXTENDS:
+        raise XvlmError(f"config file {path}: `{EXTENDS}` chains more than {MAX_EXTENDS} files (a cycle?)")
+    return _merged(read_config_values(_beside(path, base), depth + 1), values)
+
+
+def _beside(path: str, name: str) -> str:
+    """`name` as written in the config at `path`: absolute (or a URL) as it is, else relative to that config."""
+    import storage
+
+    if name.startswith("/") or "://" in name:
+        return name
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    return storage.join(folder, name) if storage.local_path(path) is None else os.path.join(folder, name)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

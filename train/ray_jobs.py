@@ -109,7 +109,11 @@ def entrypoint_and_config_env(args: argparse.Namespace) -> tuple[str, dict[str, 
         else:
             # A config outside the uploaded folder travels inline in the job's environment.
             config_arg = f"env:{CONFIG_ENV}"
-            extra_env[CONFIG_ENV] = path.read_text()
+            import yaml
+
+            from train.config import read_config_values
+
+            extra_env[CONFIG_ENV] = yaml.safe_dump(read_config_values(str(path)), sort_keys=False)   # `extends` resolved
     for item in args.overrides:
         if "=" not in item:
             raise XvlmError(f"override {item!r} is not key=value")
