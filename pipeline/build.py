@@ -32,6 +32,7 @@ import storage
 from storage.errors import XvlmError
 from shards.format import DEFAULT_SHARD_PREFIX, FORMAT_VERSION, parse_shard_name, shard_name, valid_key
 from shards.format import INDEX_NAME, MANIFEST_NAME, REJECTS_NAME
+from shards.hf_card import write_dataset_card
 from shards.manifest import (INDEX_SCHEMA, REJECTS_SCHEMA, Manifest, SourceCounts, manifest_bytes, merge_counts,
                              table_bytes)
 from shards.writer import ShardWriter
@@ -468,6 +469,7 @@ def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fi
                                f"rejected; the dataset is not committed (no manifest.json)")
     manifest = Manifest(build={"command": config.command, "config": config.output_config()},
                         sources=dict(sorted(totals.items())), shards=shards)
+    write_dataset_card(out, manifest)    # README.md: the schema for Hugging Face datasets
     storage.write_bytes(storage.join(out, MANIFEST_NAME), manifest_bytes(manifest))
     return manifest
 

@@ -163,9 +163,13 @@ def write_table(path: str, rows: list[dict] | pa.Table, schema: pa.Schema) -> No
 
 
 def write_dataset_files(out_dir: str, index: pa.Table, rejects: pa.Table, manifest: Manifest) -> None:
-    """index.parquet and rejects.parquet, then manifest.json last: once it exists, the dataset is complete."""
+    """index.parquet, rejects.parquet and the dataset card (README.md), then manifest.json last: once it exists, the
+    dataset is complete."""
+    from shards.hf_card import write_dataset_card
+
     write_table(storage.join(out_dir, INDEX_NAME), index, INDEX_SCHEMA)
     write_table(storage.join(out_dir, REJECTS_NAME), rejects, REJECTS_SCHEMA)
+    write_dataset_card(out_dir, manifest)
     storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), manifest_bytes(manifest))
 
 
