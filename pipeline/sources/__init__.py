@@ -5,7 +5,8 @@ Adding a source is adding one file here. A source module defines:
 - `iter_records(path) -> Iterator[ImageRef | Annotation | Reject]`: the release at `path` (local or s3://, read
   through storage/ only), parsed as streams, in a deterministic order;
 - optionally `sample_key(source_id) -> str`: the tar-safe sample key of an image (default "NAME-SOURCE_ID");
-- optionally `DESCRIPTION`: one line for `--help`.
+- optionally `DESCRIPTION`: one line, listed by `xvlm build-shards --help` (its epilog and `--source` help come
+  from this registry: adding a source touches nothing outside this package, its test and its docs).
 """
 from __future__ import annotations
 
