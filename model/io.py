@@ -142,7 +142,7 @@ def save_model(model: XVLM, path: str) -> None:
 def load_model(path: str) -> XVLM:
     """Read a local model file written by save_model (for s3:// use model_from_bytes on the object's bytes)."""
     if str(path).startswith("s3://"):
-        raise ModelError(f"{path}: model/ reads local files only; read the bytes through shards.storage and "
+        raise ModelError(f"{path}: model/ reads local files only; read the bytes through storage/ and "
                          "call model_from_bytes (train.checkpoint.read_model does)")
     if not os.path.exists(path):
         raise ModelError(f"model file {path} does not exist")

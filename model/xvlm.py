@@ -9,24 +9,21 @@ from torch import nn
 
 from model.concept import concept_embeds, whole_image_atts
 from model.config import ModelConfig
-from model.heads import (ContrastiveHead, DenseBoxHead, MLMHead, MLPHead, PatchAttention, SoftArgmaxBoxHead,
+from model.heads import (ContrastiveHead, DenseBoxHead, MLMHead, MLPHead, SoftArgmaxBoxHead,
                          XVLMBoxHead)
-from model.losses import box_losses, centre_loss, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
+from model.errors import ModelError
+from model.objectives import IMAGE_TEXT, OBJECTIVES, REGION, XVLM_OBJECTIVES, ForwardPass
 from model.text import FusionEncoder, TextEncoder, bert_config
 from model.vision import VisionTower
-from model.errors import ModelError
 
 # Parameters X-VLM initialises from scratch on top of the pretrained towers; they train at lr x 2.
 NEW_PARAMETERS = re.compile(r"^(fusion\.layer\.\d+\.crossattention\.|itc\.|itm_head\.|box_head\.)")
 IGNORED_BATCH_KEYS = {"keys", "sources"}
-XVLM_OBJECTIVES = frozenset({"itc", "itm", "mlm", "bbox", "giou"})   # X-VLM's losses: forward()'s default
-OBJECTIVES = XVLM_OBJECTIVES | {"centre"}                  # the losses forward() can compute
-BOX_OBJECTIVES = frozenset({"bbox", "giou", "centre"})     # region batches only
 
 
 class XVLM(nn.Module):
     """`model(**batch)` -> {"itc", "itm", "mlm"} (+ {"bbox", "giou"} for region batches, and "centre" when asked
-    for), each a scalar loss.
+    for), each a scalar loss: the objectives of model/objectives.py.
 
     Batches follow docs/batches.md. Hard negatives for ITM are drawn with `generator` when given (it must live on
     the model's device), otherwise with the global torch RNG, like dropout.
@@ -97,13 +94,14 @@ class XVLM(nn.Module):
     def predict_boxes(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
                       text_atts: torch.Tensor) -> torch.Tensor:
         """(cx, cy, w, h) in [0, 1] [K, 4] for row k's text in row k's whole image (image_embeds [K, 1 + N, C])."""
-        return self._boxes(image_embeds, text_embeds, text_atts).clamp(0.0, 1.0)
+        return self.raw_boxes(image_embeds, text_embeds, text_atts).clamp(0.0, 1.0)
 
-    def _boxes(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
-        return self.box_head(self._fuse_whole(image_embeds, text_embeds, text_atts), image_embeds[:, 1:])
+    def raw_boxes(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+        """The box head's (cx, cy, w, h), unclamped (what the box losses train)."""
+        return self.box_head(self.fuse_whole(image_embeds, text_embeds, text_atts), image_embeds[:, 1:])
 
-    def _fuse_whole(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                    text_atts: torch.Tensor) -> torch.Tensor:
+    def fuse_whole(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                   text_atts: torch.Tensor) -> torch.Tensor:
         """Fused [CLS] of each text attending to its whole image (what every box head reads)."""
         return self.fuse_cls(image_embeds, whole_image_atts(image_embeds), text_embeds, text_atts)
 
@@ -117,80 +115,57 @@ class XVLM(nn.Module):
         """The losses of one batch, by name: itc, itm, mlm (+ bbox, giou, and centre when named, for a region batch).
 
         `objectives` (default: X-VLM's five) names the losses to compute; the others are skipped, not computed and
-        thrown away (ITM runs the fusion on 3x the rows and MLM runs text + fusion again).
+        thrown away (ITM runs the fusion on 3x the rows and MLM runs text + fusion again). The batch is encoded once;
+        each objective of its kind (model/objectives.py) computes its loss from that pass, in the registry's order.
         """
         wanted = XVLM_OBJECTIVES if objectives is None else frozenset(objectives)
-        if not wanted or not wanted <= OBJECTIVES:
+        if not wanted or not wanted <= set(OBJECTIVES):
             raise ModelError(f"objectives must be a non-empty subset of {sorted(OBJECTIVES)}, got {sorted(wanted)}")
+        batch_kind = self._batch_kind(kind, ignored, image, text_ids, image_idx, patch_mask, target_bbox, is_image)
+        encoded = self._encode(batch_kind, image, text_ids, text_atts, image_idx, patch_mask)
+        forward_pass = ForwardPass(model=self, kind=batch_kind, text_ids=text_ids, text_atts=text_atts,
+                                   text_ids_masked=text_ids_masked, masked_pos=masked_pos, masked_ids=masked_ids,
+                                   generator=generator, image_idx=image_idx, target_bbox=target_bbox,
+                                   is_image=is_image, **encoded)
+        return {name: objective.compute(forward_pass) for name, objective in OBJECTIVES.items()
+                if name in wanted and batch_kind in objective.kinds}
+
+    @staticmethod
+    def _batch_kind(kind: str | None, ignored: dict, image: torch.Tensor, text_ids: torch.Tensor,
+                    image_idx: torch.Tensor | None, patch_mask: torch.Tensor | None,
+                    target_bbox: torch.Tensor | None, is_image: torch.Tensor | None) -> str:
+        """REGION or IMAGE_TEXT, from the tensors (a patch_mask makes a region batch); ModelError when the batch
+        does not hold what its kind needs (docs/batches.md)."""
         unexpected = sorted(set(ignored) - IGNORED_BATCH_KEYS)
         if unexpected:
             raise ModelError(f"unexpected batch keys {unexpected} (see docs/batches.md)")
         region = patch_mask is not None
-        if kind is not None and kind != ("region" if region else "image_text"):
+        if kind is not None and kind != (REGION if region else IMAGE_TEXT):
             raise ModelError(f"batch kind {kind!r} does not match its tensors "
-                            f"({'patch_mask present' if region else 'no patch_mask'})")
+                             f"({'patch_mask present' if region else 'no patch_mask'})")
         if region and (image_idx is None or target_bbox is None or is_image is None):
             raise ModelError("a region batch needs image_idx, patch_mask, target_bbox and is_image")
+        if not region and image.shape[0] != text_ids.shape[0]:
+            raise ModelError(f"an image_text batch has one text per image: {image.shape[0]} images, "
+                             f"{text_ids.shape[0]} texts")
+        return REGION if region else IMAGE_TEXT
 
+    def _encode(self, kind: str, image: torch.Tensor, text_ids: torch.Tensor, text_atts: torch.Tensor,
+                image_idx: torch.Tensor | None, patch_mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """The encoders' outputs every objective reads: the images, the vision side of each text row (its box
+        concept in a region batch, its whole image otherwise), the texts, their ITC features and temperature."""
         image_embeds = self.vision(image)
-        if region:
+        if kind == REGION:
             vision_embeds, vision_atts = concept_embeds(image_embeds, image_idx, patch_mask)
             positives = same_box(image_idx, patch_mask) if self.config.itm_positives == "same_box" else None
         else:
-            if image.shape[0] != text_ids.shape[0]:
-                raise ModelError(f"an image_text batch has one text per image: {image.shape[0]} images, "
-                                f"{text_ids.shape[0]} texts")
             vision_embeds, vision_atts = image_embeds, whole_image_atts(image_embeds)
             positives = None
         text_embeds, text_feat = self.encode_text(text_ids, text_atts)
-        vision_feat = self.itc.vision_feat(vision_embeds[:, 0])
-        temp = self.itc.temperature()
-
-        losses = {}
-        if "itc" in wanted:
-            same_text = text_ids if self.config.itc_same_text == "ignore" else None
-            losses["itc"] = itc_loss(vision_feat, text_feat, temp, same_text, self.config.itc_gather_grad)
-        if "itm" in wanted:
-            losses["itm"] = self._itm_loss(vision_embeds, vision_atts, text_embeds, text_atts,
-                                           (vision_feat @ text_feat.t() / temp), positives, generator)
-        if "mlm" in wanted:
-            losses["mlm"] = self._mlm_loss(text_ids_masked, text_atts, vision_embeds, vision_atts, masked_pos,
-                                           masked_ids)
-        if region and wanted & BOX_OBJECTIVES:
-            # Every row goes through the box head (X-VLM does too) so that all its parameters join each region
-            # step's graph; whole-image rows then weigh 0 in the loss.
-            is_region = ~is_image.bool()
-            rows = image_embeds[image_idx]
-            if "centre" in wanted:
-                if not isinstance(self.box_head, PatchAttention):
-                    raise ModelError(f"the centre loss trains the attention of a softargmax or dense box head; "
-                                     f"box_head {self.config.box_head!r} has none: set its weight to 0")
-                fused = self._fuse_whole(rows, text_embeds, text_atts)
-                pred, logits = self.box_head.boxes_and_logits(fused, rows[:, 1:])   # one attention pass for both
-                losses["centre"] = centre_loss(logits, target_bbox, is_region, self.box_head.grid)
-            else:
-                pred = self._boxes(rows, text_embeds, text_atts)
-            bbox, giou = box_losses(pred, target_bbox, is_region)
-            losses.update({name: value for name, value in (("bbox", bbox), ("giou", giou)) if name in wanted})
-        return losses
-
-    def _itm_loss(self, vision_embeds: torch.Tensor, vision_atts: torch.Tensor, text_embeds: torch.Tensor,
-                  text_atts: torch.Tensor, sim_i2t: torch.Tensor, positives: torch.Tensor | None,
-                  generator: torch.Generator | None) -> torch.Tensor:
-        neg_image, neg_text = sample_hard_negatives(sim_i2t, positives, generator)
-        # One fusion pass over K positives, K (text, hard-negative concept) and K (concept, hard-negative text).
-        vision_all = torch.cat([vision_embeds, vision_embeds[neg_image], vision_embeds])
-        vision_atts_all = torch.cat([vision_atts, vision_atts[neg_image], vision_atts])
-        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])
-        text_atts_all = torch.cat([text_atts, text_atts, text_atts[neg_text]])
-        logits = self.itm_head(self.fuse_cls(vision_all, vision_atts_all, text_all, text_atts_all))
-        return itm_loss(logits, num_pos=text_embeds.shape[0])
-
-    def _mlm_loss(self, text_ids_masked: torch.Tensor, text_atts: torch.Tensor, vision_embeds: torch.Tensor,
-                  vision_atts: torch.Tensor, masked_pos: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.fusion(self.text(text_ids_masked, text_atts), text_atts, vision_embeds, vision_atts)
-        at_masks = hidden.gather(1, masked_pos[..., None].expand(-1, -1, hidden.shape[-1]))
-        return mlm_loss(self.mlm_head(at_masks), masked_ids)
+        return {"image_embeds": image_embeds, "vision_embeds": vision_embeds, "vision_atts": vision_atts,
+                "text_embeds": text_embeds, "text_feat": text_feat,
+                "vision_feat": self.itc.vision_feat(vision_embeds[:, 0]), "temp": self.itc.temperature(),
+                "positives": positives}
 
 
 def same_box(image_idx: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:

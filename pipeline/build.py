@@ -28,10 +28,11 @@ from pipeline.group import GroupConfig, count_groups, group_images, iter_groups,
 from pipeline.images import ImageConfig, ImageReader, ImageReject, annotation_scale, map_box, normalize_image
 from pipeline.records import ImageGroup, RecordRef
 from pipeline.stage import StageConfig, stage_sources
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from shards.format import DEFAULT_SHARD_PREFIX, FORMAT_VERSION, parse_shard_name, shard_name, valid_key
 from shards.format import INDEX_NAME, MANIFEST_NAME, REJECTS_NAME
+from shards.hf_card import write_dataset_card
 from shards.manifest import (INDEX_SCHEMA, REJECTS_SCHEMA, Manifest, SourceCounts, manifest_bytes, merge_counts,
                              table_bytes)
 from shards.writer import ShardWriter
@@ -315,15 +316,11 @@ class Grouped:
     reject_files: list[str]     # stage + group rejects (parquet)
 
 
-def _remove_local_temp_files(out: str) -> None:
-    """Temp files of atomic writes that a killed run left behind (storage names them `.NAME.XXXX.tmp`)."""
-    if storage.is_s3(out):
-        return
-    for folder in (out, os.path.join(out, WORK_NAME)):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.startswith(".") and name.endswith(".tmp"):
-                    os.remove(os.path.join(folder, name))
+def _clean_interrupted_writes(out: str) -> None:
+    """What a killed run left behind: temp files of atomic writes, unfinished uploads (storage knows their names)."""
+    removed = sum(storage.clean_interrupted_writes(folder) for folder in (out, storage.join(out, WORK_NAME)))
+    if removed:
+        log.info("removed %d unfinished writes under %s (left by an interrupted run)", removed, out)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -369,15 +366,12 @@ def run_build(config: BuildConfig) -> BuildResult:
         storage.set_endpoint_url(config.endpoint_url)
     out = config.out.rstrip("/")
     storage.makedirs(out)
-    aborted = storage.abort_stale_uploads(out + "/")
-    if aborted:
-        log.info("aborted %d unfinished multipart uploads under %s (left by an interrupted run)", aborted, out)
     _check_work_state(config)
-    _remove_local_temp_files(out)
+    _clean_interrupted_writes(out)
     temp_work = None
     if config.work_dir:
         work_dir = config.work_dir
-    elif storage.is_s3(out):
+    elif storage.local_path(out) is None:   # the shards go to a remote store: stage in a local temp folder
         _remove_dead_staging()
         work_dir = temp_work = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
     else:
@@ -475,6 +469,7 @@ def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fi
                                f"rejected; the dataset is not committed (no manifest.json)")
     manifest = Manifest(build={"command": config.command, "config": config.output_config()},
                         sources=dict(sorted(totals.items())), shards=shards)
+    write_dataset_card(out, manifest)    # README.md: the schema for Hugging Face datasets
     storage.write_bytes(storage.join(out, MANIFEST_NAME), manifest_bytes(manifest))
     return manifest
 

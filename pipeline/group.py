@@ -60,8 +60,8 @@ from tqdm import tqdm
 from pipeline import sources as source_registry
 from pipeline.records import Caption, ImageGroup, RecordRef
 from pipeline.stage import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, KIND_ORDER, REJECTS_SCHEMA, StageResult, stage_dir
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,7 @@ def count_groups(partition_path: str) -> int:
 
 
 def _parquet_file(path: str) -> pq.ParquetFile:
-    if storage.is_s3(path):
+    if storage.local_path(path) is None:
         return pq.ParquetFile(pa.BufferReader(storage.read_bytes(path)))
     return pq.ParquetFile(path)
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.sources import unsafe_tar_member
-from shards import storage
+import storage
+from shards.format import DEFAULT_MAX_IMAGE_SIDE
+from shards.tar_stream import unsafe_member
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ BOX_DECIMALS = 2             # stored boxes are rounded to 1/100 pixel
 @dataclass(frozen=True)
 class ImageConfig:
     """How images are stored in the shards."""
-    max_side: int = 512                         # long side of a stored image, in pixels
+    max_side: int = DEFAULT_MAX_IMAGE_SIDE      # long side of a stored image, in pixels
     jpeg_quality: int = 90                      # quality of re-encoded JPEGs
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485   # header width*height above this: decompression_bomb
     max_file_bytes: int = 256 * 1024 * 1024     # a source image file above this is not read: file_too_large
@@ -88,7 +89,7 @@ class ImageReader:
         self._stream = None
         self._tar: tarfile.TarFile | None = None
         self.roots = [(os.path.normpath(os.path.abspath(r)), os.path.realpath(r))
-                      for r in roots if not storage.is_s3(r)]
+                      for r in roots if storage.local_path(r) is not None]
         self.max_bytes = max_bytes
 
     def _outside(self, path: str) -> str:
@@ -108,7 +109,7 @@ class ImageReader:
         tar_path, hash_sign, member = path.partition("#")
         if hash_sign and tar_path.endswith(".tar"):
             return self._read_member(tar_path, member)
-        if not storage.is_s3(path):
+        if storage.local_path(path) is not None:
             return self._read_local(path)
         try:
             data = storage.read_bytes(path, 0, self.max_bytes + 1)
@@ -157,7 +158,7 @@ class ImageReader:
                     self._tar.members.clear()   # stream mode keeps every header otherwise
                     if info.name != member:
                         continue
-                    unsafe = unsafe_tar_member(info)
+                    unsafe = unsafe_member(info)
                     if unsafe:
                         raise ImageReject("unsafe_tar_member", f"{tar_path}#{member}: {unsafe}")
                     if info.size > self.max_bytes:

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from pipeline import sources as source_registry
 from pipeline.records import ImageRef, Reject
 from pipeline.textclean import clean_text
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tu
 def stage_sources(sources: dict[str, str], work_dir: str, config: StageConfig | None = None) -> StageResult:
     """Stage every source (name -> root path, local or s3://) under WORK_DIR/stage. WORK_DIR is a local folder."""
     config = config or StageConfig()
-    if storage.is_s3(work_dir):
+    if storage.local_path(work_dir) is None:
         raise XvlmError(f"the staging work dir must be a local folder, not {work_dir}")
     if not sources:
         raise XvlmError("no sources given: use --source NAME=PATH (e.g. --source coco=data/sample/coco)")

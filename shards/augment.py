@@ -127,7 +127,7 @@ def resize_pixels(pixels: np.ndarray, box: tuple[int, int, int, int], out_w: int
     levels on sharp edges where Pillow clips its overshoot), except on the output's outermost pixels: there
     Pillow's kernel also reads the pixels just outside the box, while torch, given the box alone, repeats its
     edge (up to ~10 levels where a sharp edge lies just outside). The box is copied to packed RGB first: the
-    kernel's vectorised path wants contiguous channels-last input. Measured in tools/bench_loader.py; see
+    kernel's vectorised path wants contiguous channels-last input. Measured in bench/bench_loader.py; see
     docs/loader.md."""
     x0, y0, x1, y1 = box
     packed = np.ascontiguousarray(pixels[y0:y1, x0:x1, :3])   # packed HWC, read as channels-last NCHW

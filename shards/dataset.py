@@ -4,17 +4,17 @@ whatever is wrong with it is raised as an XvlmError before training starts.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from shards.format import valid_key
-from shards.manifest import DatasetManifest, ShardEntry, check_columns, open_parquet, read_dataset_manifest
+from shards.manifest import DatasetManifest, ShardEntry, read_dataset_manifest
+from shards.side_files import open_side_file
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,14 @@ class Dataset:
 
 def _index_table(manifest: DatasetManifest) -> pa.Table:
     """The index columns the loader needs, checked for the format's types and for nulls."""
-    where = manifest.index_path
     try:
-        raw = storage.read_bytes(where)
+        with open_side_file(manifest, "index", _INDEX_COLUMNS) as index:
+            table = index.read(_INDEX_COLUMNS)
     except FileNotFoundError as err:
         raise XvlmError(f"dataset {manifest.path} has no {manifest.index_name}; rebuild the dataset") from err
-    parquet = open_parquet(io.BytesIO(raw), where)
-    check_columns(parquet.schema_arrow, _INDEX_COLUMNS, where)
-    try:
-        table = parquet.read(columns=_INDEX_COLUMNS)
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise XvlmError(f"{where} cannot be read ({type(err).__name__}: {err}); rebuild the dataset") from None
     nulls = [name for name in _INDEX_COLUMNS if table.column(name).null_count]
     if nulls:
-        raise XvlmError(f"{where} has empty values in {nulls}; rebuild the dataset")
+        raise XvlmError(f"{manifest.index_path} has empty values in {nulls}; rebuild the dataset")
     return table
 
 

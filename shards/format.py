@@ -16,6 +16,9 @@ MANIFEST_NAME = "manifest.json"     # written last: the dataset's commit marker
 INDEX_NAME = "index.parquet"        # one row per written sample
 REJECTS_NAME = "rejects.parquet"    # one row per rejected input record
 DEFAULT_SHARD_PREFIX = "shard"
+# The long side of a stored image unless `xvlm build-shards --max-image-side` says otherwise (the builder's default,
+# and what readers assume of a manifest that does not record it).
+DEFAULT_MAX_IMAGE_SIDE = 512
 # Member extensions of one sample, in the order they appear in the tar.
 MEMBER_EXTENSIONS = ("jpg", "json", "txt")
 

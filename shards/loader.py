@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import text
 from shards.dataset import Dataset, open_datasets
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.loader_config import LoaderConfig
 from shards.plan import IMAGE_TEXT, REGION, SHARED, EpochPlan, build_plan, build_stream_plan, iteration_kinds
 from shards.slots import ReadAhead, SlotReader, sample_rng  # noqa: F401 - re-exported (tools, tests)

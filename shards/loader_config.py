@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 
 # The named modes of the loader's switches: the first of each is X-VLM's (the default).

@@ -1,6 +1,7 @@
 """The dataset's side files: manifest.json (written last: the commit marker), index.parquet and rejects.parquet,
-and the one reader that checks them (`read_dataset_manifest`, `check_columns`) for the loader, `xvlm verify`,
-`xvlm stats` and `xvlm show`: bad metadata is refused with the same clear error everywhere.
+and the one reader that checks the manifest (`read_dataset_manifest`) for the loader, `xvlm verify`, `xvlm stats`
+and `xvlm show`: bad metadata is refused with the same clear error everywhere (the parquet side files are read
+through shards/side_files.py).
 
 The manifest carries the format version, how the dataset was built, per-source counts of input records
 (by record kind) split into written and rejected-by-reason, and per shard its sample count, bytes and sha256.
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from shards.format import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, REJECTS_NAME, SampleError, load_json,
                            parse_shard_name)
 
@@ -162,9 +163,13 @@ def write_table(path: str, rows: list[dict] | pa.Table, schema: pa.Schema) -> No
 
 
 def write_dataset_files(out_dir: str, index: pa.Table, rejects: pa.Table, manifest: Manifest) -> None:
-    """index.parquet and rejects.parquet, then manifest.json last: once it exists, the dataset is complete."""
+    """index.parquet, rejects.parquet and the dataset card (README.md), then manifest.json last: once it exists, the
+    dataset is complete."""
+    from shards.hf_card import write_dataset_card
+
     write_table(storage.join(out_dir, INDEX_NAME), index, INDEX_SCHEMA)
     write_table(storage.join(out_dir, REJECTS_NAME), rejects, REJECTS_SCHEMA)
+    write_dataset_card(out_dir, manifest)
     storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), manifest_bytes(manifest))
 
 
@@ -327,46 +332,3 @@ def read_dataset_manifest(path: str) -> DatasetManifest:
         raise XvlmError(f"dataset {path} does not exist (no {MANIFEST_NAME} there). Build it with "
                         f"`xvlm build-shards --out {path} ...` or fix the path.")
     return parse_manifest(raw, path)
-
-
-def _kind(t: pa.DataType) -> str:
-    """A column type as a reader uses it: any integer width is an int, any list layout a list of its items."""
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "str"
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return f"list<{_kind(t.value_type)}>"
-    return str(t)
-
-
-def check_columns(schema: pa.Schema, columns: list[str], where: str, expected: pa.Schema = INDEX_SCHEMA) -> None:
-    """Raise XvlmError unless a side file's schema has `columns` with the format's types (`expected`: INDEX_SCHEMA
-    for index.parquet, which must also have REQUIRED_INDEX_COLUMNS; REJECTS_SCHEMA for rejects.parquet)."""
-    problems = []
-    if expected is INDEX_SCHEMA:
-        columns = REQUIRED_INDEX_COLUMNS + [c for c in columns if c not in REQUIRED_INDEX_COLUMNS]
-    for name in columns:
-        if name not in schema.names:
-            problems.append(f"no column {name!r}")
-            continue
-        want, got = expected.field(name).type, schema.field(name).type
-        if _kind(want) != _kind(got):
-            problems.append(f"column {name!r} is {got}, the format says {want}")
-    if problems:
-        raise XvlmError(f"{where} does not have this shard format's columns ({'; '.join(problems)}); rebuild the "
-                        f"dataset")
-
-
-def open_parquet(local: str | io.BytesIO, where: str) -> pq.ParquetFile:
-    """A parquet file opened for reading; XvlmError when the bytes are not parquet (damaged or another file),
-    FileNotFoundError when there is none."""
-    try:
-        return pq.ParquetFile(local)
-    except FileNotFoundError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise XvlmError(f"{where} is not a readable parquet file ({type(err).__name__}: {err}); rebuild the "
-                        f"dataset") from None

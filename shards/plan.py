@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from shards.dataset import Dataset, ShardIndex
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.loader_config import LoaderConfig
 from shards.samples import PHRASE_CAPTION
+
+log = logging.getLogger(__name__)
 
 CHUNK = 64   # samples per interleaved chunk of a slice: one ranged read each, small against a shuffle block
 
@@ -152,11 +155,13 @@ def source_targets(sizes: dict[str, int], weights: dict[str, float]) -> dict[str
     if missing:
         raise XvlmError(f"source_weights has no weight for source(s) {missing} of the datasets (sources: "
                         f"{sorted(sizes)}); give every source a weight (0 leaves it out)")
-    unknown = sorted(set(weights) - set(sizes))
-    if unknown:
-        raise XvlmError(f"source_weights names source(s) {unknown} that the datasets do not have "
-                        f"(sources: {sorted(sizes)})")
-    total, weight_sum = sum(sizes.values()), sum(weights.values())
+    absent = sorted(set(weights) - set(sizes))
+    if absent:   # a recipe's weights may name sources a smaller build lacks (every present one needs a weight)
+        log.info("source_weights names source(s) %s that these datasets do not have here; their weights are not used "
+                 "(sources: %s)", absent, sorted(sizes))
+    total, weight_sum = sum(sizes.values()), sum(w for name, w in weights.items() if name in sizes)
+    if weight_sum <= 0:
+        raise XvlmError(f"source_weights gives every source of the datasets ({sorted(sizes)}) weight 0")
     return {name: int(round(total * weights[name] / weight_sum)) for name in sizes}
 
 

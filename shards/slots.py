@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from shards import storage
+import storage
 from shards.dataset import Dataset
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.loader_config import LoaderConfig
 from shards.plan import TAG_BLOCK, TAG_SAMPLE, EpochPlan, rng_for
 from shards.tar_stream import RawSample, Skipped, iter_range
@@ -87,7 +87,7 @@ class SlotReader:
         # "auto": only where a read waits on the network. On local disk the reads are quick and the thread would
         # only compete with the decoding for the GIL (measured: 5-25% fewer samples/s on one core).
         self.read_ahead = config.read_ahead is True or (
-            config.read_ahead == "auto" and any(storage.is_s3(d.path) for d in datasets))
+            config.read_ahead == "auto" and any(storage.local_path(d.path) is None for d in datasets))
 
     def global_position(self, pass_: int, position: int) -> int:
         return pass_ * self.plan.total + self.slice_id * self.plan.slice_len + position

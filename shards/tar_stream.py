@@ -4,12 +4,13 @@ planned sample: a RawSample, or a Skipped for damage (corrupt, unsafe or truncat
 from __future__ import annotations
 
 import logging
+import posixpath
 import tarfile
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from shards import storage
+import storage
 from shards.dataset import ShardIndex
 from shards import format as shard_format
 from shards.format import MEMBER_EXTENSIONS, valid_key
@@ -41,16 +42,40 @@ class Skipped:
     detail: str = ""
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why a tar member's name must not be used as a path, or None: absolute, or with a '..' part."""
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in posixpath.normpath(name).split("/") or ".." in name.replace("\\", "/").split("/"):
+        return "a path with '..'"
+    return None
+
+
+def unsafe_member(info: tarfile.TarInfo) -> str | None:
+    """Why a member of any tar we read (a release's img2dataset tars, our shards) must not be read, or None: the one
+    tar-member rule. An absolute or '..' path, a link, anything but a regular file, or a sparse file (tarfile reads
+    a GNU sparse member as its expanded size: 0.6 MB of shard became 3 GiB in memory)."""
+    name_problem = unsafe_name(info.name)
+    if name_problem:
+        return name_problem
+    if info.issym() or info.islnk():
+        return f"a link to {info.linkname!r:.80}"
+    if not info.isreg():
+        return f"not a regular file (tar type {info.type!r})"
+    if info.issparse():
+        return "a sparse file"
+    return None
+
+
 def member_problem(info: tarfile.TarInfo) -> str:
-    """Why a shard's tar member must not be read, or '' when it may: the one rule of the loader, `xvlm verify` and
-    `xvlm show`. Only regular files, not sparse (tarfile reads a GNU sparse member as its expanded size: 0.6 MB of
-    shard became 3 GiB in memory), named KEY.EXT with a safe key and a format extension (no folder, no '..', no
-    absolute path), of at most MAX_MEMBER_BYTES (so reading one never holds more than that)."""
+    """Why a shard's tar member must not be read, or '' when it may (the loader, `xvlm verify`, `xvlm show`): the
+    tar-member rule (`unsafe_member`), then the shard format's own: named KEY.EXT with a safe key and a format
+    extension (no folder), of at most MAX_MEMBER_BYTES (so reading one never holds more than that)."""
     name = info.name
-    if not info.isreg() or info.issparse():
-        kind = "a sparse file" if info.issparse() else f"not a regular file (tar type {info.type!r})"
-        return f"member {name!r} is {kind}"
-    if name.startswith(("/", "\\")) or "/" in name or "\\" in name:
+    unsafe = unsafe_member(info)
+    if unsafe:
+        return f"member {name!r} is {unsafe}"
+    if "/" in name or "\\" in name:
         return f"member name {name!r} is absolute or has a folder or '..'"
     key, dot, ext = name.partition(".")
     if not dot or not valid_key(key) or ext not in MEMBER_EXTENSIONS:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 if TYPE_CHECKING:
     from shards.loader_config import LoaderConfig

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from shards import collate, samples
 from shards.dataset import Dataset
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.loader_config import LoaderConfig
 from shards.plan import GROUP_KINDS, RANDOM_CAPTION, REGION, TAG_ROWS, EpochPlan, rng_for
 from shards.slots import SlotReader, sample_rng

@@ -12,7 +12,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 
-from shards import storage
+import storage
 from shards.format import sample_text, valid_key, validate_sample
 
 

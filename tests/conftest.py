@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def s3(tmp_path_factory):
     """A running SeaweedFS S3 server on 127.0.0.1. Yields the server (endpoint, credentials, bucket, url(key));
     the standard AWS variables are set for the session so boto3 (and subprocesses) find it."""
-    from tools.seaweed import start_seaweed
+    from seaweed import start_seaweed
 
     server = start_seaweed(str(tmp_path_factory.mktemp("seaweed")))
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from shards import storage
+import storage
 from shards.format import shard_name
 from shards.manifest import INDEX_SCHEMA, REJECTS_SCHEMA, Manifest, SourceCounts, write_dataset_files
 from shards.writer import ShardWriter

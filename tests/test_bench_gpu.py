@@ -1,4 +1,4 @@
-"""tools/bench_gpu.py on the CPU with the tiny preset: every figure is in its JSON and the phases agree."""
+"""bench/bench_gpu.py on the CPU with the tiny preset: every figure is in its JSON and the phases agree."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tools import bench_gpu
+from bench import bench_gpu
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_bad_arguments_are_user_errors(capsys):
 
 
 def test_synthesize_once_then_read_with_dataset(tmp_path, one_thread, capsys):
-    """tools/gpu_check.sh's flow: --synthesize-only makes the data once, later runs read it through --dataset."""
+    """bench/gpu_check.sh's flow: --synthesize-only makes the data once, later runs read it through --dataset."""
     data = tmp_path / "data"
     assert bench_gpu.main(["--synthesize-only", str(data), "--samples", "60"]) == 0
     assert "synthesized 60 images in 1 part(s)" in capsys.readouterr().out

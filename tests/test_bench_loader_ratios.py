@@ -1,10 +1,10 @@
-"""tools/bench_loader.py's ratio method: each S3 row runs next to its local row (after it, and before it every
+"""bench/bench_loader.py's ratio method: each S3 row runs next to its local row (after it, and before it every
 second round), and a ratio is the median of the per-round ratios (not best round against best round)."""
 from __future__ import annotations
 
 import pytest
 
-from tools.bench_loader import paired_order, round_ratio
+from bench.bench_loader import paired_order, round_ratio
 
 
 def test_each_s3_row_runs_right_after_its_local_row():

@@ -86,7 +86,7 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> dict:
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     return generate(tmp_path_factory.mktemp("sample"), images=40, val_images=10, seed=5, progress=False)
 

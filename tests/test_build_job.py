@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.images import ImageConfig
-from shards import storage
+import storage
 from shards.format import sample_problems
 from shards.manifest import read_manifest
 
@@ -25,7 +25,7 @@ MAX_SIDE = 160   # smaller than every sample picture, so every image is resized 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> dict:
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     return generate(tmp_path_factory.mktemp("sample"), images=40, val_images=10, seed=3, progress=False)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert, box_iou
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from train.evaluate import (best_positive_rank, box_iou_pairs, grounding_accuracy, recall_at_k, rerank_top_k,
                             retrieval_metrics)
 
@@ -148,7 +148,7 @@ def held_out(tmp_path_factory):
     from pathlib import Path
 
     from shardkit import corrupt_member, make_dataset
-    from tools.sample_data import write_tokenizer
+    from sampledata.sample_data import write_tokenizer
 
     root = tmp_path_factory.mktemp("heldout")
     dataset = make_dataset(str(root / "val"), samples=12, per_shard=6, size=(96, 72))
@@ -292,7 +292,7 @@ def test_eval_cli_on_an_imported_official_checkpoint(held_out, tmp_path):
     from model.official import export_official, official_config
     from model.xvlm import build_model
     from tools.cli import main
-    from train.eval_cli import imported_text_settings
+    from train.eval_checkpoint import imported_text_settings
 
     dataset, tokenizer = held_out
     torch.manual_seed(0)

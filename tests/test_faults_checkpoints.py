@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from tools.cli import main as xvlm
 from train import checkpoint as ckpt
 from train.config import load_config

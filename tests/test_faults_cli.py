@@ -19,9 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 
-from shards import storage  # noqa: E402
+import storage  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
-from tools.seaweed import start_seaweed  # noqa: E402
+from seaweed import start_seaweed  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train.metrics import METRICS_FILE, MetricsLogger, read_metrics  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_a_missing_bucket_is_named_not_mistaken_for_a_missing_manifest(s3, sbu_r
 
 @pytest.mark.s3
 def test_an_endpoint_that_never_answers_is_one_line(s3, s3_dataset, tmp_path, capsys, monkeypatch):
-    from tools.seaweed import free_ports
+    from seaweed import free_ports
 
     monkeypatch.setenv("XVLM_S3_MAX_ATTEMPTS", "2")
     _fresh_clients()
@@ -258,7 +258,7 @@ def test_a_build_to_s3_killed_with_9_leaves_no_staging_folder_after_the_next_run
 
 
 def test_submit_passes_no_secret_unless_asked_and_then_warns(monkeypatch, caplog):
-    from tools.submit import job_environment
+    from train.ray_jobs import job_environment
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
@@ -269,7 +269,7 @@ def test_submit_passes_no_secret_unless_asked_and_then_warns(monkeypatch, caplog
         vars(args).update(flags)
         return job_environment(args)
 
-    with caplog.at_level(logging.WARNING, logger="tools.submit"):
+    with caplog.at_level(logging.WARNING, logger="train.ray_jobs"):
         plain = env(forward_aws=True)
         assert plain["AWS_ENDPOINT_URL"] == "http://s3.internal:8333"
         assert "AWS_SECRET_ACCESS_KEY" not in plain and "AWS_ACCESS_KEY_ID" not in plain

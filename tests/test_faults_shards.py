@@ -23,11 +23,11 @@ from test_loader_split import TOKENIZER  # noqa: E402
 
 from shards import format as shard_format  # noqa: E402
 from shards.dataset import open_dataset  # noqa: E402
-from shards.errors import XvlmError  # noqa: E402
+from storage.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader  # noqa: E402
 from shards.loader_config import preset  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
-from tools.verify import VerifyOptions, verify  # noqa: E402
+from reports.verify import VerifyOptions, verify  # noqa: E402
 
 CAP = 256 * 1024          # MAX_MEMBER_BYTES while these tests run (the real one is 64 MiB)
 # key -> (members replaced, what the loader counts, what verify says, does `xvlm show` draw it)

@@ -22,7 +22,7 @@ from test_sources import build  # noqa: E402
 
 from pipeline.build import write_shard  # noqa: E402
 from pipeline.images import ImageConfig  # noqa: E402
-from shards.errors import XvlmError  # noqa: E402
+from storage.errors import XvlmError  # noqa: E402
 
 
 def _jpeg(colour: str = "red") -> bytes:

@@ -16,7 +16,7 @@ from pipeline.stage import StageConfig, stage_sources
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> str:
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     sample = generate(tmp_path_factory.mktemp("sample"), images=40, val_images=4, seed=5, progress=False)
     work = str(tmp_path_factory.mktemp("work"))
@@ -96,7 +96,7 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
     def peak(scale: float) -> float:
         script = textwrap.dedent(f"""
             import json, resource
-            from tools.bench_annotations import synthesize
+            from bench.bench_annotations import synthesize
             from pipeline.stage import StageConfig, stage_sources
             from pipeline.group import GroupConfig, group_images, iter_groups
             data, work = {str(tmp_path / f"vg{scale}")!r}, {str(tmp_path / f"work{scale}")!r}

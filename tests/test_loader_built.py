@@ -25,7 +25,7 @@ def built(tmp_path_factory):
     import ray
 
     from pipeline.build import BuildConfig, init_ray, run_build
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     root = tmp_path_factory.mktemp("built")
     summary = generate(root / "sample", images=40, val_images=10, seed=5, progress=False)

@@ -201,7 +201,7 @@ def test_whole_pixel_crops_resize_with_torch_like_pillow(monkeypatch, use_simple
         monkeypatch.setattr(augment.simplejpeg, "decode_jpeg", spy)
     else:
         monkeypatch.setattr(augment, "simplejpeg", None)
-    from tools.scenes import jpeg_bytes, render, sample_scene
+    from sampledata.scenes import jpeg_bytes, render, sample_scene
 
     data = jpeg_bytes(render(sample_scene(np.random.default_rng(5))))
     rgb = Image.open(io.BytesIO(data)).convert("RGB")

@@ -20,8 +20,8 @@ from test_loader_robust import damaged  # noqa: E402
 from test_loader_split import TOKENIZER  # noqa: E402
 
 from shards import slots as slots_module  # noqa: E402
-from shards import storage  # noqa: E402
-from shards.errors import XvlmError  # noqa: E402
+import storage  # noqa: E402
+from storage.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader, ReadAhead  # noqa: E402
 from shards.loader_config import preset  # noqa: E402
 

@@ -14,7 +14,7 @@ import shardkit  # noqa: E402
 from test_loader_split import TOKENIZER  # noqa: E402
 
 from shards.dataset import open_dataset  # noqa: E402
-from shards.errors import XvlmError  # noqa: E402
+from storage.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader  # noqa: E402
 from shards.loader_config import OURS, preset  # noqa: E402
 from shards.tar_stream import CORRUPT, TRUNCATED, RawSample, Skipped, iter_range  # noqa: E402

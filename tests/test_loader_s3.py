@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 from test_loader_split import TOKENIZER  # noqa: E402
 
-from shards import storage  # noqa: E402
-from shards.errors import XvlmError  # noqa: E402
+import storage  # noqa: E402
+from storage.errors import XvlmError  # noqa: E402
 from shards.loader import MultiGrainedLoader  # noqa: E402
 from shards.loader_config import preset  # noqa: E402
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.s3
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Our own SeaweedFS (not the session one): this module stops and restarts it."""
-    from tools.seaweed import start_seaweed
+    from seaweed import start_seaweed
 
     srv = start_seaweed(str(tmp_path_factory.mktemp("seaweed-loader")), bucket="loader")
     try:
@@ -122,7 +122,7 @@ def test_server_restart_mid_object_is_survived(datasets, server, monkeypatch):
     def slow_open(path, start=0, end=None, **kw):
         stream = real_open(path, start=start, end=end, **kw)
         streams.append(stream)
-        return Slow(stream) if storage.is_s3(path) else stream
+        return Slow(stream) if storage.local_path(path) is None else stream
 
     monkeypatch.setattr(storage, "open_read", slow_open)
     got = list(MultiGrainedLoader([remote], config()))

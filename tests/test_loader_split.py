@@ -130,3 +130,16 @@ def test_source_weights_change_the_mixture(dataset):
     loader = MultiGrainedLoader([dataset], config)
     sources = Counter(s for batch in loader for s in batch["sources"])
     assert sources["coco"] > 2 * sources["vg"] > 0
+
+
+def test_source_weights_may_name_sources_the_datasets_lack():
+    """A recipe's weights (the quickstart's warm-up) may name a source a smaller build lacks; every present source
+    still needs a weight, and the present ones may not all be 0."""
+    from shards.plan import source_targets
+    from storage.errors import XvlmError
+
+    assert source_targets({"a": 10, "b": 30}, {"a": 1.0, "b": 1.0, "c": 5.0}) == {"a": 20, "b": 20}
+    with pytest.raises(XvlmError, match="has no weight for source"):
+        source_targets({"a": 10, "b": 30}, {"a": 1.0})
+    with pytest.raises(XvlmError, match="weight 0"):
+        source_targets({"a": 10}, {"a": 0.0, "c": 1.0})

@@ -65,17 +65,52 @@ def test_quickstart_rejects_bad_arguments(tmp_path):
     assert main(["quickstart", "--box-warmup-steps", "-1", "--out", str(tmp_path / "x")]) == 2
 
 
-def test_box_warmup_weights_follow_the_sources(tmp_path):
-    """COCO (bare object names) weighted most, other sources with boxes less, caption-only sources least."""
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The quickstart's sample data and shards, small."""
     from tools import quickstart
 
-    layout = quickstart.Layout(tmp_path / "qs")
+    layout = quickstart.Layout(tmp_path_factory.mktemp("qs-built") / "qs")
     quickstart.make_sample_data(layout, 40, 20, 0)
     quickstart.build_shards(layout)
-    weights = quickstart.box_warmup_weights(layout.train_shards)
-    assert weights["coco"] == quickstart.BOX_WARMUP_WEIGHTS["coco"]
-    assert weights["vg"] == quickstart.BOX_WARMUP_OTHER
-    assert weights["cc"] == weights["sbu"] == quickstart.BOX_WARMUP_NO_BOXES
+    return layout
+
+
+def test_box_warmup_weights_follow_the_sources(built):
+    """The warm-up config (train/configs/quickstart_warmup.yaml) weights COCO (bare object names) most, the other
+    sources with boxes less, caption-only sources least, and names exactly the sources of the quickstart's shards."""
+    from shards.dataset import open_dataset
+    from tools import quickstart
+
+    layout = built
+    has_boxes: dict[str, bool] = {}
+    for shard in open_dataset(str(layout.train_shards)).shards:
+        for source, has_region in zip(shard.sources, shard.has_region):
+            has_boxes[source] = has_boxes.get(source, False) or bool(has_region)
+    weights = quickstart.config_value(quickstart.WARMUP_CONFIG, "data", "source_weights")
+    assert set(weights) == set(has_boxes)
+    assert has_boxes == {"coco": True, "coco+vg": True, "vg": True, "sbu": False, "cc": False}
+    assert weights["coco"] == 1.0
+    assert weights["vg"] == weights["coco+vg"] == 0.2
+    assert weights["cc"] == weights["sbu"] == 0.01
+
+
+def test_each_quickstart_stage_runs_as_a_config(built, tmp_path):
+    """`xvlm train --config` runs the warm-up and the main-training configs as they are, given the data paths."""
+    from tools import quickstart
+    from tools.cli import main as xvlm
+
+    layout = built
+    paths = [f"data.datasets=[{layout.train_shards}]", f"data.tokenizer={layout.sample / 'tokenizer'}",
+             "schedule.steps=2", "schedule.warmup_steps=1", "checkpoint.every=2", "eval.every=0"]
+    small = ["data.image_text_batch_size=16", "data.region_batch_size=16", "data.region_max_images=8"]
+    warm = tmp_path / "warm"
+    assert xvlm(["train", "--config", str(quickstart.WARMUP_CONFIG), "--out", str(warm), *paths, *small]) == 0
+    model = warm / "checkpoints" / "ckpt-00000002" / "model.safetensors"
+    assert model.is_file()
+    assert xvlm(["train", "--config", str(quickstart.MAIN_CONFIG), "--out", str(tmp_path / "main"), *paths, *small,
+                 f"model.init={model}"]) == 0
+    assert (tmp_path / "main" / "checkpoints" / "ckpt-00000002" / "COMMITTED").is_file()
 
 
 @pytest.mark.slow

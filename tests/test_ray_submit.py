@@ -35,7 +35,7 @@ def ray_head():
 def train_data(tmp_path_factory):
     """A small built dataset and a tokenizer folder (absolute paths: every Ray worker must see them)."""
     from shardkit import make_dataset
-    from tools.sample_data import write_tokenizer
+    from sampledata.sample_data import write_tokenizer
 
     root = tmp_path_factory.mktemp("raydata")
     dataset = make_dataset(str(root / "shards"), samples=32, per_shard=8, sources=("coco", "vg"))

@@ -9,7 +9,9 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from shards import storage
+import storage
+from storage import s3 as s3_backend
+from storage.s3_errors import split_s3
 
 pytestmark = pytest.mark.s3
 
@@ -92,15 +94,15 @@ def test_storage_layer_round_trip(s3_prefix):
 
 def test_write_bytes_single_put_and_parallel_multipart(s3_prefix, monkeypatch):
     """Up to SINGLE_PUT_MAX one PUT; above, a multipart upload of MULTIPART_CHUNK parts. Both read back whole."""
-    monkeypatch.setattr(storage, "SINGLE_PUT_MAX", 6 * 1024 * 1024)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)   # S3's smallest part
-    client = storage.s3_client()
+    monkeypatch.setattr(s3_backend, "SINGLE_PUT_MAX", 6 * 1024 * 1024)
+    monkeypatch.setattr(s3_backend, "MULTIPART_CHUNK", 5 * 1024 * 1024)   # S3's smallest part
+    client = storage.backend_for(s3_prefix).client()
     for size, parts in ((6 * 1024 * 1024, 0), (6 * 1024 * 1024 + 1, 2)):
         data = os.urandom(size)
         path = storage.join(s3_prefix, f"wb-{size}.bin")
         storage.write_bytes(path, data)
         assert storage.read_bytes(path) == data
-        bucket, key = storage.split_s3(path)
+        bucket, key = split_s3(path)
         etag = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
         # a multipart object's ETag ends in -<number of parts>
         assert (etag.rsplit("-", 1)[1] if "-" in etag else "0") == str(parts), etag

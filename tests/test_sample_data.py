@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import sample_data, scenes
+from sampledata import sample_data, scenes
 from tools.cli import main as xvlm_main
 
 IMAGES, VAL_IMAGES, SEED = 60, 20, 7

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from shards import augment, boxes
 from shards.collate import collate_image_text, collate_region, take_rows
 from shards.loader_config import preset
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from shards.samples import SkipSample, _region_rows, image_text_sample, region_sample
 
 RED_BOX = (260.0, 180.0, 200.0, 120.0)        # x, y, w, h of the red rectangle in an 800x600 picture

@@ -23,7 +23,7 @@ from shards.augment import to_tensor  # noqa: E402
 from shards.loader_config import preset  # noqa: E402
 from shards.manifest import read_dataset_manifest  # noqa: E402
 from shards.plan import rng_for  # noqa: E402
-from tools import show  # noqa: E402
+from reports import show  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def built(tmp_path_factory):
 
 
 def _shard_samples(ds: Path) -> dict[str, tuple[bytes, dict]]:
-    """Every sample of the dataset, read with tarfile directly (independently of tools/show.py)."""
+    """Every sample of the dataset, read with tarfile directly (independently of reports/show/)."""
     out: dict[str, dict[str, bytes]] = {}
     for shard in sorted(ds.glob("shard-*.tar")):
         with tarfile.open(shard) as tar:

@@ -23,8 +23,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 
-from shards import storage  # noqa: E402
-from tools import stats  # noqa: E402
+import storage  # noqa: E402
+from reports import stats  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def sample_build(tmp_path_factory) -> tuple[Path, Path]:
         return src, out
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     generate(str(src), images=60, val_images=10, seed=0)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -354,7 +354,7 @@ def test_optional_index_columns_fill_labels_boxes_and_tokens(tmp_path):
     path = str(tmp_path / "ext")
     _extended_index(path)
     tokenizer = str(tmp_path / "tok")
-    from tools.sample_data import write_tokenizer
+    from sampledata.sample_data import write_tokenizer
 
     write_tokenizer(Path(tokenizer))
     summary = stats.summarize(stats.collect(path, tokenizer=tokenizer, progress=False))
@@ -400,3 +400,14 @@ def test_stats_reads_an_s3_dataset(s3, s3_prefix, tmp_path):
     assert storage.read_bytes(out).startswith(b"<!DOCTYPE html>")
     local_doc = stats.summarize(stats.collect(local, progress=False))
     assert local_doc["samples"] == doc["datasets"][0]["samples"]
+
+
+def test_image_size_plots_fall_back_to_the_builders_max_side(tmp_path):
+    """A manifest that does not record --max-image-side gets the builder's default (512), not another number."""
+    from pipeline.images import ImageConfig
+    from shards.format import DEFAULT_MAX_IMAGE_SIDE
+
+    path = shardkit.make_dataset(str(tmp_path / "ds"), samples=4, per_shard=4)   # build config: {}
+    collected = stats.collect(path, progress=False)
+    assert collected.max_side == ImageConfig().max_side == DEFAULT_MAX_IMAGE_SIDE == 512
+    assert collected.image_sizes.x_edges[-1] == 512

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from shards import text
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 
 def minilm_folder() -> str:
@@ -25,7 +25,7 @@ def minilm() -> text.Vocab:
 @pytest.fixture(scope="module")
 def sample_vocab(tmp_path_factory) -> text.Vocab:
     """The small WordPiece vocab that `xvlm sample-data` writes to OUT/tokenizer."""
-    from tools.sample_data import write_tokenizer
+    from sampledata.sample_data import write_tokenizer
     folder = tmp_path_factory.mktemp("tok")
     write_tokenizer(folder)
     return text.load_vocab(str(folder))

@@ -10,7 +10,7 @@ import yaml
 
 from model.config import preset as model_preset
 from model.xvlm import build_model
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from train import checkpoint as ckpt
 from train.config import apply_overrides, load_config, parse_override
 from train.optim import WarmupLinearDecay, build_optimizer, build_scheduler
@@ -201,3 +201,20 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     ckpt.set_rng_state(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_a_config_extends_another(tmp_path):
+    """`extends: BASE.yaml` (relative to the config): its keys over the base's, mappings merged key by key."""
+    (tmp_path / "base.yaml").write_text("data: {synthetic: true}\nschedule: {steps: 10, warmup_steps: 1}\n"
+                                        "loss: {itm: 0.5}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nschedule: {steps: 5}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), ["loss.mlm=0"])
+    assert (cfg.schedule.steps, cfg.schedule.warmup_steps, cfg.data.synthetic) == (5, 1, True)
+    assert (cfg.loss.itm, cfg.loss.mlm) == (0.5, 0.0)
+    assert "extends" not in cfg.to_yaml()
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(XvlmError, match="chains more than 8 files"):
+        load_config(str(tmp_path / "loop.yaml"))
+    (tmp_path / "bad.yaml").write_text("extends: [a, b]\n")
+    with pytest.raises(XvlmError, match="must name a YAML config file"):
+        load_config(str(tmp_path / "bad.yaml"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 from train.config import load_config
 from train.loop import train
 from train.metrics import read_metrics

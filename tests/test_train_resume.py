@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 from test_loader_split import TOKENIZER  # noqa: E402
 
-from shards import storage  # noqa: E402
-from tools.seaweed import free_ports  # noqa: E402
+import storage  # noqa: E402
+from seaweed import free_ports  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train.metrics import METRICS_FILE, local_metrics_dir, read_metrics  # noqa: E402
 

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import shardkit  # noqa: E402
 from test_stats import sample_build  # noqa: E402
 
-from shards import storage  # noqa: E402
+import storage  # noqa: E402
 from shards.manifest import INDEX_SCHEMA, REJECTS_SCHEMA, write_table  # noqa: E402
 from tools.cli import main as xvlm  # noqa: E402
-from tools.verify import VerifyOptions, verify  # noqa: E402
+from reports.verify import VerifyOptions, verify  # noqa: E402
 
 
 def _kinds(path: str) -> set[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""The `xvlm` command: one subcommand per stage, each a thin call into its module.
+"""The `xvlm` command, the project's only face: one subcommand per stage, each a thin module of tools/ (arguments,
+one call into the library, printing), all registered in SUBCOMMANDS below.
 
 Every subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
 lazily so that `xvlm --help` is instant and a missing optional dependency only affects its subcommand.
@@ -11,21 +12,23 @@ import logging
 import sys
 
 from model.errors import ModelError
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
-# name -> (module, one-line help). The order is the order of the data flow.
+# The one registry of subcommands: name -> (module under tools/, one-line help), in the order of the data flow.
+# Each module is thin: DESCRIPTION, EPILOG (text, or a function that builds it), add_arguments(parser), run(args).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("tools.quickstart", "Run the whole main job on the embedded defaults (sample data -> shards -> train -> eval -> report)."),
     "sample-data": ("tools.sample_data", "Write a synthetic shapes dataset in the real COCO / VG / SBU / CC layouts."),
-    "build-shards": ("pipeline.cli", "Convert COCO / VG / SBU / CC releases into box-aware tar shards (Ray job)."),
-    "verify": ("tools.verify", "Check a built dataset: shards vs manifest, sample JSON schema, images, boxes."),
+    "build-shards": ("tools.build_shards", "Convert dataset releases (the sources its --help lists) into box-aware tar shards (Ray job)."),
+    "verify": ("tools.verify", "Check a built dataset (shards vs manifest, sample JSON, images, boxes) or a run's checkpoints."),
     "stats": ("tools.stats", "Write a self-contained HTML statistics report (+ JSON) for a built dataset."),
     "show": ("tools.show", "Draw samples with their boxes and texts to PNG (raw or as the loader augments them)."),
-    "train": ("train.cli", "Train X-VLM from a YAML config (one process, torchrun or Ray Train) with exact resume."),
-    "eval": ("train.eval_cli", "Evaluate a checkpoint: zero-shot retrieval R@1/5/10 and grounding accuracy."),
+    "train": ("tools.train", "Train X-VLM from a YAML config (one process or torchrun) with exact resume."),
+    "ray-train": ("tools.ray_train", "Train with Ray Train on a Ray cluster's nodes (restarts failed workers, resumes)."),
+    "submit": ("tools.submit", "Submit / inspect / stop a training job on a Ray cluster (Ray Jobs API)."),
+    "eval": ("tools.eval", "Evaluate a checkpoint: zero-shot retrieval R@1/5/10 and grounding accuracy."),
     "import-xvlm": ("tools.import_xvlm", "Import an official X-VLM checkpoint (.pth / .th) into our model format, every tensor checked."),
     "export-xvlm": ("tools.export_xvlm", "Export our model as an official X-VLM checkpoint (loads with strict=True)."),
-    "submit": ("tools.submit", "Submit / inspect / stop a training job on a Ray cluster (Ray Jobs API)."),
 }
 
 
@@ -54,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module_name, help_text = SUBCOMMANDS[top.command]
     module = importlib.import_module(module_name)
+    epilog = getattr(module, "EPILOG", None)
     sub_parser = argparse.ArgumentParser(
         prog=f"xvlm {top.command}", description=getattr(module, "DESCRIPTION", help_text),
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=getattr(module, "EPILOG", None),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog() if callable(epilog) else epilog,
     )
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(rest)
@@ -71,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xvlm {top.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # credentials, bucket or endpoint errors from any S3 call: one line too
-        from shards.storage import access_error
+        import storage
 
-        message = access_error(err)
+        message = storage.describe_error(err)
         if message is None:
             raise
         print(f"xvlm {top.command}: error: {message}", file=sys.stderr)

@@ -1,16 +1,10 @@
 """`xvlm export-xvlm`: our model (a run, a checkpoint, an imported folder or a model file) -> an official X-VLM
-checkpoint that the official code loads with strict=True."""
+checkpoint that the official code loads with strict=True (train/official_checkpoints.py), from the command line."""
 from __future__ import annotations
 
 import argparse
-import logging
 
-import torch
-
-from model.errors import ModelError
-from shards import storage
-
-log = logging.getLogger(__name__)
+from train.official_checkpoints import export_checkpoint
 
 DESCRIPTION = (
     "Write our model's weights in the official X-VLM layout (github.com/zengyan-97/X-VLM): {'model': state_dict,\n"
@@ -40,36 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="CHECKPOINT.pth", help="file to write (local or s3://)")
 
 
-def model_file(source: str) -> str:
-    """The model .safetensors file that `source` names."""
-    from train import checkpoint as ckpt
-
-    source = source.rstrip("/")
-    if source.endswith(".safetensors"):
-        if not storage.exists(source):
-            raise ModelError(f"model file {source} does not exist")
-        return source
-    direct = storage.join(source, ckpt.MODEL_FILE)
-    if storage.exists(direct):
-        return direct
-    found = ckpt.committed_checkpoints(source)
-    if found:
-        return storage.join(found[-1][1], ckpt.MODEL_FILE)
-    raise ModelError(f"{source} holds no model: give a run folder with a committed checkpoint, a checkpoint or "
-                     "imported folder with model.safetensors, or a .safetensors file")
-
-
 def run(args: argparse.Namespace) -> int:
-    from model.io import model_from_bytes
-    from model.official import export_official, official_config
-
-    path = model_file(args.source)
-    model = model_from_bytes(storage.read_bytes(path), source=path)
-    state = export_official(model)
-    if model.config.head_layer_norm_eps != 1e-5:
-        log.warning("this model's heads use LayerNorm eps %g; the official heads use 1e-5, so its ITM and box outputs "
-                    "will differ slightly there", model.config.head_layer_norm_eps)
-    with storage.atomic_write(args.out) as f:
-        torch.save({"model": state, "config": official_config(model.config, state)}, f)
-    print(f"exported {path} -> {args.out} ({len(state)} entries in the official X-VLM layout)")
+    path, entries = export_checkpoint(args.source, args.out)
+    print(f"exported {path} -> {args.out} ({entries} entries in the official X-VLM layout)")
     return 0

@@ -1,23 +1,11 @@
-"""`xvlm import-xvlm`: an official X-VLM checkpoint (the .pth / .th its scripts save) -> our model folder."""
+"""`xvlm import-xvlm`: an official X-VLM checkpoint (the .pth / .th its scripts save) -> our model folder
+(train/official_checkpoints.py), from the command line."""
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import logging
-import pickle
 import shlex
-import zipfile
-from typing import Any
 
-import torch
-
-from model.errors import ModelError
-from shards import storage
-from train.checkpoint import IMPORT_REPORT, MODEL_FILE
-
-log = logging.getLogger(__name__)
-
+from train.official_checkpoints import import_checkpoint
 
 DESCRIPTION = (
     "Import an official X-VLM checkpoint (github.com/zengyan-97/X-VLM): the dict Pretrain.py saves ({'model': ...,\n"
@@ -59,90 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image resolution (--preset auto; default the checkpoint config's image_res)")
 
 
-# ---------------------------------------------------------------------------------------------- reading
-def _unpickle_refusal(err: Exception) -> str:
-    """The line of torch's weights_only refusal that names what the file wanted to execute."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.split(" Please use")[0].removeprefix("WeightsUnpickler error: ").rstrip(".")
-    return lines[0] if lines else type(err).__name__
-
-
-def load_checkpoint_bytes(data: bytes, source: str) -> Any:
-    """torch.load(weights_only=True) with one clear line for each way it can fail."""
-    if data[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(io.BytesIO(data)):
-        raise ModelError(f"{source} is truncated or damaged: a zip archive without its central directory "
-                        f"({len(data):,} bytes); download it again")
-    if data[:4] != b"PK\x03\x04" and data[:1] != b"\x80":
-        raise ModelError(f"{source} is not a torch checkpoint (neither torch's zip format nor a pickle)")
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        resave = ("Where you trust the file, re-save its tensors: "
-                  "torch.save({'model': torch.load(p, weights_only=False)['model']}, 'clean.pth')")
-        if "Unsupported global" in str(err):     # the pickle names a class or function to call
-            raise ModelError(f"{source} needs code execution to load, which torch.load(weights_only=True) refuses "
-                            f"({_unpickle_refusal(err)}); we never unpickle code. {resave}") from err
-        raise ModelError(f"{source} cannot be read with torch.load(weights_only=True) ({_unpickle_refusal(err)}): "
-                        f"it is damaged, or its pickle uses operations that need code execution. {resave}") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ModelError(f"{source} is truncated or damaged: {str(err).splitlines()[0] if str(err) else err!r}") from err
-
-
-def _unwrapped(state: dict[str, Any]) -> dict[str, Any]:
-    """Weights saved from a DistributedDataParallel wrapper carry `module.` before every name."""
-    if state and all(str(k).startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def split_checkpoint(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(weights, the checkpoint's config or None) of a loaded official checkpoint or a bare state dict."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        config = obj.get("config")
-        return _unwrapped(obj["model"]), config if isinstance(config, dict) else None
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _unwrapped(obj), None
-    kind = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-    raise ModelError(f"{source} is not an X-VLM checkpoint: it holds {kind}, not {{'model': weights, 'config': ...}} "
-                     "or a dict of tensors")
-
-
-def read_official(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    if not storage.exists(path):
-        raise ModelError(f"checkpoint {path} does not exist")
-    return split_checkpoint(load_checkpoint_bytes(storage.read_bytes(path), path), path)
-
-
-# ---------------------------------------------------------------------------------------------- command
-def _plain(value: Any) -> Any:
-    """The checkpoint's config as JSON (anything unusual as its text)."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def train_overrides(config) -> list[str]:
-    """The `model.*` overrides that make a training config describe this model (for model.init=DIR)."""
-    from model.config import preset
-
-    base = preset("base").to_dict()
-    return [f"model.{k}={json.dumps(v)}" for k, v in config.to_dict().items() if base[k] != v]
-
-
 def run(args: argparse.Namespace) -> int:
-    from model.io import model_to_bytes
-    from model.official import import_official
-
-    state, official_config = read_official(args.checkpoint)
-    log.info("read %s: %d tensors; mapping onto our X-VLM (--preset %s)", args.checkpoint, len(state), args.preset)
-    model, report = import_official(state, official_config, args.checkpoint, args.preset, args.new_heads,
-                                    args.text_heads, args.image_res)
-    report["model_config"] = model.config.to_dict()
-    report["train_overrides"] = ["model.preset=base", *train_overrides(model.config)]
-    report["official_config"] = _plain(official_config)
-    storage.makedirs(args.out)
-    storage.write_bytes(storage.join(args.out, MODEL_FILE), model_to_bytes(model))
-    storage.write_text(storage.join(args.out, IMPORT_REPORT), json.dumps(report, indent=2) + "\n")
+    report = import_checkpoint(args.checkpoint, args.out, args.preset, args.new_heads, args.text_heads,
+                               args.image_res)
     new = f"; new heads: {', '.join(report['new_heads'])}" if report["new_heads"] else ""
     print(f"imported {args.checkpoint} ({report['kind']} layout, {report['tensors']} tensors mapped, "
           f"{report['checked_not_copied']} checked, not copied{new}) -> {args.out}")

@@ -4,8 +4,6 @@ model -> zero-shot evaluation on 200 held-out scenes -> a report (loss curves, m
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 import logging
 import os
@@ -14,40 +12,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import storage
 from model.config import BOX_HEADS
-from shards import storage
-from shards.errors import XvlmError
+from reports.quickstart import render_markdown, write_report
+from reports.stats import StatsOptions, write_report as write_stats
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "quickstart_cpu.yaml"
+# The recipe is three configs (train/configs/): the box warm-up, the main training from its weights, and the main
+# training alone (`--box-warmup-steps 0`); the warm-up and the main training extend the last one. This command only
+# chains them, filling in the paths (and the budget, when --steps / --box-warmup-steps / --smoke change it).
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
+CONFIG = CONFIGS / "quickstart_cpu.yaml"              # the main training without a warm-up
+WARMUP_CONFIG = CONFIGS / "quickstart_warmup.yaml"    # the box warm-up
+MAIN_CONFIG = CONFIGS / "quickstart_main.yaml"        # the main training from the warm-up's weights
 DEFAULT_OUT = "xvlm-quickstart"
 DEFAULT_IMAGES = 1000        # training pictures of the sample data (the held-out split is 200 COCO val2017 scenes)
 VAL_IMAGES = 200
 SMOKE = {"images": 60, "val_images": 40, "steps": 12, "box_warmup_steps": 4}
-# The box warm-up before the main training: region batches only, one per step, drawn mostly from the pictures whose
-# box texts are bare category names (COCO objects: what held-out grounding is scored on). Sources not named here
-# get BOX_WARMUP_OTHER when they have boxes, BOX_WARMUP_NO_BOXES when they have none (captions only). It trains
-# with the centre loss (heads that attend over the patches) and half its region samples whole pictures, as scored.
-# BOX_WARMUP_OTHER trades grounding for retrieval: the other box sources' texts name colours ("red small star"),
-# and without them the warm-up's vision tower unlearns colour, which the main training's captions need
-# (docs/quickstart.md: 0.1 -> warm-up grounding 0.61 but i2t R@1 0.13 after 150 main steps; 0.2 -> 0.49, R@1 0.38
-# after 75 main steps).
-BOX_WARMUP_STEPS = 600
-MAIN_STEPS_AFTER_WARMUP = 350   # the main training's default after the warm-up (without one: the config's 560)
-BOX_WARMUP_WEIGHTS = {"coco": 1.0}
-BOX_WARMUP_OTHER = 0.2
-BOX_WARMUP_NO_BOXES = 0.01
-BOX_WARMUP_CENTRE = 1.0         # loss.centre of the warm-up and the main training after it (softargmax, dense heads)
-BOX_WARMUP_CROP_PROB = 0.5      # data.region_crop_prob of both stages: the other half are whole pictures
-# The main training after a warm-up keeps the warm-up's centre loss and whole pictures (it keeps grounding; from
-# scratch, without a warm-up, the config's own settings: no centre loss, X-VLM's crops).
-# What "visibly learns" means on the 200 held-out scenes (chance: R@1 = 1/200; a constant box scores ~0.01).
-TARGETS = {"i2t_r1": 0.5, "grounding_acc": 0.45}
-EVAL_POINTS = 6              # evaluations along the run, for the learning curves
+SMOKE_DATA = {"image_text_batch_size": 16, "region_batch_size": 16, "region_max_images": 8, "shuffle_buffer": 32}
+EVAL_POINTS = 6              # evaluations along the run, for the learning curves (the configs' eval.every: steps // 6)
 SAMPLES_PER_SHARD = 200
 LOADER_WORKERS = 1           # data.num_workers of quickstart_cpu.yaml
 FINAL_K_TEST = 16            # ITM re-ranks the top 16 of 200 in the final evaluation (8 along the run)
+
+
+def config_value(path: Path, *keys: str):
+    """One value of a quickstart config as written (with what it extends), e.g. ("schedule", "steps")."""
+    from train.config import read_config_values
+
+    value = read_config_values(str(path))
+    for key in keys:
+        value = (value or {}).get(key)
+    return value
+
 
 DESCRIPTION = (
     "Run the whole main job on the embedded defaults, on this machine's CPU:\n"
@@ -78,10 +77,8 @@ EPILOG = (
 
 
 def config_box_head() -> str:
-    """The box head the quickstart config trains."""
-    import yaml
-
-    return (yaml.safe_load(CONFIG.read_text()).get("model") or {}).get("box_head", "xvlm")
+    """The box head the quickstart configs train."""
+    return config_value(CONFIG, "model", "box_head") or "xvlm"
 
 
 def default_threads() -> int:
@@ -92,13 +89,14 @@ def default_threads() -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"main training steps (default {MAIN_STEPS_AFTER_WARMUP} after the box warm-up, "
-                             f"~6 minutes on 2 cores; with --box-warmup-steps 0 the config's 560, ~9 minutes; "
+                        help=f"main training steps (default {config_value(MAIN_CONFIG, 'schedule', 'steps')} after "
+                             f"the box warm-up, ~6 minutes on 2 cores, {MAIN_CONFIG.name}; with --box-warmup-steps 0 "
+                             f"{config_value(CONFIG, 'schedule', 'steps')}, ~9 minutes, {CONFIG.name}; "
                              f"--smoke: {SMOKE['steps']})")
     parser.add_argument("--box-warmup-steps", type=int, default=None,
                         help=f"steps of region batches only, mostly COCO pictures (bare object names), before the "
-                             f"main training (default {BOX_WARMUP_STEPS}, ~3.7 minutes; --smoke: "
-                             f"{SMOKE['box_warmup_steps']}; 0: none)")
+                             f"main training (default {config_value(WARMUP_CONFIG, 'schedule', 'steps')}, "
+                             f"~3.7 minutes, {WARMUP_CONFIG.name}; --smoke: {SMOKE['box_warmup_steps']}; 0: none)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"about one minute: {SMOKE['images']} training + {SMOKE['val_images']} held-out "
                              f"pictures, {SMOKE['steps']} steps; no thresholds")
@@ -156,7 +154,7 @@ class Layout:
 
 def make_sample_data(layout: Layout, images: int, val_images: int, seed: int) -> dict:
     """Step 1: reuse OUT/sample when it was made with the same settings, else (re)generate it."""
-    from tools.sample_data import generate
+    from sampledata.sample_data import generate
 
     summary_path = layout.sample / "sample_data.json"
     if summary_path.is_file():
@@ -205,25 +203,14 @@ def _val_only_coco(layout: Layout) -> Path:
     return root
 
 
-def box_warmup_weights(train_shards: Path) -> dict[str, float]:
-    """data.source_weights of the box warm-up, for the sources the train shards hold."""
-    from shards.dataset import open_dataset
-
-    boxes: dict[str, bool] = {}
-    for shard in open_dataset(str(train_shards)).shards:
-        for source, has_region in zip(shard.sources, shard.has_region):
-            boxes[source] = boxes.get(source, False) or bool(has_region)
-    return {source: BOX_WARMUP_WEIGHTS.get(source, BOX_WARMUP_OTHER if has else BOX_WARMUP_NO_BOXES)
-            for source, has in sorted(boxes.items())}
-
-
 def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool, init: str | None = None,
                  warmup: bool = False):
-    """The quickstart config with this run's paths, budget and box head; `warmup`: the box warm-up's config
-    (region batches only, one a step, COCO-heavy); `init`: the weights to start from."""
+    """The stage's config (the warm-up; the main training from `init`; or the main training alone) with this
+    quickstart's paths, box head and budget (the config's own unless --steps / --smoke change it)."""
     from train.config import load_config
     from train.evaluate import run_k_test
 
+    path = WARMUP_CONFIG if warmup else MAIN_CONFIG if init else CONFIG
     overrides = [f"out={json.dumps(str(layout.warmup(box_head) if warmup else layout.run(box_head)))}",
                  f"data.datasets=[{json.dumps(str(layout.train_shards))}]",
                  f"data.tokenizer={json.dumps(str(layout.sample / 'tokenizer'))}",
@@ -231,28 +218,23 @@ def train_config(layout: Layout, box_head: str, steps: int | None, smoke: bool, 
                  f"model.box_head={box_head}"]
     if box_head == "xvlm":   # the paper's head has no attention over the patches for the centre loss to train
         overrides.append("loss.centre=0")
-    if warmup:
-        overrides += ["schedule.mode=alternating", "schedule.iter_perc=1.0",
-                      f"data.source_weights={json.dumps(box_warmup_weights(layout.train_shards))}"]
-    if init:   # the main training from the warm-up's weights
+    if init:
         overrides.append(f"model.init={json.dumps(init)}")
-    if warmup or init:   # both stages: whole pictures half the time, the centre loss when the head attends
-        overrides.append(f"data.region_crop_prob={BOX_WARMUP_CROP_PROB}")
-        if box_head != "xvlm":
-            overrides.append(f"loss.centre={BOX_WARMUP_CENTRE}")
-    cfg = load_config(str(CONFIG), overrides)
-    if steps is not None:
-        cfg.schedule.steps = steps
+    cfg = load_config(str(path), overrides)
+    fit_budget(cfg, steps or (SMOKE["steps"] if smoke else cfg.schedule.steps), warmup)
     if smoke:
-        cfg.schedule.steps = steps or SMOKE["steps"]
-        cfg.data.overrides.update(image_text_batch_size=16, region_batch_size=16, region_max_images=8,
-                                  shuffle_buffer=32)
+        cfg.data.overrides.update(SMOKE_DATA)
         cfg.eval.options = {**cfg.eval.options, "k_test": run_k_test(cfg, 4)}
-    total = cfg.schedule.steps
-    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, total // 10))
-    cfg.checkpoint.every = min(cfg.checkpoint.every, total)
-    cfg.eval.every = 0 if warmup else max(1, total // EVAL_POINTS)
     return cfg.validate()
+
+
+def fit_budget(cfg, steps: int, warmup: bool) -> None:
+    """A stage of `steps` steps: its lr warmup at most a tenth of it, a checkpoint at least at the end, and
+    EVAL_POINTS evaluations along the main training (for their own budgets the configs hold exactly these)."""
+    cfg.schedule.steps = steps
+    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, steps // 10))
+    cfg.checkpoint.every = min(cfg.checkpoint.every, steps)
+    cfg.eval.every = 0 if warmup else max(1, steps // EVAL_POINTS)
 
 
 def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: bool,
@@ -267,8 +249,8 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     init, warmup_wall = None, 0.0
     if warmup_steps:
         warm = train_config(layout, box_head, warmup_steps, smoke, warmup=True)
-        print(f"[3/6] box warm-up ({box_head} box head): {warmup_steps} steps of region batches only, weighted "
-              f"{warm.data.overrides['source_weights']} -> {warm.out}")
+        print(f"[3/6] box warm-up ({box_head} box head): {warm.schedule.steps} steps of region batches only, "
+              f"weighted {warm.data.overrides['source_weights']} -> {warm.out}")
         warmup_wall = stage_wall(train(warm), Path(warm.out) / "metrics.jsonl")
         done = ckpt.resolve_resume(warm.out, "auto")
         if done is None:
@@ -310,153 +292,8 @@ def _read_curve(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# ---------------------------------------------------------------------------------------------- the report
-
-
-def plot_curves(results: list[dict], path: Path) -> None:
-    """Loss per objective (smoothed) and the held-out metrics along training, one line style per box head."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = ["-", "--", ":"]
-    for n, result in enumerate(results):
-        curve = result["curve"]
-        style = styles[n % len(styles)]
-        names = sorted({k for e in curve for k in e.get("losses", {})})
-        for name in names:
-            points = [(e["step"], e["losses"][name]) for e in curve if name in e.get("losses", {})]
-            if not points:
-                continue
-            steps, values = map(np.asarray, zip(*points))
-            window = max(1, len(values) // 30)
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            axes[0].plot(steps[window - 1:], smooth, style, label=f"{name} ({result['box_head']})", lw=1.2)
-        # A summed step holds a varying number of batches: plot the loss per batch.
-        total = [(e["step"], e["loss"] / max(1, sum(e.get("kinds", {}).values()))) for e in curve]
-        if total:
-            steps, values = map(np.asarray, zip(*total))
-            axes[1].plot(steps, values, style, label=f"loss per batch ({result['box_head']})", lw=1.0, alpha=0.8)
-        evals = [(e["step"], e["eval"]) for e in curve if e.get("eval")]
-        for key, colour in (("i2t_r1", "tab:blue"), ("t2i_r1", "tab:green"), ("grounding_acc", "tab:red")):
-            pts = [(s, v[key]) for s, v in evals if key in v]
-            if pts:
-                xs, ys = zip(*pts)
-                axes[2].plot(xs, ys, style, color=colour, marker="o", ms=3, label=f"{key} ({result['box_head']})")
-    for key, value in TARGETS.items():
-        axes[2].axhline(value, color="grey", lw=0.6, ls=":")
-    axes[0].set_title("losses per objective (smoothed)")
-    axes[1].set_title("summed loss per batch")
-    images = results[0]["metrics"].get("images", 0)
-    axes[2].set_title(f"held-out metrics ({images} scenes)")
-    axes[2].set_ylim(0, 1)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def verdict(metrics: dict, smoke: bool) -> dict[str, Any]:
-    out = {}
-    for key, target in TARGETS.items():
-        value = metrics.get(key)
-        out[key] = {"value": value, "target": target, "met": value is not None and value >= target}
-    out["all_met"] = all(v["met"] for v in out.values() if isinstance(v, dict))
-    out["checked"] = not smoke
-    return out
-
-
-def render_markdown(document: dict) -> str:
-    lines = ["# xvlm quickstart report", ""]
-    main = document["results"][0]
-    m = main["metrics"]
-    warmup = ""
-    if main.get("box_warmup_steps"):
-        warmup = (f"a box warm-up of {main['box_warmup_steps']} steps (region batches only, mostly COCO pictures) "
-                  f"in {main['box_warmup_wall_s'] / 60:.1f} min, then ")
-    lines += [f"Held-out: {m['images']} COCO val2017 sample scenes, {m['captions']} captions, {m['regions']} box "
-              f"texts. Training: {warmup}{main['steps']} steps in {main['train_wall_s'] / 60:.1f} min on CPU "
-              f"({document['threads']} threads).", ""]
-    lines += ["| box head | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | ITC-only i2t R@1 | "
-              "grounding acc@0.5 | mean IoU | constant box |", "|" + "---|" * 11]
-    for r in document["results"]:
-        x = r["metrics"]
-        lines.append(f"| {r['box_head']} | {x.get('i2t_r1', 0):.3f} | {x.get('i2t_r5', 0):.3f} | "
-                     f"{x.get('i2t_r10', 0):.3f} | {x.get('t2i_r1', 0):.3f} | {x.get('t2i_r5', 0):.3f} | "
-                     f"{x.get('t2i_r10', 0):.3f} | {x.get('itc_i2t_r1', 0):.3f} | {x.get('grounding_acc', 0):.3f} | "
-                     f"{x.get('grounding_miou', 0):.3f} | {x.get('grounding_acc_constant_box', 0):.3f} |")
-    v = document["verdict"]
-    lines += ["", "Targets (" + ("checked" if v["checked"] else "not checked in --smoke mode") + "):"]
-    for key, item in v.items():
-        if isinstance(item, dict):
-            value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
-            lines.append(f"- {key} = {value} (target >= {item['target']}): {'met' if item['met'] else 'NOT met'}")
-    lines += ["", f"Chance: R@1 = 1/{m['images']} = {1 / max(1, m['images']):.3f}.", "",
-              "![curves](curves.png)", ""]
-    if document.get("stats"):
-        lines += [f"Dataset statistics: [{Path(document['stats']).name}]({Path(document['stats']).name})", ""]
-    return "\n".join(lines)
-
-
-def render_html(markdown_text: str, png: Path) -> str:
-    """A self-contained HTML page: the report's table and lists, the curves embedded as a data URI."""
-    body = []
-    rows: list[list[str]] = []
-    for line in markdown_text.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if not all(set(c) <= {"-"} for c in cells):
-                rows.append(cells)
-            continue
-        if rows:
-            head, *rest = rows
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
-                        "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest) +
-                        "</table>")
-            rows = []
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.startswith("![") and png.is_file():
-            data = base64.b64encode(png.read_bytes()).decode()
-            body.append(f'<img alt="curves" style="max-width:100%" src="data:image/png;base64,{data}">')
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}")
-    return f"<!doctype html><meta charset=utf-8><title>xvlm quickstart</title><style>{style}</style>" + "".join(body)
-
-
-def write_report(layout: Layout, results: list[dict], smoke: bool, stats: str | None, threads: int) -> dict:
-    """Step 5: curves.png, metrics.json, report.md and report.html under OUT/report."""
-    report = layout.report
-    report.mkdir(parents=True, exist_ok=True)
-    plot_curves(results, report / "curves.png")
-    document = {"results": [{k: v for k, v in r.items() if k != "curve"} for r in results],
-                "verdict": verdict(results[0]["metrics"], smoke), "smoke": smoke, "stats": stats,
-                "threads": threads, "targets": TARGETS}
-    storage.write_text(str(report / "metrics.json"), json.dumps(document, indent=2) + "\n")
-    markdown_text = render_markdown(document)
-    storage.write_text(str(report / "report.md"), markdown_text)
-    storage.write_text(str(report / "report.html"), render_html(markdown_text, report / "curves.png"))
-    return document
-
-
 def dataset_stats(layout: Layout) -> str | None:
-    """Step 6: the statistics report of the train shards (`xvlm stats`), when that tool is installed."""
-    try:
-        from tools.stats import StatsOptions, write_report as write_stats
-    except ImportError:
-        log.warning("tools.stats is not available; skipping the dataset statistics report")
-        return None
+    """Step 6: the statistics report of the train shards (`xvlm stats`)."""
     out = layout.report / "dataset_stats.html"
     print(f"[6/6] dataset statistics -> {out}")
     write_stats(StatsOptions(dataset=str(layout.train_shards), out=str(out),
@@ -486,17 +323,15 @@ def run(args: argparse.Namespace) -> int:
     other = "xvlm" if head != "xvlm" else config_box_head()
     heads = [head] + ([other] if args.compare_heads and other != head else [])
     warmup_steps = args.box_warmup_steps
-    if warmup_steps is None:
-        warmup_steps = SMOKE["box_warmup_steps"] if args.smoke else BOX_WARMUP_STEPS
-    steps = args.steps
-    if steps is None and warmup_steps and not args.smoke:
-        steps = MAIN_STEPS_AFTER_WARMUP
+    if warmup_steps is None:   # None: the warm-up config's own budget
+        warmup_steps = SMOKE["box_warmup_steps"] if args.smoke else config_value(WARMUP_CONFIG, "schedule", "steps")
+    steps = args.steps         # None: the main training config's own budget
     results = [train_and_evaluate(layout, h, steps, args.smoke, warmup_steps) for h in heads]
     print(f"[5/6] report -> {layout.report}")
-    document = write_report(layout, results, args.smoke, None, torch.get_num_threads())
+    document = write_report(layout.report, results, args.smoke, None, torch.get_num_threads())
     stats = None if args.no_stats else dataset_stats(layout)
     if stats:  # link it from the report
-        document = write_report(layout, results, args.smoke, stats, torch.get_num_threads())
+        document = write_report(layout.report, results, args.smoke, stats, torch.get_num_threads())
     print()
     print(render_markdown(document).split("![curves]")[0].rstrip())
     print(f"\nreport: {layout.report / 'report.html'}   ({(time.perf_counter() - started) / 60:.1f} min in all)")

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from shards.format import SampleError, load_json
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def prepare_folder(path: str) -> None:
     """Make room for a new checkpoint at `path`: drop a marker first (so a crash never leaves an old marker over
     new files), then whatever a killed run left there."""
     storage.delete(storage.join(path, MARKER))
-    storage.delete_prefix(path)
+    storage.delete_tree(path)
 
 
 def rank_files(rank: int, loader_state: Any) -> dict[str, bytes]:
@@ -231,12 +231,7 @@ def commit(path: str, step: int, world_size: int, files: dict[str, dict[str, Any
 
 
 def _remove(path: str) -> None:
-    storage.delete_prefix(path)
-    if not storage.is_s3(path):
-        try:
-            os.rmdir(path)
-        except OSError:  # already gone, or a file appeared meanwhile
-            pass
+    storage.delete_tree(path, remove_folder=True)
 
 
 def prune(out: str, keep: int) -> list[str]:
@@ -404,7 +399,7 @@ def load(path: str, rank: int, world_size: int, verify: bool = True) -> Checkpoi
     """Read a committed checkpoint for `rank`, each file checked against the marker's size and sha256 (hashed in a
     thread while the next file is read and parsed: parsing is safe on any bytes, and nothing is loaded into a
     model before this returns). CheckpointError for a damaged checkpoint; XvlmError when the world size differs.
-    `verify=False` skips the hashes (sizes are still checked): what tools/bench_checkpoint.py compares against."""
+    `verify=False` skips the hashes (sizes are still checked): what bench/bench_checkpoint.py compares against."""
     marker = read_marker(path)
     if marker["world_size"] != world_size:
         raise XvlmError(f"checkpoint {path} was written by {marker['world_size']} processes but this run has "

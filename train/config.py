@@ -19,7 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from model.errors import ModelError
-from shards.errors import XvlmError
+from model.objectives import IMAGE_TEXT, OBJECTIVES, objectives_of
+from storage.errors import XvlmError
 
 StepMode = Literal["summed", "alternating"]
 IterPercMode = Literal["xvlm", "per_batch"]
@@ -129,22 +130,19 @@ class ScheduleSection:
     seed: int = 42
 
 
-@dataclass
-class LossSection:
-    """Weight of each loss in the step's sum (X-VLM's five: all 1; `centre` is ours, 0 = off). A weight of 0 skips
-    that loss entirely: it is not computed, so turning ITM and MLM off halves a step (ITC + box trains the
-    quickstart fastest)."""
+def _loss_weights(self) -> dict[str, float]:
+    """{loss name: weight} of the losses to compute (weight > 0)."""
+    return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) > 0}
 
-    itc: float = 1.0
-    itm: float = 1.0
-    mlm: float = 1.0
-    bbox: float = 1.0
-    giou: float = 1.0
-    centre: float = 0.0   # ours: the box head's attention trained on the patch of the box centre (softargmax, dense)
 
-    def weights(self) -> dict[str, float]:
-        """{loss name: weight} of the losses to compute (weight > 0)."""
-        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) > 0}
+# One field per objective of the registry (model/objectives.py), its default weight the registry's: X-VLM's five at
+# 1, ours (`centre`) at 0. A new objective there is a new key here.
+LossSection = dataclasses.make_dataclass(
+    "LossSection", [(name, float, field(default=objective.weight)) for name, objective in OBJECTIVES.items()],
+    namespace={"weights": _loss_weights, "__module__": __name__, "__doc__": (
+        "Weight of each loss in the step's sum, one key per objective of model/objectives.py (X-VLM's five: all 1; "
+        "`centre` is ours, 0 = off). A weight of 0 skips that loss entirely: it is not computed, so turning ITM and "
+        "MLM off halves a step (ITC + box trains the quickstart fastest).")})
 
 
 @dataclass
@@ -213,9 +211,10 @@ class TrainConfig:
             _check(getattr(self.loss, f.name) >= 0, f"loss.{f.name}", getattr(self.loss, f.name),
                    "must be >= 0 (0 skips that loss)")
         region_only = s.iter_perc == 1.0 and s.iter_perc_mode == "per_batch"
-        _check(region_only or bool(set(self.loss.weights()) & {"itc", "itm", "mlm"}), "loss",
-               dataclasses.asdict(self.loss), "must keep at least one of itc, itm, mlm above 0 (image-text batches "
-               "have no box loss; only region batches alone, schedule.iter_perc_mode=per_batch with "
+        image_text = objectives_of(IMAGE_TEXT)
+        _check(region_only or bool(set(self.loss.weights()) & set(image_text)), "loss",
+               dataclasses.asdict(self.loss), f"must keep at least one of {', '.join(image_text)} above 0 (image-text "
+               "batches have no box loss; only region batches alone, schedule.iter_perc_mode=per_batch with "
                "schedule.iter_perc=1, may train the box losses alone)")
         _check(bool(self.loss.weights()), "loss", dataclasses.asdict(self.loss), "must keep at least one loss above 0")
         _check(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
@@ -230,9 +229,10 @@ class TrainConfig:
             model = self.model.build()
         except (XvlmError, ModelError) as err:
             raise XvlmError(f"config model section: {err}") from err
-        _check(self.loss.centre == 0 or model.box_head in ("softargmax", "dense"), "loss.centre", self.loss.centre,
-               "trains the attention of a softargmax or dense box head: set model.box_head to one of them, or the "
-               "weight to 0")
+        for name, weight in self.loss.weights().items():   # what an objective needs of the model
+            requires = OBJECTIVES[name].requires
+            problem = requires(model) if requires else None
+            _check(problem is None, f"loss.{name}", weight, problem or "")
         try:
             self.data.build()
         except ImportError:  # the loader is optional for config-only work; checked again when training starts
@@ -413,17 +413,53 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config (local or s3://; None = the defaults), apply `key=value` overrides, validate."""
     values: dict[str, Any] = {}
     if path:
-        values = _read_config_file(path)
+        values = read_config_values(path)
     values = apply_overrides(values, list(overrides))
     _check_finite(values)
     return TrainConfig.from_dict(values)
 
 
+EXTENDS = "extends"         # a config's first key may name the config it changes (a path relative to it)
+MAX_EXTENDS = 8
+
+
+def read_config_values(path: str, depth: int = 0) -> dict[str, Any]:
+    """The mapping a config file describes: its own keys over those of the config it `extends` (recursively;
+    mappings merge key by key, anything else is replaced). E.g. the quickstart's warm-up is `extends:
+    quickstart_cpu.yaml` plus the settings it changes, and runs as it is with `xvlm train --config`."""
+    values = _read_config_file(path)
+    base = values.pop(EXTENDS, None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base.endswith((".yaml", ".yml")):
+        raise XvlmError(f"config file {path}: `{EXTENDS}` must name a YAML config file, got {base!r}")
+    if depth >= MAX_EXTENDS:
+        raise XvlmError(f"config file {path}: `{EXTENDS}` chains more than {MAX_EXTENDS} files (a cycle?)")
+    return _merged(read_config_values(_beside(path, base), depth + 1), values)
+
+
+def _beside(path: str, name: str) -> str:
+    """`name` as written in the config at `path`: absolute (or a URL) as it is, else relative to that config."""
+    import storage
+
+    if name.startswith("/") or "://" in name:
+        return name
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    return storage.join(folder, name) if storage.local_path(path) is None else os.path.join(folder, name)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _read_config_file(path: str) -> dict[str, Any]:
     """The mapping in a YAML config file (local or s3://), with a clear error for every way the file can be wrong."""
-    from shards import storage
+    import storage
 
-    if not storage.is_s3(path) and os.path.exists(path) and not os.path.isfile(path):
+    if storage.local_path(path) is not None and os.path.exists(path) and not os.path.isfile(path):
         kind = "a folder" if os.path.isdir(path) else "not a regular file"
         raise XvlmError(f"config file {path} is {kind}; give a YAML file such as train/configs/tiny_cpu.yaml")
     try:

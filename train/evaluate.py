@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert
 
-from shards.errors import XvlmError
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,104 @@ def _held_out_samples(datasets: list) -> Iterator:
             yield from iter_range(shard, 0, shard.samples)
 
 
+class _EvalSetBuilder:
+    """Collects held-out samples into an EvalSet: the images, one row per usable caption and per usable box text,
+    and what was left out, by reason (logged, never dropped silently)."""
+
+    def __init__(self, vocab, image_res: int, max_words: int, max_tokens: int, pre_caption: str) -> None:
+        self.vocab, self.image_res, self.max_words, self.max_tokens = vocab, image_res, max_words, max_tokens
+        self.pre_caption = pre_caption
+        self.keys: list[str] = []
+        self.images: list[torch.Tensor] = []
+        self.captions = _TextRows()
+        self.regions = _TextRows()
+        self.region_boxes: list[list[float]] = []
+        self.skipped: dict[str, int] = {}
+
+    def skip(self, reason: str, key: str = "", detail: object = "") -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if key:
+            log.warning("eval data: leaving out %s (%s): %s", key, reason, detail)
+
+    def encode(self, raw: str) -> tuple[str, list[int]] | None:
+        from shards import text
+
+        try:
+            clean = text.pre_caption(raw, self.max_words, self.pre_caption)
+            return clean, text.token_ids(clean, self.vocab, self.max_tokens)
+        except text.EmptyText:
+            return None
+
+    def add(self, item) -> None:
+        """One sample of the shards (or a Skipped for a damaged member or a truncated shard)."""
+        from shards.samples import DECODE_ERRORS, SkipSample
+
+        if not hasattr(item, "files"):
+            self.skip(item.reason, item.key, item.detail)
+            return
+        try:
+            meta, pixels, width, height = self._decoded(item)
+        except SkipSample as err:
+            self.skip(err.reason, item.key, err.detail)
+            return
+        except DECODE_ERRORS as err:
+            self.skip("corrupt_image", item.key, err)
+            return
+        index = len(self.keys)
+        self.keys.append(item.key)
+        self.images.append(torch.from_numpy(np.asarray(pixels, dtype=np.uint8).copy()).permute(2, 0, 1))
+        self._add_texts(meta, index, width, height)
+
+    def _decoded(self, item) -> tuple[dict, Any, int, int]:
+        """(meta, pixels, width, height): the whole image, resized to R x R (aspect not kept, as the region crops
+        in training), deterministically."""
+        from shards import augment
+        from shards.samples import SkipSample, parse_meta
+
+        if "jpg" not in item.files or "json" not in item.files:
+            raise SkipSample("missing_member", "the sample lacks its jpg or json member")
+        meta = parse_meta(item.files["json"])
+        image = augment.open_image(item.files["jpg"])
+        width, height = image.size
+        if (meta.get("width"), meta.get("height")) != (width, height):
+            raise SkipSample("size_mismatch", f"image is {width}x{height}, its json says "
+                                              f"{meta.get('width')}x{meta.get('height')}")
+        return meta, augment.crop_resize(image, (0, 0, width, height), self.image_res, self.image_res), width, height
+
+    def _add_texts(self, meta: dict, index: int, width: int, height: int) -> None:
+        from shards.samples import region_text, usable_box
+
+        for raw in meta.get("captions") or []:
+            encoded = self.encode(str(raw))
+            if encoded is None:
+                self.skip("empty_caption")
+                continue
+            self.captions.add(*encoded, index)
+        for region in meta.get("regions") or []:
+            box = usable_box(region.get("bbox"), width, height)
+            encoded = self.encode(region_text(region))
+            if box is None or encoded is None:
+                self.skip("unusable_box" if box is None else "empty_region_text")
+                continue
+            x, y, w, h = box
+            self.region_boxes.append([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height])
+            self.regions.add(*encoded, index)
+
+    def build(self, paths: list[str]) -> EvalSet:
+        if not self.keys:
+            raise XvlmError(f"no usable held-out images in {paths} (left out: {self.skipped or 'none'})")
+        if self.skipped:
+            log.warning("eval data: left out %s", ", ".join(f"{n} x {r}" for r, n in sorted(self.skipped.items())))
+        caption_ids, caption_atts = self.captions.tensors(self.max_tokens)
+        region_ids, region_atts = self.regions.tensors(self.max_tokens)
+        return EvalSet(keys=self.keys, images=torch.stack(self.images), caption_ids=caption_ids,
+                       caption_atts=caption_atts, caption_image=torch.tensor(self.captions.image, dtype=torch.int64),
+                       region_ids=region_ids, region_atts=region_atts,
+                       region_image=torch.tensor(self.regions.image, dtype=torch.int64),
+                       region_boxes=torch.tensor(self.region_boxes, dtype=torch.float32).reshape(-1, 4),
+                       captions=self.captions.texts, region_texts=self.regions.texts, skipped=self.skipped)
+
+
 def load_eval_set(datasets: str | Sequence[str], *, image_res: int, tokenizer: str, max_words: int = 40,
                   max_tokens: int = 40, max_images: int | None = None, progress: bool = True,
                   pre_caption: str = "xvlm") -> EvalSet:
@@ -207,84 +305,17 @@ def load_eval_set(datasets: str | Sequence[str], *, image_res: int, tokenizer: s
     """
     from tqdm import tqdm
 
-    from shards import augment, text
+    from shards import text
     from shards.dataset import open_datasets
-    from shards.samples import DECODE_ERRORS, SkipSample, parse_meta, region_text, usable_box
 
     paths = [datasets] if isinstance(datasets, str) else list(datasets)
     opened = open_datasets(paths)
-    vocab = text.load_vocab(tokenizer)
+    builder = _EvalSetBuilder(text.load_vocab(tokenizer), image_res, max_words, max_tokens, pre_caption)
     total = sum(d.samples for d in opened) if max_images is None else min(max_images, sum(d.samples for d in opened))
-    keys: list[str] = []
-    images: list[torch.Tensor] = []
-    captions = _TextRows()
-    regions = _TextRows()
-    region_boxes: list[list[float]] = []
-    skipped: dict[str, int] = {}
-
-    def skip(reason: str, key: str = "", detail: object = "") -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
-        if key:
-            log.warning("eval data: leaving out %s (%s): %s", key, reason, detail)
-
-    def encode(raw: str) -> tuple[str, list[int]] | None:
-        try:
-            clean = text.pre_caption(raw, max_words, pre_caption)
-            return clean, text.token_ids(clean, vocab, max_tokens)
-        except text.EmptyText:
-            return None
-
     for item in tqdm(itertools.islice(_held_out_samples(opened), total), total=total, desc="eval data",
                      unit="img", disable=not progress, leave=False):
-        if not hasattr(item, "files"):       # Skipped: a damaged member or a truncated shard
-            skip(item.reason, item.key, item.detail)
-            continue
-        try:
-            if "jpg" not in item.files or "json" not in item.files:
-                raise SkipSample("missing_member", "the sample lacks its jpg or json member")
-            meta = parse_meta(item.files["json"])
-            image = augment.open_image(item.files["jpg"])
-            width, height = image.size
-            if (meta.get("width"), meta.get("height")) != (width, height):
-                raise SkipSample("size_mismatch", f"image is {width}x{height}, its json says "
-                                                  f"{meta.get('width')}x{meta.get('height')}")
-            # Deterministic: the whole image, resized to R x R (aspect not kept, as the region crops in training).
-            pixels = augment.crop_resize(image, (0, 0, width, height), image_res, image_res)
-        except SkipSample as err:
-            skip(err.reason, item.key, err.detail)
-            continue
-        except DECODE_ERRORS as err:
-            skip("corrupt_image", item.key, err)
-            continue
-        index = len(keys)
-        keys.append(item.key)
-        images.append(torch.from_numpy(np.asarray(pixels, dtype=np.uint8).copy()).permute(2, 0, 1))
-        for raw in meta.get("captions") or []:
-            encoded = encode(str(raw))
-            if encoded is None:
-                skip("empty_caption")
-                continue
-            captions.add(*encoded, index)
-        for region in meta.get("regions") or []:
-            box = usable_box(region.get("bbox"), width, height)
-            encoded = encode(region_text(region))
-            if box is None or encoded is None:
-                skip("unusable_box" if box is None else "empty_region_text")
-                continue
-            x, y, w, h = box
-            region_boxes.append([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height])
-            regions.add(*encoded, index)
-    if not keys:
-        raise XvlmError(f"no usable held-out images in {paths} (left out: {skipped or 'none'})")
-    if skipped:
-        log.warning("eval data: left out %s", ", ".join(f"{n} x {r}" for r, n in sorted(skipped.items())))
-    caption_ids, caption_atts = captions.tensors(max_tokens)
-    region_ids, region_atts = regions.tensors(max_tokens)
-    return EvalSet(keys=keys, images=torch.stack(images), caption_ids=caption_ids, caption_atts=caption_atts,
-                   caption_image=torch.tensor(captions.image, dtype=torch.int64), region_ids=region_ids,
-                   region_atts=region_atts, region_image=torch.tensor(regions.image, dtype=torch.int64),
-                   region_boxes=torch.tensor(region_boxes, dtype=torch.float32).reshape(-1, 4),
-                   captions=captions.texts, region_texts=regions.texts, skipped=skipped)
+        builder.add(item)
+    return builder.build(paths)
 
 
 # ---------------------------------------------------------------------------------------------- model calls

@@ -29,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.errors import ModelError
 from model.io import load_weights, model_to_bytes
+from model.objectives import BATCH_KINDS, objectives_of
 from model.xvlm import XVLM, build_model
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 from train import checkpoint as ckpt
 from train import distributed
 from train.config import TrainConfig
@@ -40,8 +41,8 @@ from train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-KINDS = ("region", "image_text")
-LOSS_NAMES = {"region": ("itc", "itm", "mlm", "bbox", "giou", "centre"), "image_text": ("itc", "itm", "mlm")}
+KINDS = BATCH_KINDS                                              # ("region", "image_text")
+LOSS_NAMES = {kind: objectives_of(kind) for kind in KINDS}      # the objectives of each batch kind
 METRIC_KEYS = [f"{kind}/{name}" for kind in KINDS for name in LOSS_NAMES[kind]]
 MAX_REGION_BATCHES_PER_GROUP = 8   # summed mode: a group closes after this many region batches without image-text
 EvaluateFn = Callable[..., dict]
@@ -177,7 +178,7 @@ class Trainer:
                     # A fresh start among another run's checkpoints: a later `--resume auto` would pick those up.
                     raise XvlmError(f"{self.cfg.out} already holds checkpoints of another run; continue it with "
                                     "--resume auto, or start fresh in a new --out (or delete the old one)")
-                storage.abort_stale_uploads(ckpt.checkpoints_root(self.cfg.out))
+                storage.clean_interrupted_writes(ckpt.checkpoints_root(self.cfg.out))
             except XvlmError as err:
                 error = str(err)
         candidates, error = distributed.broadcast_object(self.ctx, (candidates, error))

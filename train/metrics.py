@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shards import storage
+import storage
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def local_metrics_dir(out: str, local_dir: str = "") -> str:
     """Where metrics.jsonl is appended: the run folder itself, or a local folder for an s3:// run."""
     if local_dir:
         return local_dir
-    if not storage.is_s3(out):
+    if storage.local_path(out) is not None:
         return out
     digest = hashlib.sha1(out.encode()).hexdigest()[:12]
     return os.path.join(tempfile.gettempdir(), f"xvlm-run-{digest}")
@@ -59,7 +59,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.dir = local_metrics_dir(out, local_dir)
         self.path = os.path.join(self.dir, METRICS_FILE)
-        self.remote = storage.join(out, METRICS_FILE) if storage.is_s3(out) else None
+        self.remote = storage.join(out, METRICS_FILE) if storage.local_path(out) is None else None
         self.bar = None
         self.writer = None
         self.file = None

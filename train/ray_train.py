@@ -1,20 +1,18 @@
 """Ray Train entry point: a TorchTrainer whose workers each run the project's trainer (`train.loop.train`) in the
 process group Ray Train set up, with the project's own checkpoints on shared storage and restarts on failure.
 
-Run on a cluster by `xvlm submit` (a Ray job), or directly on a node of the cluster:
-  python -m train.ray_train --config train/configs/tiny_cpu.yaml --num-workers 2 out=/shared/runs/tiny
+Run on a cluster by `xvlm submit` (a Ray job), or directly on a node of the cluster with `xvlm ray-train`
+(tools/ray_train.py):
+  xvlm ray-train --config train/configs/tiny_cpu.yaml --num-workers 2 out=/shared/runs/tiny
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 from typing import Any
 
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ def check_shared_paths(cfg) -> None:
              "data.tokenizer": [cfg.data.overrides.get("tokenizer") or ""], "model.init": [cfg.model.init or ""]}
     for key, values in paths.items():
         for value in values:
-            if value and not storage.is_s3(value) and not os.path.isabs(value):
+            if value and storage.local_path(value) is not None and not os.path.isabs(value):
                 raise XvlmError(f"config {key}={value!r} is a relative path; under Ray every worker needs shared "
                                 "storage: give an absolute path on a filesystem all nodes mount, or s3://")
 
@@ -93,7 +91,7 @@ def build_trainer(cfg, *, num_workers: int, gpus_per_worker: float, cpus_per_wor
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
-    if storage_path is None and not storage.is_s3(cfg.out):
+    if storage_path is None and storage.local_path(cfg.out) is not None:
         storage_path = os.path.join(cfg.out, "ray")
     run_name = name or os.path.basename(cfg.out.rstrip("/")) or "xvlm"
     return TorchTrainer(
@@ -104,52 +102,3 @@ def build_trainer(cfg, *, num_workers: int, gpus_per_worker: float, cpus_per_wor
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.ray_train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config: path, s3:// URL, or env:NAME")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (training processes)")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU, gloo)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker")
-    parser.add_argument("--max-failures", type=int, default=3,
-                        help="worker-group restarts before the run fails (-1: unlimited)")
-    parser.add_argument("--storage-path", help="Ray Train's own run folder (default: <out>/ray for local runs)")
-    parser.add_argument("--address", default=None, help="Ray address (default: the cluster this job runs on)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import ray
-
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = read_config(args.config, list(args.overrides))
-        trainer = build_trainer(cfg, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                                cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-                                storage_path=args.storage_path)
-    except XvlmError as err:
-        print(f"xvlm ray_train: error: {err}", file=sys.stderr)
-        return 2
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-    log.info("training %s with %d worker(s), max_failures=%d", cfg.out, args.num_workers, args.max_failures)
-    from ray.train import TrainingFailedError
-
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as err:   # out of restarts (max_failures) or a deterministic error in every attempt
-        print(f"xvlm ray_train: training failed: {err}", file=sys.stderr)
-        return 1
-    metrics = dict(result.metrics or {})
-    print("xvlm ray_train result: " + json.dumps(metrics, default=str))
-    if result.error is not None:
-        print(f"xvlm ray_train: training failed: {result.error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

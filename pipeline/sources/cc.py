@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pipeline.records import Annotation, ImageRef, Reject, make_ref
-from pipeline.sources import safe_id, unsafe_tar_member
+from pipeline.sources import safe_id
+from shards.tar_stream import unsafe_member, unsafe_name
 from pipeline.textclean import decode_strict
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ def scan_tar(path: str) -> tuple[dict[str, Member], list[Member], str | None]:
     members: dict[str, Member] = {}
     unsafe: list[Member] = []
     try:
-        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|" if storage.is_s3(path) else "r:") as tar:
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:" if storage.local_path(path) else "r|") as tar:
             for info in tar:
-                if info.isdir() and unsafe_tar_member(info) == "not a regular file":
+                if info.isdir() and unsafe_name(info.name) is None:
                     continue  # a plain folder entry holds no data
-                member = Member(info.name, info.offset_data, info.size, unsafe_tar_member(info))
+                member = Member(info.name, info.offset_data, info.size, unsafe_member(info))
                 if member.unsafe:
                     unsafe.append(member)
                 members.setdefault(info.name, member)
@@ -130,7 +131,7 @@ def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> It
         member = next((members[f"{key}.{ext}"] for ext in IMAGE_EXTENSIONS if f"{key}.{ext}" in members), None)
         if member is None or member.unsafe:
             reason, detail = ("missing_image", f"no {key}.jpg/png/webp in {tar_rel}") if member is None else \
-                ("unsafe_tar_member", f"{tar_rel}: {member.name!r:.120} is a {member.unsafe}")
+                ("unsafe_tar_member", f"{tar_rel}: {member.name!r:.120} is {member.unsafe}")
             if member is not None:
                 used.add(member.name)
             yield Reject(NAME, "image", rel, where, reason, detail)

@@ -17,7 +17,7 @@ import ijson
 
 from pipeline.records import Reject
 from pipeline.textclean import INVALID_MARK, Utf8MarkingReader
-from shards import storage
+import storage
 
 log = logging.getLogger(__name__)
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -16,8 +16,8 @@ from typing import Iterator
 from pipeline.records import Annotation, ImageRef, Reject, make_ref
 from pipeline.sources import safe_id
 from pipeline.textclean import decode_strict
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 NAME = "sbu"
 DESCRIPTION = "SBU root with SBU_captioned_photo_dataset_{urls,captions}.txt and images/ named by URL basename"

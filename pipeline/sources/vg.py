@@ -13,8 +13,8 @@ from typing import Iterator
 from pipeline.records import Annotation, ImageRef, Reject, make_ref
 from pipeline.sources.jsonstream import iter_items
 from pipeline.textclean import INVALID_MARK
-from shards import storage
-from shards.errors import XvlmError
+import storage
+from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
