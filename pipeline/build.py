@@ -118,7 +118,9 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
         else:
             data = reader.read(group.image_path)
         stored = normalize_image(data, config)
-        to_real = annotation_scale((group.ann_width, group.ann_height), (stored.source_width, stored.source_height))
+        real = (stored.source_width, stored.source_height)
+        # Normalized boxes (OpenImages) are fractions of the real image: its size is their frame.
+        to_real = real if group.normalized else annotation_scale((group.ann_width, group.ann_height), real)
     except FileNotFoundError:
         for ref in group.records():
             stats.reject(ref, "missing_image", f"{group.image_path}: no such file")
@@ -139,6 +141,8 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
             stats.source(region["ref"].source).clipped_boxes += 1
         regions.append({"bbox": result.bbox, "text": region["text"], "kind": region["kind"],
                         "attributes": list(region.get("attributes") or [])})
+        if region.get("group_of"):
+            regions[-1]["group_of"] = True
         kept.append(region["ref"])
     captions = [c.text for c in group.captions]
     if not captions and not regions:

@@ -33,12 +33,13 @@ IMAGES_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("image_path", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("coco_id", pa.int64()),
     ("byte_offset", pa.int64()), ("byte_size", pa.int64()),
-    ("file", pa.string()), ("where", pa.string()), ("seq", pa.int64()),
+    ("file", pa.string()), ("where", pa.string()), ("seq", pa.int64()), ("normalized", pa.bool_()),
 ])
 ANNOTATIONS_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("kind", pa.string()),
     ("text", pa.string()), ("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64()),
     ("attributes", pa.list_(pa.string())), ("file", pa.string()), ("where", pa.string()), ("seq", pa.int64()),
+    ("group_of", pa.bool_()),
 ])
 REJECTS_SCHEMA = pa.schema([
     ("source", pa.string()), ("kind", pa.string()), ("file", pa.string()), ("where", pa.string()),
@@ -177,7 +178,8 @@ def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tu
                 continue
             if cls is ImageRef:
                 add_image((key, name, source_id, record.image_path, record.width, record.height,
-                           record.coco_id, record.byte_offset, record.byte_size, file, where, seq))
+                           record.coco_id, record.byte_offset, record.byte_size, file, where, seq,
+                           record.normalized))
                 continue
             text, problem = clean_text(record.text)
             bbox = record.bbox
@@ -187,7 +189,8 @@ def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tu
                 reject(kind, file, where, problem, "" if problem != "bad_box" else f"bbox {bbox}")
                 continue
             x, y, w, h = bbox if bbox is not None and kind != "caption" else no_box
-            add_annotation((key, name, source_id, kind, text, x, y, w, h, record.attributes, file, where, seq))
+            add_annotation((key, name, source_id, kind, text, x, y, w, h, record.attributes, file, where, seq,
+                            record.group_of))
         bar.update(seq % 10_000)
     except BaseException:
         for writer in writers.values():
