@@ -60,7 +60,8 @@ def reasons(rejects: list[dict], source: str | None = None) -> dict[str, int]:
 
 
 def test_registry_discovers_every_source():
-    assert sorted(source_registry.registry()) == ["cc", "coco", "sbu", "vg"]
+    assert sorted(source_registry.registry()) == ["cc", "cc12m", "coco", "objects365", "openimages", "refcoco", "sbu",
+                                                  "vg"]
     with pytest.raises(XvlmError, match="unknown source"):
         source_registry.get_source("laion")
     assert source_registry.safe_id("4385058960_b0f291553e") == "4385058960_b0f291553e"
