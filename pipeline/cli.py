@@ -1,4 +1,5 @@
-"""`xvlm build-shards`: convert COCO / Visual Genome / SBU / Conceptual Captions into box-aware tar shards."""
+"""`xvlm build-shards`: convert COCO / Visual Genome / SBU / Conceptual Captions / CC12M / Objects365 / Open Images /
+RefCOCO releases into box-aware tar shards, optionally without the images of evaluation sets."""
 from __future__ import annotations
 
 import argparse
@@ -6,32 +7,44 @@ import logging
 
 from pipeline.build import BuildConfig, run_build, summary_lines
 from pipeline.images import ImageConfig
+from pipeline.leak import HAMMING_THRESHOLD
 from shards.errors import XvlmError
 from shards.format import DEFAULT_SHARD_PREFIX
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = (
-    "Convert COCO, Visual Genome, SBU Captions and Conceptual Captions releases into WebDataset tar shards with\n"
+    "Convert COCO, Visual Genome, SBU Captions, Conceptual Captions (3M, 12M), Objects365, Open Images boxes and\n"
+    "RefCOCO/+/g training refs into WebDataset tar shards with\n"
     "one sample per image: KEY.jpg (RGB JPEG, long side <= --max-image-side), KEY.json (captions and region /\n"
     "object boxes in stored-pixel coordinates) and KEY.txt (first caption). Beside the shards: index.parquet,\n"
     "rejects.parquet (every input record that was not written, with its reason) and manifest.json (written last).\n"
     "Shard writing runs as Ray tasks: a local Ray by default, or an existing cluster with --ray-address.\n"
     "Re-running the same command after an interruption resumes: finished shards are kept, and the result is\n"
-    "byte-identical to an uninterrupted run. The format is described in shards/FORMAT.md."
+    "byte-identical to an uninterrupted run. The format is described in shards/FORMAT.md.\n"
+    "--exclude-eval drops every training image that is an image of an evaluation split (by COCO id, and by a\n"
+    "perceptual hash of the picture when the set's images are given): each is an `eval_leak` reject."
 )
 EPILOG = (
     "sources (--source NAME=PATH, repeatable; PATH local or s3://):\n"
     "  coco=ROOT   annotations/captions_*.json + instances_*.json, images in train2017/ ...\n"
     "  vg=ROOT     image_data.json, region_descriptions.json, attributes.json/objects.json, VG_100K*/\n"
     "  sbu=ROOT    SBU_captioned_photo_dataset_urls.txt + _captions.txt, images/\n"
-    "  cc=ROOT     img2dataset output (tars + parquet) or a caption TSV + images/\n\n"
+    "  cc=ROOT     img2dataset output (tars + parquet) or a caption TSV + images/\n"
+    "  cc12m=ROOT  img2dataset output or cc12m.tsv (url TAB caption) + images/\n"
+    "  objects365=ROOT  annotations/zhiyuan_objv2_train.json (or objects365_train.json) + train/\n"
+    "  openimages=ROOT  *-annotations-bbox.csv + class-descriptions-boxable.csv + train/IMAGEID.jpg\n"
+    "  refcoco=ROOT  refer's data folder: refcoco/, refcoco+/, refcocog/ (refs(*).p + instances.json) + images/\n\n"
     "tiny example (CPU, a few seconds after Ray starts):\n"
     "  xvlm sample-data /tmp/xs --images 40 --val-images 10\n"
     "  xvlm build-shards --source coco=/tmp/xs/coco --source vg=/tmp/xs/vg --source sbu=/tmp/xs/sbu \\\n"
     "      --source cc=/tmp/xs/cc --out /tmp/xs/shards --samples-per-shard 20 --workers 2\n\n"
     "to S3 (credentials from the standard AWS chain; never printed):\n"
     "  xvlm build-shards --source coco=s3://data/coco --out s3://bucket/xvlm/v1 --endpoint-url http://127.0.0.1:8333\n\n"
+    "without the evaluation images (X-VLM's files; a set without COCO ids needs its images):\n"
+    "  xvlm build-shards ... --exclude-eval coco-karpathy=/tmp/xs/eval/coco_test.json \\\n"
+    "      --exclude-eval refcoco+=/tmp/xs/eval/refcoco+_test.json \\\n"
+    "      --exclude-eval flickr30k=/tmp/xs/eval/flickr30k_test.json,images=/tmp/xs/eval/images\n\n"
     "on a running Ray cluster:  xvlm build-shards ... --ray-address 10.0.0.1:6379\n"
     "see docs/shard_builder.md for the accounting, crash safety and benchmarks."
 )
@@ -47,7 +60,8 @@ def _source(text: str) -> tuple[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ImageConfig()
     parser.add_argument("--source", type=_source, action="append", required=True, metavar="NAME=PATH",
-                        help="a source release (coco, vg, sbu, cc); repeat for several")
+                        help="a source release (coco, vg, sbu, cc, cc12m, objects365, openimages, refcoco); "
+                             "repeat for several")
     parser.add_argument("--out", required=True, metavar="DIR|s3://bucket/prefix", help="output folder or S3 prefix")
     parser.add_argument("--samples-per-shard", type=int, default=5000, metavar="N",
                         help="samples per tar shard (default 5000: ~250 MB at 512-px JPEGs)")
@@ -72,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=None, metavar="DIR",
                         help="local folder for the staged annotations (default OUT/_work, or a temp folder "
                              "when OUT is on S3)")
+    parser.add_argument("--exclude-eval", action="append", default=[], metavar="NAME=FILE[,images=ROOT]",
+                        help="drop the training images of an evaluation file in X-VLM's format (coco_test.json, "
+                             "refcoco+_val.json, flickr30k_test.json ...): by the COCO ids in its image paths, and "
+                             "with images=ROOT (its image_root) also by picture content; repeat per file")
+    parser.add_argument("--leak-max-distance", type=int, default=HAMMING_THRESHOLD, metavar="BITS",
+                        help=f"Hamming distance of the 64-bit perceptual hashes up to which a training picture counts "
+                             f"as an evaluation picture (default {HAMMING_THRESHOLD}; see docs/shard_builder.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -89,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     config = BuildConfig(sources=sources, out=args.out, samples_per_shard=args.samples_per_shard, image=image,
                          shard_prefix=args.shard_prefix, workers=args.workers, ray_address=args.ray_address,
                          endpoint_url=args.endpoint_url, work_dir=args.work_dir, progress=not args.no_progress,
-                         command=_command(args, sources))
+                         command=_command(args, sources), exclude_eval=list(args.exclude_eval),
+                         leak_max_distance=args.leak_max_distance)
     result = run_build(config)
     print(f"built {args.out}: {result.shards_written} shards written, {result.shards_skipped} already done")
     for line in summary_lines(result.manifest):
@@ -109,4 +131,8 @@ def _command(args: argparse.Namespace, sources: dict[str, str]) -> list[str]:
                 "--max-image-side", str(args.max_image_side), "--jpeg-quality", str(args.jpeg_quality),
                 "--max-pixels", str(args.max_pixels), "--max-image-bytes", str(args.max_image_bytes),
                 "--shard-prefix", args.shard_prefix]
+    for spec in args.exclude_eval:
+        command += ["--exclude-eval", spec]
+    if args.exclude_eval:
+        command += ["--leak-max-distance", str(args.leak_max_distance)]
     return [re.sub(r"://[^/@\s]+@", "://", part) for part in command]

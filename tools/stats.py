@@ -189,6 +189,7 @@ class DatasetStats:
     notes: list[str] = field(default_factory=list)
     rejects: Counter = field(default_factory=Counter)           # (source, kind, reason) -> n
     reject_examples: dict = field(default_factory=dict)         # (source, reason) -> [row, ...]
+    eval_leaks: Counter = field(default_factory=Counter)        # (evaluation split, source) -> images dropped
 
     def __post_init__(self) -> None:
         self.captions_per_image = Binned(int_edges(10))
@@ -416,6 +417,13 @@ def _token_notes(stats: DatasetStats, tokenizer: str | None) -> None:
         stats.notes.append("object labels / attributes: index.parquet has no `object_labels` / `attributes` columns")
 
 
+def _count_eval_leaks(table: pa.Table, stats: DatasetStats) -> None:
+    """Images dropped by --exclude-eval, per evaluation split (the first word of an eval_leak detail)."""
+    leaks = table.filter(pc.and_(pc.equal(table["reason"], "eval_leak"), pc.equal(table["kind"], "image")))
+    for source, detail in zip(leaks["source"].to_pylist(), leaks["detail"].to_pylist()):
+        stats.eval_leaks[(str(detail).split(" ", 1)[0], source)] += 1
+
+
 def _read_rejects(path: str, stats: DatasetStats, batch_size: int) -> None:
     try:
         with local_copy(path) as local:
@@ -426,6 +434,7 @@ def _read_rejects(path: str, stats: DatasetStats, batch_size: int) -> None:
                 grouped = table.group_by(["source", "kind", "reason"]).aggregate([("reason", "count")])
                 for row in grouped.to_pylist():
                     stats.rejects[(row["source"], row["kind"], row["reason"])] += row["reason_count"]
+                _count_eval_leaks(table, stats)
                 # examples: the first few rows of each (source, reason), read row by row only while needed
                 for source, reason in {(s, r) for s, _, r in stats.rejects}:
                     have = stats.reject_examples.setdefault((source, reason), [])
@@ -482,7 +491,8 @@ def summarize(stats: DatasetStats) -> dict:
         "rejects": {"total": int(sum(stats.rejects.values())),
                     "by_reason_source": reasons,
                     "by_source_kind_reason": [[s, k, r, n] for (s, k, r), n in sorted(stats.rejects.items())],
-                    "examples": {f"{s}/{r}": rows for (s, r), rows in sorted(stats.reject_examples.items())}},
+                    "examples": {f"{s}/{r}": rows for (s, r), rows in sorted(stats.reject_examples.items())},
+                    "eval_leak_images": [[split, s, n] for (split, s), n in sorted(stats.eval_leaks.items())]},
         "shards": {"count": len(shards), "bytes": [s.bytes for s in shards][:10_000],
                    "samples": [s.samples for s in shards][:10_000],
                    "total_bytes": sum(s.bytes for s in shards)},
@@ -703,6 +713,9 @@ def _section_rejects(s: dict) -> str:
                for key, rows_ in r["examples"].items() for row in rows_]
     parts.append("<h3>Examples</h3>" + _table(["source", "kind", "reason", "file", "where", "detail"], ex_rows,
                                               "examples"))
+    if r.get("eval_leak_images"):
+        parts.append("<h3>Evaluation images removed (--exclude-eval)</h3>" + _table(
+            ["evaluation split", "source", "images dropped"], r["eval_leak_images"], "eval-leaks"))
     return "".join(parts)
 
 
