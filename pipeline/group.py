@@ -382,7 +382,7 @@ def _group_annotations(anns: pa.Table, status: pa.Table, rejects: _Rejects) -> p
         anns = anns.filter(pc.invert(refused))
     # Exact repeats of a record of the same image (same source, kind, text, box, attributes) are duplicates.
     anns = anns.append_column("attributes_text", pc.binary_join(anns.column("attributes"), "\x1f"))
-    identity = ["key", "source", "source_id", "kind", "text", "x", "y", "w", "h", "attributes_text"]
+    identity = ["key", "source", "source_id", "kind", "text", "x", "y", "w", "h", "attributes_text", "group_of"]
     anns = anns.sort_by([(c, "ascending") for c in identity] + [("seq", "ascending")])
     duplicate = _previous_equal(anns, identity)
     if duplicate.any():
