@@ -75,8 +75,8 @@ class BuildConfig:
             raise XvlmError("no sources given: use --source NAME=PATH (e.g. --source coco=data/sample/coco)")
         for spec in self.exclude_eval:
             parse_spec(spec)
-        if not 0 <= self.leak_max_distance <= 32:
-            raise XvlmError(f"--leak-max-distance must be within 0..32 bits, got {self.leak_max_distance}")
+        if not 0 <= self.leak_max_distance <= 128:
+            raise XvlmError(f"--leak-max-distance must be within 0..128 bits (of 256), got {self.leak_max_distance}")
 
     def output_config(self) -> dict:
         """The settings the output depends on (recorded in the manifest, compared on resume)."""

@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "refcoco+_val.json, flickr30k_test.json ...): by the COCO ids in its image paths, and "
                              "with images=ROOT (its image_root) also by picture content; repeat per file")
     parser.add_argument("--leak-max-distance", type=int, default=HAMMING_THRESHOLD, metavar="BITS",
-                        help=f"Hamming distance of the 64-bit perceptual hashes up to which a training picture counts "
+                        help=f"Hamming distance of the 256-bit perceptual hashes up to which a training picture counts "
                              f"as an evaluation picture (default {HAMMING_THRESHOLD}; see docs/shard_builder.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -18,8 +18,6 @@ import sys
 import tempfile
 from collections import Counter, defaultdict
 
-import numpy as np
-
 WEB = ("cc", "sbu", "cc12m", "openimages", "objects365")
 EIGHT = ("coco", "vg", "sbu", "cc", "cc12m", "objects365", "openimages", "refcoco")
 
@@ -50,7 +48,7 @@ def measure(out: str, workers: int, threshold: int) -> dict:
 
     from pipeline.build import BuildConfig, run_build
     from pipeline.evalsets import parse_spec
-    from pipeline.leak import build_index, image_hash
+    from pipeline.leak import build_index
 
     sample_root, built = os.path.join(out, "sample"), os.path.join(out, "built")
     config = BuildConfig(sources={s: os.path.join(sample_root, s) for s in EIGHT}, out=built, samples_per_shard=200,
@@ -65,8 +63,7 @@ def measure(out: str, workers: int, threshold: int) -> dict:
     web = _web_pictures(sample_root)
     index_set = set(index)
     evaluation = build_index([parse_spec(s) for s in _exclude(f"{sample_root}/eval") if "images=" in s], False)
-    nearest = {k: int(np.bitwise_count(evaluation.hashes ^ np.uint64(image_hash(open(p, "rb").read()))).min())
-               for k, p in web.items()}
+    nearest = {k: evaluation.nearest(open(p, "rb").read())[0] for k, p in web.items()}
     kinds: dict[str, Counter] = defaultdict(Counter)
     for key, row in planted.items():
         kinds[row["kind"]]["planted"] += 1
@@ -80,7 +77,7 @@ def measure(out: str, workers: int, threshold: int) -> dict:
             "false_positive_rate": len(false) / max(1, len(others)),
             "distance_copies": dict(sorted(Counter(nearest[k] for k in planted if k in nearest).items())),
             "distance_others_min": min(nearest[k] for k in others), "threshold": threshold,
-            "distance_others_hist": dict(sorted(Counter(min(nearest[k], 20) for k in others).items()))}
+            "distance_others_hist": dict(sorted(Counter(min(nearest[k] // 8 * 8, 128) for k in others).items()))}
 
 
 def _dropped_keys(sample_root: str, rejects: list[dict]) -> set[str]:
