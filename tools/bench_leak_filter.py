@@ -71,9 +71,20 @@ def measure(out: str, workers: int, threshold: int) -> dict:
         assert key not in index_set or key not in dropped_keys
     others = [k for k in web if k not in planted]
     false = [k for k in others if k in dropped_keys]
+    # Over every source (COCO, VG, RefCOCO too): samples dropped by content that are no planted copy.
+    by_content = sum(1 for r in rejects if r["reason"] == "eval_leak" and r["kind"] == "image"
+                     and " by content: " in r["detail"])
+    planted_dropped = sum(c["dropped"] for c in kinds.values())
+    by_kind = defaultdict(list)
+    for key, row in planted.items():
+        if key in nearest:
+            by_kind[row["kind"]].append(nearest[key])
     return {"recall": {k: {"planted": c["planted"], "dropped": c["dropped"], "recall": c["dropped"] / c["planted"]}
                        for k, c in sorted(kinds.items())},
+            "max_distance_by_kind": {k: max(v) for k, v in sorted(by_kind.items())},
             "false_positives": len(false), "web_pictures_not_copies": len(others),
+            "content_drops_not_planted_all_sources": by_content - planted_dropped,
+            "samples_written": len(index),
             "false_positive_rate": len(false) / max(1, len(others)),
             "distance_copies": dict(sorted(Counter(nearest[k] for k in planted if k in nearest).items())),
             "distance_others_min": min(nearest[k] for k in others), "threshold": threshold,
@@ -116,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         report = measure(out, args.workers, HAMMING_THRESHOLD if args.threshold is None else args.threshold)
         for kind, r in report["recall"].items():
             print(f"{kind:<10} planted {r['planted']:4d}  dropped {r['dropped']:4d}  recall {r['recall']:.1%}")
+        print(f"largest distance of a copy to its original, by kind: {report['max_distance_by_kind']}")
+        print(f"dropped by content but no planted copy, all sources: {report['content_drops_not_planted_all_sources']} "
+              f"({report['samples_written']} samples written)")
         print(f"false positives: {report['false_positives']} of {report['web_pictures_not_copies']} other web "
               f"pictures ({report['false_positive_rate']:.2%}); nearest-distance of copies "
               f"{report['distance_copies']}, of the others >= {report['distance_others_min']} (threshold "
