@@ -16,8 +16,8 @@ from shards.errors import XvlmError
 # name -> (module, one-line help). The order is the order of the data flow.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("tools.quickstart", "Run the whole main job on the embedded defaults (sample data -> shards -> train -> eval -> report)."),
-    "sample-data": ("tools.sample_data", "Write a synthetic shapes dataset in the real COCO / VG / SBU / CC layouts."),
-    "build-shards": ("pipeline.cli", "Convert COCO / VG / SBU / CC releases into box-aware tar shards (Ray job)."),
+    "sample-data": ("tools.sample_data", "Write a synthetic shapes dataset in the real COCO / VG / SBU / CC / 16M-source layouts."),
+    "build-shards": ("pipeline.cli", "Convert COCO / VG / SBU / CC / 16M-source releases into box-aware tar shards (Ray job)."),
     "verify": ("tools.verify", "Check a built dataset: shards vs manifest, sample JSON schema, images, boxes."),
     "stats": ("tools.stats", "Write a self-contained HTML statistics report (+ JSON) for a built dataset."),
     "show": ("tools.show", "Draw samples with their boxes and texts to PNG (raw or as the loader augments them)."),
