@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+from array import array
 import logging
 import re
 from typing import Iterator
@@ -117,13 +118,13 @@ def _listed_ids(files: dict[str, str], split: str) -> tuple[np.ndarray | None, s
     names = sorted(n for n in files if pattern.match(n))
     if not names:
         return None, None
-    ids = []
+    ids = array("Q")        # 8 bytes an id: V6's train list has 9M rows
     for number, _, fields in _csv_rows(files[names[0]]):
         if fields and _IMAGE_ID.fullmatch(fields[0]):
             ids.append(int(fields[0], 16))
         elif number > 1:
             log.warning("openimages: %s line %d has no ImageID; ignored", names[0], number)
-    return np.unique(np.array(ids, dtype=np.uint64)), names[0]
+    return np.unique(np.frombuffer(ids, dtype=np.uint64)), names[0]
 
 
 def _columns(header: list[str], rel: str) -> dict[str, int]:
