@@ -112,6 +112,10 @@ class ShardStats:
     def written(self, ref: RecordRef) -> None:
         self.source(ref.source).add_written(ref.kind)
 
+    def reject_sample(self, group: ImageGroup, reason: str, detail: str) -> None:
+        for ref in group.records():
+            self.reject(ref, reason, detail)
+
 
 def _words(text: str) -> int:
     return len(text.split())
@@ -133,9 +137,7 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
     stats.images += 1
     leaked = leak.match_id(group.coco_id) if leak is not None else None
     if leaked:
-        for ref in group.records():
-            stats.reject(ref, "eval_leak", leaked)
-        return
+        return stats.reject_sample(group, "eval_leak", leaked)
     try:
         if group.byte_offset is not None and group.byte_size is not None and "#" in group.image_path:
             if group.byte_size > reader.max_bytes:
@@ -159,9 +161,7 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
             stats.reject(ref, err.reason, f"{group.image_path}: {err.detail}")
         return
     if leaked:
-        for ref in group.records():
-            stats.reject(ref, "eval_leak", leaked)
-        return
+        return stats.reject_sample(group, "eval_leak", leaked)
     scale = (to_real[0] * stored.width / stored.source_width, to_real[1] * stored.height / stored.source_height)
     size = (stored.width, stored.height)
     regions, kept = [], []
