@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.group import GroupConfig, count_groups, group_images, iter_groups, load_accounting, reject_files
+from pipeline.evalsets import parse_spec
 from pipeline.images import ImageConfig, ImageReader, ImageReject, annotation_scale, map_box, normalize_image
+from pipeline.leak import HAMMING_THRESHOLD, EvalIndex, build_index
 from pipeline.records import ImageGroup, RecordRef
 from pipeline.stage import StageConfig, stage_sources
 import storage
@@ -59,6 +61,9 @@ class BuildConfig:
     work_dir: str | None = None             # local staging folder (default OUT/_work, or a temp dir for s3://)
     progress: bool = True
     command: list[str] = field(default_factory=list)
+    exclude_eval: list[str] = field(default_factory=list)   # --exclude-eval NAME=FILE[,images=ROOT] (pipeline/leak.py)
+    leak_max_distance: int = HAMMING_THRESHOLD
+    eval_digest: str | None = None          # set by run_build from the evaluation sets as read
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -69,11 +74,19 @@ class BuildConfig:
             raise XvlmError(f"--workers must be positive, got {self.workers}")
         if not self.sources:
             raise XvlmError("no sources given: use --source NAME=PATH (e.g. --source coco=data/sample/coco)")
+        for spec in self.exclude_eval:
+            parse_spec(spec)
+        if not 0 <= self.leak_max_distance <= 128:
+            raise XvlmError(f"--leak-max-distance must be within 0..128 bits (of 256), got {self.leak_max_distance}")
 
     def output_config(self) -> dict:
         """The settings the output depends on (recorded in the manifest, compared on resume)."""
-        return {"sources": dict(sorted(self.sources.items())), "samples_per_shard": self.samples_per_shard,
-                "image": asdict(self.image), "shard_prefix": self.shard_prefix, "format_version": FORMAT_VERSION}
+        config = {"sources": dict(sorted(self.sources.items())), "samples_per_shard": self.samples_per_shard,
+                  "image": asdict(self.image), "shard_prefix": self.shard_prefix, "format_version": FORMAT_VERSION}
+        if self.exclude_eval:   # only with the filter on: the fingerprints of other builds stay as they were
+            config["exclude_eval"] = {"sets": sorted(self.exclude_eval), "max_distance": self.leak_max_distance,
+                                      "digest": self.eval_digest}
+        return config
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.output_config(), sort_keys=True).encode()).hexdigest()[:16]
@@ -100,15 +113,32 @@ class ShardStats:
     def written(self, ref: RecordRef) -> None:
         self.source(ref.source).add_written(ref.kind)
 
+    def reject_sample(self, group: ImageGroup, reason: str, detail: str) -> None:
+        for ref in group.records():
+            self.reject(ref, reason, detail)
+
 
 def _words(text: str) -> int:
     return len(text.split())
 
 
+def _leak_by_content(leak: EvalIndex | None, data: bytes) -> str | None:
+    if leak is None:
+        return None
+    try:
+        return leak.match_image(data)
+    except Exception as err:  # noqa: BLE001 - it decoded for the image stage; a failure here is one counted reject
+        raise ImageReject("not_an_image", f"decodes but cannot be hashed for the leak filter: {err}") from None
+
+
 def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, writer: ShardWriter,
-                 stats: ShardStats) -> None:
-    """One ImageGroup -> one tar sample, or rejects for each of its records; every record is counted once."""
+                 stats: ShardStats, leak: EvalIndex | None = None) -> None:
+    """One ImageGroup -> one tar sample, or rejects for each of its records; every record is counted once.
+    `leak`: the evaluation images of --exclude-eval; a sample that is one is rejected as eval_leak."""
     stats.images += 1
+    leaked = leak.match_id(group.coco_id) if leak is not None else None
+    if leaked:
+        return stats.reject_sample(group, "eval_leak", leaked)
     try:
         if group.byte_offset is not None and group.byte_size is not None and "#" in group.image_path:
             if group.byte_size > reader.max_bytes:
@@ -119,7 +149,10 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
         else:
             data = reader.read(group.image_path)
         stored = normalize_image(data, config)
-        to_real = annotation_scale((group.ann_width, group.ann_height), (stored.source_width, stored.source_height))
+        leaked = _leak_by_content(leak, data)
+        real = (stored.source_width, stored.source_height)
+        # Normalized boxes (OpenImages) are fractions of the real image: its size is their frame.
+        to_real = real if group.normalized else annotation_scale((group.ann_width, group.ann_height), real)
     except FileNotFoundError:
         for ref in group.records():
             stats.reject(ref, "missing_image", f"{group.image_path}: no such file")
@@ -128,6 +161,8 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
         for ref in group.records():
             stats.reject(ref, err.reason, f"{group.image_path}: {err.detail}")
         return
+    if leaked:
+        return stats.reject_sample(group, "eval_leak", leaked)
     scale = (to_real[0] * stored.width / stored.source_width, to_real[1] * stored.height / stored.source_height)
     size = (stored.width, stored.height)
     regions, kept = [], []
@@ -140,6 +175,8 @@ def write_sample(group: ImageGroup, reader: ImageReader, config: ImageConfig, wr
             stats.source(region["ref"].source).clipped_boxes += 1
         regions.append({"bbox": result.bbox, "text": region["text"], "kind": region["kind"],
                         "attributes": list(region.get("attributes") or [])})
+        if region.get("group_of"):
+            regions[-1]["group_of"] = True
         kept.append(region["ref"])
     captions = [c.text for c in group.captions]
     if not captions and not regions:
@@ -185,7 +222,7 @@ def _work_paths(out: str, name: str) -> tuple[str, str, str]:
 
 
 def write_shard(groups: list[ImageGroup], out: str, name: str, config: ImageConfig, fingerprint: str,
-                endpoint_url: str | None = None, roots: tuple[str, ...] = ()) -> int:
+                endpoint_url: str | None = None, roots: tuple[str, ...] = (), leak: EvalIndex | None = None) -> int:
     """Write shard `name` from its groups, then its stats files (the stats JSON last: the shard's done marker).
     Runs inside a Ray task. `roots`: the source folders, which local image paths must not leave. Returns the
     number of images processed."""
@@ -197,7 +234,7 @@ def write_shard(groups: list[ImageGroup], out: str, name: str, config: ImageConf
     try:
         with ShardWriter(path) as writer:
             for group in groups:
-                write_sample(group, reader, config, writer, stats)
+                write_sample(group, reader, config, writer, stats, leak)
     finally:
         reader.close()
     stats_path, index_path, rejects_path = _work_paths(out, name)
@@ -366,6 +403,11 @@ def run_build(config: BuildConfig) -> BuildResult:
         storage.set_endpoint_url(config.endpoint_url)
     out = config.out.rstrip("/")
     storage.makedirs(out)
+    leak = None
+    if config.exclude_eval:
+        leak = build_index([parse_spec(s) for s in config.exclude_eval], config.progress)
+        leak.threshold = config.leak_max_distance
+        config.eval_digest = leak.digest
     _check_work_state(config)
     _clean_interrupted_writes(out)
     temp_work = None
@@ -382,6 +424,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         workers = config.workers or cpus
         fingerprints: dict[str, str] = {}
         task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(write_shard)
+        leak_ref = ray.put(leak) if leak is not None else None   # one copy in the object store, not one per task
         names: list[str] = []
         pending: dict = {}
         written = skipped = 0
@@ -414,7 +457,7 @@ def run_build(config: BuildConfig) -> BuildResult:
                 continue
             collect(block=False)
             pending[task.remote(chunk, out, name, config.image, fingerprint, config.endpoint_url,
-                                tuple(config.sources.values()))] = name
+                                tuple(config.sources.values()), leak_ref)] = name
         collect(block=True)
         bar.close()
         manifest = finish(config, out, names, grouped, fingerprints)
@@ -476,7 +519,7 @@ def finish(config: BuildConfig, out: str, names: list[str], grouped: Grouped, fi
 
 def summary_lines(manifest: Manifest) -> list[str]:
     """The per-source summary printed at the end: inputs = written + rejected, per source."""
-    lines = [f"{'source':<8} {'inputs':>9} {'written':>9} {'rejected':>9}  check  rejected by reason"]
+    lines = [f"{'source':<10} {'inputs':>9} {'written':>9} {'rejected':>9}  check  rejected by reason"]
     for name, counts in manifest.sources.items():
         inputs, written = sum(counts.inputs.values()), sum(counts.written.values())
         rejected = sum(sum(r.values()) for r in counts.rejected.values())
@@ -487,7 +530,7 @@ def summary_lines(manifest: Manifest) -> list[str]:
         detail = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "-"
         if counts.clipped_boxes:
             detail += f"; {counts.clipped_boxes} boxes clipped"
-        lines.append(f"{name:<8} {inputs:>9} {written:>9} {rejected:>9}  {ok:<5}  {detail}")
+        lines.append(f"{name:<10} {inputs:>9} {written:>9} {rejected:>9}  {ok:<5}  {detail}")
     total = manifest.to_json()["totals"]
     lines.append(f"inputs = written + rejected for every source and record kind; "
                  f"{total['samples']} samples in {total['shards']} shards ({total['bytes'] / 1e6:.1f} MB)")

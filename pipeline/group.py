@@ -28,10 +28,10 @@ are balanced by image count (some may be empty when there are fewer images than 
 What grouping decides: an annotation whose image id is not listed is rejected (no_image_record); a record that
 repeats an earlier one of the same image exactly is rejected (duplicate_record); an image id listed twice with the
 same file merges into one sample (both listings count as written), with a different file or size the later
-listing is rejected (duplicate_record); a VG image whose coco_id is a staged COCO image joins that COCO sample
-("coco+vg", key "coco-..."), its boxes rescaled into COCO's frame, or rejected with its annotations
-(image_size_mismatch) when the aspect ratios disagree; an image with no annotation left is rejected
-(no_annotations).
+listing is rejected (duplicate_record); an image of a source that declares `JOIN_BY_COCO_ID = "coco"` (VG, RefCOCO)
+whose coco_id is a staged COCO image joins that COCO sample ("coco+vg", "coco+refcoco+vg", key "coco-..."), its
+boxes rescaled into COCO's frame, or rejected with its annotations (image_size_mismatch) when the aspect ratios
+disagree; an image with no annotation left is rejected (no_annotations).
 
 Files: WORK_DIR/groups/part-NNNNN.parquet, rejects.parquet, and accounting.json, written last (the commit marker
 of this step; it also lists each partition's group count). A rerun starts the step over.
@@ -71,12 +71,12 @@ _CAPTION = pa.struct([("text", pa.string()), ("source", pa.string()), ("file", p
 _REGION = pa.struct([
     ("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64()),
     ("text", pa.string()), ("kind", pa.string()), ("attributes", pa.list_(pa.string())),
-    ("source", pa.string()), ("file", pa.string()), ("where", pa.string()),
+    ("source", pa.string()), ("file", pa.string()), ("where", pa.string()), ("group_of", pa.bool_()),
 ])
 GROUP_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("coco_id", pa.int64()),
     ("image_path", pa.string()), ("byte_offset", pa.int64()), ("byte_size", pa.int64()),
-    ("ann_width", pa.int32()), ("ann_height", pa.int32()),
+    ("ann_width", pa.int32()), ("ann_height", pa.int32()), ("normalized", pa.bool_()),
     ("images", pa.list_(_REF)), ("captions", pa.list_(_CAPTION)), ("regions", pa.list_(_REGION)),
 ])
 
@@ -102,31 +102,40 @@ def groups_dir(work_dir: str) -> str:
 # ---------------------------------------------------------------------------------------------- keys
 
 
-def _coco_vg_remap(stage: StageResult) -> tuple[pa.Array, pa.Array] | None:
-    """(VG source ids, COCO keys) for VG images whose coco_id is an image of the staged COCO source."""
-    if "coco" not in stage.sources or "vg" not in stage.sources:
-        return None
+def _join_remap(stage: StageResult) -> tuple[pa.Array, pa.Array] | None:
+    """(SOURCE + NUL + SOURCE_ID of every image that joins another source's sample, the key of that sample).
+
+    A source module that sets `JOIN_BY_COCO_ID = "coco"` declares that its image whose coco_id is an image of the
+    staged `coco` source is a listing of that COCO sample (VG, RefCOCO): one sample with both annotations."""
     folder = os.path.join(stage_dir(stage.work_dir), "images")
-    coco_ids = pq.read_table(os.path.join(folder, "coco.parquet"), columns=["coco_id"]).column("coco_id")
-    vg = pq.read_table(os.path.join(folder, "vg.parquet"), columns=["source_id", "coco_id"])
-    mask = pc.fill_null(pc.is_in(vg.column("coco_id"), value_set=pc.unique(coco_ids.combine_chunks())), False)
-    vg = vg.filter(mask)
-    coco = source_registry.get_source("coco")
-    keys = [source_registry.sample_key(coco, str(i)) for i in vg.column("coco_id").to_pylist()]
-    ids = vg.column("source_id").combine_chunks()
-    log.info("coco+vg: %d VG images are staged COCO images and join their COCO sample", len(ids))
-    return ids, pa.array(keys, pa.string())
+    composites: list[str] = []
+    keys: list[str] = []
+    for name in sorted(stage.sources):
+        target = getattr(source_registry.get_source(name), "JOIN_BY_COCO_ID", None)
+        if target is None or target not in stage.sources:
+            continue
+        target_ids = pq.read_table(os.path.join(folder, f"{target}.parquet"), columns=["coco_id"]).column("coco_id")
+        joining = pq.read_table(os.path.join(folder, f"{name}.parquet"), columns=["source_id", "coco_id"])
+        mask = pc.fill_null(pc.is_in(joining.column("coco_id"), value_set=pc.unique(target_ids.combine_chunks())),
+                            False)
+        joining = joining.filter(mask)
+        target_module = source_registry.get_source(target)
+        keys += [source_registry.sample_key(target_module, str(i)) for i in joining.column("coco_id").to_pylist()]
+        composites += [f"{name}\x00{i}" for i in joining.column("source_id").to_pylist()]
+        log.info("%s+%s: %d %s images are staged %s images and join their sample", target, name, joining.num_rows,
+                 name, target)
+    if not composites:
+        return None
+    return pa.array(composites, pa.string()), pa.array(keys, pa.string())
 
 
 def _remapped_keys(batch: pa.RecordBatch | pa.Table, remap: tuple[pa.Array, pa.Array] | None) -> pa.Array:
     keys = batch.column("key")
     if remap is None or len(remap[0]) == 0:
         return keys
-    ids, new_keys = remap
-    is_vg = pc.equal(batch.column("source"), "vg")
-    index = pc.index_in(batch.column("source_id"), value_set=ids)
-    index = pc.if_else(is_vg, index, pa.scalar(None, pa.int32()))
-    return pc.coalesce(pc.take(new_keys, index), keys)
+    composites, new_keys = remap
+    mine = pc.binary_join_element_wise(batch.column("source"), batch.column("source_id"), "\x00")
+    return pc.coalesce(pc.take(new_keys, pc.index_in(mine, value_set=composites)), keys)
 
 
 def _files(stage: StageResult, table: str) -> list[str]:
@@ -266,7 +275,8 @@ def _group_images(images: pa.Table, tolerance: float):
         j = i
         while j < n and keys[j] == keys[i]:
             j += 1
-        p = i
+        # The primary listing is the sample's own source (its key is "SOURCE-..."), not an image joined into it.
+        p = next((r for r in range(i, j) if keys[r].startswith(col["source"][r] + "-")), i)
         # Listings are told apart by (source, source_id): the same id again is a repeat; another id under the same
         # key (a VG image of a COCO image) is another listing of the picture, merged with its own box scale.
         accepted = {(col["source"][p], col["source_id"][p]): p}
@@ -274,7 +284,9 @@ def _group_images(images: pa.Table, tolerance: float):
         records = [(col["source"][p], "image", col["file"][p], col["where"][p])]
         frame = (col["width"][p], col["height"][p])
         scales = {(col["source"][p], col["source_id"][p]): (1.0, 1.0)}
-        for r in range(i + 1, j):
+        for r in range(i, j):
+            if r == p:
+                continue
             source = col["source"][r]
             ident = (source, col["source_id"][r])
             ref = (source, "image", col["file"][r], col["where"][r])
@@ -315,6 +327,7 @@ def _group_images(images: pa.Table, tolerance: float):
             "key": keys[i], "source": "+".join(sorted({source for source, _ in accepted})), "source_id": col["source_id"][p],
             "coco_id": coco_id, "image_path": col["image_path"][p], "byte_offset": col["byte_offset"][p],
             "byte_size": col["byte_size"][p], "ann_width": frame[0], "ann_height": frame[1],
+            "normalized": bool(col["normalized"][p]),
             "images": [dict(zip(("source", "kind", "file", "where"), rec)) for rec in records],
         })
         i = j
@@ -369,7 +382,7 @@ def _group_annotations(anns: pa.Table, status: pa.Table, rejects: _Rejects) -> p
         anns = anns.filter(pc.invert(refused))
     # Exact repeats of a record of the same image (same source, kind, text, box, attributes) are duplicates.
     anns = anns.append_column("attributes_text", pc.binary_join(anns.column("attributes"), "\x1f"))
-    identity = ["key", "source", "source_id", "kind", "text", "x", "y", "w", "h", "attributes_text"]
+    identity = ["key", "source", "source_id", "kind", "text", "x", "y", "w", "h", "attributes_text", "group_of"]
     anns = anns.sort_by([(c, "ascending") for c in identity] + [("seq", "ascending")])
     duplicate = _previous_equal(anns, identity)
     if duplicate.any():
@@ -439,7 +452,7 @@ def group_images(work_dir: str, num_partitions: int, config: GroupConfig | None 
         shutil.rmtree(out)
     os.makedirs(out)
     image_files, ann_files = _files(stage, "images"), _files(stage, "annotations")
-    remap = _coco_vg_remap(stage)
+    remap = _join_remap(stage)
 
     # Bucket edges: row quantiles bound the memory of one bucket, image quantiles balance the partitions.
     n_images, n_rows = _num_rows(image_files), _num_rows(image_files) + _num_rows(ann_files)
@@ -573,12 +586,19 @@ def _to_group(row: dict) -> ImageGroup:
     return ImageGroup(
         key=row["key"], source=row["source"], source_id=row["source_id"], image_path=row["image_path"],
         ann_width=row["ann_width"], ann_height=row["ann_height"], coco_id=row["coco_id"],
-        byte_offset=row["byte_offset"], byte_size=row["byte_size"],
+        byte_offset=row["byte_offset"], byte_size=row["byte_size"], normalized=bool(row["normalized"]),
         captions=[Caption(c["text"], _ref(c, "caption")) for c in row["captions"]],
-        regions=[{"bbox": [r["x"], r["y"], r["w"], r["h"]], "text": r["text"], "kind": r["kind"],
-                  "attributes": list(r["attributes"] or []), "ref": _ref(r)} for r in row["regions"]],
+        regions=[_region(r) for r in row["regions"]],
         image_records=[_ref(i) for i in row["images"]],
     )
+
+
+def _region(r: dict) -> dict:
+    region = {"bbox": [r["x"], r["y"], r["w"], r["h"]], "text": r["text"], "kind": r["kind"],
+              "attributes": list(r["attributes"] or []), "ref": _ref(r)}
+    if r["group_of"]:
+        region["group_of"] = True    # only when set: the groups of sources without the flag stay as they were
+    return region
 
 
 def load_accounting(work_dir: str) -> dict:

@@ -28,6 +28,8 @@ class ImageRef:
     ref: str = ""                    # "FILE#WHERE": file relative to the source root, then line / id (no '#')
     byte_offset: int | None = None   # for "TARPATH#MEMBER": the member's data starts here in the tar ...
     byte_size: int | None = None     # ... and is this long, so the image is one ranged read
+    normalized: bool = False         # boxes are fractions of the image's width / height (OpenImages): the image
+                                     # stage maps them to pixels with the real size; width / height stay None
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Annotation:
     bbox: list[float] | None = None  # [x, y, w, h] in the annotation frame; None for captions
     attributes: list[str] = field(default_factory=list)
     ref: str = ""                    # "FILE#WHERE", as ImageRef.ref
+    group_of: bool = False           # the box covers a group of objects of its class (OpenImages IsGroupOf,
+                                     # Objects365 iscrowd); written as "group_of": true in the sample JSON
 
 
 @dataclass
@@ -100,6 +104,7 @@ class ImageGroup:
     coco_id: int | None = None
     byte_offset: int | None = None   # as ImageRef: the image's bytes in the tar, when image_path has '#'
     byte_size: int | None = None
+    normalized: bool = False         # as ImageRef: boxes are fractions of the real image size
     captions: list[Caption] = field(default_factory=list)
     regions: list[dict] = field(default_factory=list)
     image_records: list[RecordRef] = field(default_factory=list)
@@ -138,4 +143,6 @@ REASONS = {
     "status_not_success": "img2dataset row whose status is not success",
     "unsafe_tar_member": "tar member with an absolute or '..' path, or a link",
     "duplicate_record": "the same record appears twice",
+    "held_out_split": "a record of a val / test split inside a training file (RefCOCO refs): not for pretraining",
+    "eval_leak": "the image is an image of an evaluation split given with --exclude-eval (by COCO id or content)",
 }

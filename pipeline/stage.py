@@ -33,12 +33,13 @@ IMAGES_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("image_path", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("coco_id", pa.int64()),
     ("byte_offset", pa.int64()), ("byte_size", pa.int64()),
-    ("file", pa.string()), ("where", pa.string()), ("seq", pa.int64()),
+    ("file", pa.string()), ("where", pa.string()), ("seq", pa.int64()), ("normalized", pa.bool_()),
 ])
 ANNOTATIONS_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("kind", pa.string()),
     ("text", pa.string()), ("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64()),
     ("attributes", pa.list_(pa.string())), ("file", pa.string()), ("where", pa.string()), ("seq", pa.int64()),
+    ("group_of", pa.bool_()),
 ])
 REJECTS_SCHEMA = pa.schema([
     ("source", pa.string()), ("kind", pa.string()), ("file", pa.string()), ("where", pa.string()),
@@ -120,6 +121,29 @@ def _check_box(bbox: list[float] | None) -> str | None:
     return None
 
 
+class _SampleKeys:
+    """source_id -> sample key of one source, cached for the last few thousand images (annotations often follow
+    their image); None for an id that gives no tar-safe key."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.cache: dict[str, str] = {}
+
+    def key_of(self, source_id: str) -> str | None:
+        key = self.cache.get(source_id)
+        if key is None:
+            try:
+                key = source_registry.sample_key(self.module, source_id)
+            except (ValueError, TypeError):
+                return None
+            if not source_registry.SAFE_KEY.fullmatch(key):
+                return None
+            if len(self.cache) > 4096:
+                self.cache.clear()
+            self.cache[source_id] = key
+        return key
+
+
 def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tuple[Counter, Counter, Counter]:
     """Stream one source into its three tables. Returns (inputs by kind, rejects by reason, rejects by kind)."""
     module = source_registry.get_source(name)
@@ -129,21 +153,7 @@ def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tu
     inputs: Counter = Counter()
     reasons: Counter = Counter()
     reject_kinds: Counter = Counter()
-    keys: dict[str, str] = {}  # source_id -> key for the last image, as annotations follow their image often
-
-    def key_of(source_id: str) -> str | None:
-        key = keys.get(source_id)
-        if key is None:
-            try:
-                key = source_registry.sample_key(module, source_id)
-            except (ValueError, TypeError):
-                return None
-            if not source_registry.SAFE_KEY.fullmatch(key):
-                return None
-            if len(keys) > 4096:
-                keys.clear()
-            keys[source_id] = key
-        return key
+    keys = _SampleKeys(module)
 
     def reject(kind: str, file: str, where: str, reason: str, detail: str = "") -> None:
         writers["rejects"].add((name, kind, file, where, reason, detail))
@@ -171,13 +181,14 @@ def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tu
             inputs[kind] += 1
             file, _, where = record.ref.rpartition("#")
             source_id = record.source_id
-            key = keys.get(source_id) or key_of(source_id)
+            key = keys.cache.get(source_id) or keys.key_of(source_id)
             if key is None:
                 reject(kind, file, where, "malformed_line", f"id {source_id!r:.80} gives no tar-safe sample key")
                 continue
             if cls is ImageRef:
                 add_image((key, name, source_id, record.image_path, record.width, record.height,
-                           record.coco_id, record.byte_offset, record.byte_size, file, where, seq))
+                           record.coco_id, record.byte_offset, record.byte_size, file, where, seq,
+                           record.normalized))
                 continue
             text, problem = clean_text(record.text)
             bbox = record.bbox
@@ -187,7 +198,8 @@ def stage_source(name: str, path: str, work_dir: str, config: StageConfig) -> tu
                 reject(kind, file, where, problem, "" if problem != "bad_box" else f"bbox {bbox}")
                 continue
             x, y, w, h = bbox if bbox is not None and kind != "caption" else no_box
-            add_annotation((key, name, source_id, kind, text, x, y, w, h, record.attributes, file, where, seq))
+            add_annotation((key, name, source_id, kind, text, x, y, w, h, record.attributes, file, where, seq,
+                            record.group_of))
         bar.update(seq % 10_000)
     except BaseException:
         for writer in writers.values():

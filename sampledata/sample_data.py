@@ -51,7 +51,8 @@ COCO_LICENSES = [
 ]
 CC_ERRORS = ("HTTP Error 404: Not Found", "<urlopen error [Errno -2] Name or service not known>",
              "The read operation timed out", "HTTP Error 403: Forbidden")
-OWNED = ("coco", "vg", "sbu", "cc", "tokenizer", "sample_data.json")
+OWNED = ("coco", "vg", "sbu", "cc", "tokenizer", "sample_data.json", "objects365", "openimages", "cc12m", "refcoco",
+         "eval")   # the last five: sampledata/sources16m.py
 
 
 @dataclass
@@ -482,6 +483,11 @@ def generate(out_dir: str | os.PathLike, images: int = 1000, seed: int = 0, val_
     summary_counts["sbu"] = write_sbu(sbu_root, stream(indices("sbu")), counts["sbu"], seed)
     summary_counts["cc"] = write_cc(cc_root, stream(indices("cc")), counts["cc"], seed)
     stream.bar.close()
+    from sampledata import sources16m   # the 16M sources and the evaluation files, on picture indices after these
+
+    extra_counts, extra_paths = sources16m.write_all(out, seed, images, val_images, train_ids, starts["coco"],
+                                                     val_ids, progress)
+    summary_counts.update(extra_counts)
     summary_counts["tokenizer"] = write_tokenizer(out / "tokenizer")
 
     summary = {
@@ -491,7 +497,7 @@ def generate(out_dir: str | os.PathLike, images: int = 1000, seed: int = 0, val_
         "counts": summary_counts,
         "paths": {
             "coco": "coco", "vg": "vg", "sbu": "sbu", "cc": "cc", "cc_img2dataset": "cc/img2dataset",
-            "tokenizer": "tokenizer",
+            "tokenizer": "tokenizer", **extra_paths,
         },
     }
     _write_json_pretty(out / "sample_data.json", summary)

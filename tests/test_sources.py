@@ -79,6 +79,7 @@ def test_registry_discovers_every_source():
     declared = _declared_sources()
     assert sorted(source_registry.registry()) == sorted(declared)
     assert {"cc", "coco", "sbu", "vg"} <= set(declared)          # the four releases of X-VLM's 4M setting
+    assert {"cc12m", "objects365", "openimages", "refcoco"} <= set(declared)   # the 16M setting adds these
     with pytest.raises(XvlmError, match="unknown source"):
         source_registry.get_source("laion")
     assert source_registry.safe_id("4385058960_b0f291553e") == "4385058960_b0f291553e"

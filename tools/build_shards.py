@@ -1,4 +1,5 @@
-"""`xvlm build-shards`: convert dataset releases (every source of pipeline/sources/) into box-aware tar shards."""
+"""`xvlm build-shards`: convert dataset releases (every source of pipeline/sources/) into box-aware tar shards,
+optionally without the images of evaluation sets."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import logging
 
 from pipeline.build import BuildConfig, run_build, summary_lines
 from pipeline.images import ImageConfig
+from pipeline.leak import HAMMING_THRESHOLD
 from shards.format import DEFAULT_SHARD_PREFIX
 from storage.errors import XvlmError
 
@@ -18,7 +20,9 @@ DESCRIPTION = (
     "rejects.parquet (every input record that was not written, with its reason) and manifest.json (written last).\n"
     "Shard writing runs as Ray tasks: a local Ray by default, or an existing cluster with --ray-address.\n"
     "Re-running the same command after an interruption resumes: finished shards are kept, and the result is\n"
-    "byte-identical to an uninterrupted run. The format is described in shards/FORMAT.md."
+    "byte-identical to an uninterrupted run. The format is described in shards/FORMAT.md.\n"
+    "--exclude-eval drops every training image that is an image of an evaluation split (by COCO id, and by a\n"
+    "perceptual hash of the picture when the set's images are given): each is an `eval_leak` reject."
 )
 EPILOG_EXAMPLES = (
     "tiny example (CPU, a few seconds after Ray starts):\n"
@@ -27,6 +31,10 @@ EPILOG_EXAMPLES = (
     "      --source cc=/tmp/xs/cc --out /tmp/xs/shards --samples-per-shard 20 --workers 2\n\n"
     "to S3 (credentials from the standard AWS chain; never printed):\n"
     "  xvlm build-shards --source coco=s3://data/coco --out s3://bucket/xvlm/v1 --endpoint-url http://127.0.0.1:8333\n\n"
+    "without the evaluation images (X-VLM's files; a set without COCO ids needs its images):\n"
+    "  xvlm build-shards ... --exclude-eval coco-karpathy=/tmp/xs/eval/coco_test.json \\\n"
+    "      --exclude-eval refcoco+=/tmp/xs/eval/refcoco+_test.json \\\n"
+    "      --exclude-eval flickr30k=/tmp/xs/eval/flickr30k_test.json,images=/tmp/xs/eval/images\n\n"
     "on a running Ray cluster:  xvlm build-shards ... --ray-address 10.0.0.1:6379\n"
     "see docs/shard_builder.md for the accounting, crash safety and benchmarks; docs/pipeline_sources.md for the sources."
 )
@@ -84,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=None, metavar="DIR",
                         help="local folder for the staged annotations (default OUT/_work, or a temp folder "
                              "when OUT is on S3)")
+    parser.add_argument("--exclude-eval", action="append", default=[], metavar="NAME=FILE[,images=ROOT]",
+                        help="drop the training images of an evaluation file in X-VLM's format (coco_test.json, "
+                             "refcoco+_val.json, flickr30k_test.json ...): by the COCO ids in its image paths, and "
+                             "with images=ROOT (its image_root) also by picture content; repeat per file")
+    parser.add_argument("--leak-max-distance", type=int, default=HAMMING_THRESHOLD, metavar="BITS",
+                        help=f"Hamming distance of the 256-bit perceptual hashes up to which a training picture counts "
+                             f"as an evaluation picture (default {HAMMING_THRESHOLD}; see docs/shard_builder.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -101,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     config = BuildConfig(sources=sources, out=args.out, samples_per_shard=args.samples_per_shard, image=image,
                          shard_prefix=args.shard_prefix, workers=args.workers, ray_address=args.ray_address,
                          endpoint_url=args.endpoint_url, work_dir=args.work_dir, progress=not args.no_progress,
-                         command=_command(args, sources))
+                         command=_command(args, sources), exclude_eval=list(args.exclude_eval),
+                         leak_max_distance=args.leak_max_distance)
     result = run_build(config)
     print(f"built {args.out}: {result.shards_written} shards written, {result.shards_skipped} already done")
     for line in summary_lines(result.manifest):
@@ -121,4 +137,8 @@ def _command(args: argparse.Namespace, sources: dict[str, str]) -> list[str]:
                 "--max-image-side", str(args.max_image_side), "--jpeg-quality", str(args.jpeg_quality),
                 "--max-pixels", str(args.max_pixels), "--max-image-bytes", str(args.max_image_bytes),
                 "--shard-prefix", args.shard_prefix]
+    for spec in args.exclude_eval:
+        command += ["--exclude-eval", spec]
+    if args.exclude_eval:
+        command += ["--leak-max-distance", str(args.leak_max_distance)]
     return [re.sub(r"://[^/@\s]+@", "://", part) for part in command]

@@ -18,7 +18,7 @@ from storage.errors import XvlmError
 # Each module is thin: DESCRIPTION, EPILOG (text, or a function that builds it), add_arguments(parser), run(args).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("tools.quickstart", "Run the whole main job on the embedded defaults (sample data -> shards -> train -> eval -> report)."),
-    "sample-data": ("tools.sample_data", "Write a synthetic shapes dataset in the real COCO / VG / SBU / CC layouts."),
+    "sample-data": ("tools.sample_data", "Write a synthetic shapes dataset in the real layouts of every source (COCO, VG, SBU, CC, 16M sources)."),
     "build-shards": ("tools.build_shards", "Convert dataset releases (the sources its --help lists) into box-aware tar shards (Ray job)."),
     "verify": ("tools.verify", "Check a built dataset (shards vs manifest, sample JSON, images, boxes) or a run's checkpoints."),
     "stats": ("tools.stats", "Write a self-contained HTML statistics report (+ JSON) for a built dataset."),

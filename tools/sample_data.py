@@ -10,14 +10,17 @@ from sampledata.sample_data import generate
 DESCRIPTION = (
     "Write a synthetic shapes-scenes dataset (coloured shapes on textured backgrounds, with true captions,\n"
     "region phrases, labels and attributes) in the real on-disk layouts of COCO 2017, Visual Genome 1.2,\n"
-    "SBU Captions and Conceptual Captions 3M (TSV + img2dataset webdataset output), and a WordPiece tokenizer.\n"
+    "SBU Captions and Conceptual Captions 3M (TSV + img2dataset webdataset output), and a WordPiece tokenizer;\n"
+    "for the 16M setting also Objects365 v2, Open Images V7 boxes, CC12M and RefCOCO/+/g, with X-VLM's evaluation\n"
+    "files (COCO Karpathy, Flickr30K, RefCOCO+) and copies of evaluation pictures planted in the web sources.\n"
     "Same --seed -> byte-identical files."
 )
 EPILOG = (
     "example:\n"
     "  xvlm sample-data data/sample                 # 1,000 training images + 200 COCO val2017 images\n"
     "  xvlm sample-data /tmp/tiny --images 60 --val-images 20 --seed 1\n\n"
-    "layout: OUT/coco, OUT/vg, OUT/sbu, OUT/cc (+ OUT/cc/img2dataset), OUT/tokenizer, OUT/sample_data.json.\n"
+    "layout: OUT/coco, OUT/vg, OUT/sbu, OUT/cc (+ OUT/cc/img2dataset), OUT/objects365, OUT/openimages, OUT/cc12m\n"
+    "(+ OUT/cc12m/img2dataset), OUT/refcoco, OUT/eval, OUT/tokenizer, OUT/sample_data.json.\n"
     "See docs/sample_data.md for the split between sources and the file formats."
 )
 

@@ -4,9 +4,12 @@ Adding a source is adding one file here. A source module defines:
 - `NAME`: the name used in `--source NAME=PATH`;
 - `iter_records(path) -> Iterator[ImageRef | Annotation | Reject]`: the release at `path` (local or s3://, read
   through storage/ only), parsed as streams, in a deterministic order;
-- optionally `sample_key(source_id) -> str`: the tar-safe sample key of an image (default "NAME-SOURCE_ID");
+- optionally `sample_key(source_id) -> str`: the tar-safe sample key of an image, starting with "NAME-" (default
+  "NAME-SOURCE_ID");
 - optionally `DESCRIPTION`: one line, listed by `xvlm build-shards --help` (its epilog and `--source` help come
-  from this registry: adding a source touches nothing outside this package, its test and its docs).
+  from this registry: adding a source touches nothing outside this package, its test and its docs);
+- optionally `JOIN_BY_COCO_ID = "coco"`: an image of this source whose ImageRef.coco_id is an image of the staged
+  `coco` source joins that sample (one sample with both sources' annotations; pipeline/group.py). VG and RefCOCO.
 """
 from __future__ import annotations
 

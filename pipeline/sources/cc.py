@@ -8,6 +8,8 @@ nor a caption split over two lines shifts the pairing of captions and images.
 The mode follows the folder: .tar / .parquet files in it mean (a), a .tsv means (b). Tars are read as streams,
 member by member, never extracted: a member with an absolute or '..' path, or a link, is rejected as
 `unsafe_tar_member` and its bytes are never used; an image's ImageRef carries its byte range in the tar.
+
+CC12M is read by the same code (`iter_release` with its `Release`: source name, TSV name, column order).
 """
 from __future__ import annotations
 
@@ -31,6 +33,17 @@ NAME = "cc"
 DESCRIPTION = "img2dataset webdataset output (NNNNN.tar + NNNNN.parquet) or Train_GCC-training.tsv + images/ROW.jpg"
 TRAIN_TSV = "Train_GCC-training.tsv"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class Release:
+    """A caption release read by this module: CC3M here, CC12M (pipeline/sources/cc12m.py) with its own values."""
+    name: str              # the source name in records and rejects
+    train_tsv: str         # the TSV's name in the release
+    url_column: int        # 1: caption<TAB>url (CC3M); 0: url<TAB>caption (CC12M)
+
+
+CC3M = Release(NAME, TRAIN_TSV, 1)
 
 
 def sample_key(source_id: str) -> str:
@@ -84,7 +97,8 @@ def _text_column(table, name: str) -> list[bytes | None]:
     return column.to_pylist()
 
 
-def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> Iterator[ImageRef | Annotation | Reject]:
+def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None,
+                       release: Release = CC3M) -> Iterator[ImageRef | Annotation | Reject]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -92,16 +106,16 @@ def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> It
     try:
         table = pq.read_table(pa.BufferReader(storage.read_bytes(parquet_path)))
     except Exception as err:  # noqa: BLE001 - any unreadable parquet is one counted reject, the rest goes on
-        yield Reject(NAME, "line", rel, "whole file", "malformed_line", f"unreadable parquet: {err}"[:300])
+        yield Reject(release.name, "line", rel, "whole file", "malformed_line", f"unreadable parquet: {err}"[:300])
         return
     for column in ("key", "status"):
         if column not in table.column_names:
-            yield Reject(NAME, "line", rel, "whole file", "malformed_line", f"no {column!r} column (not img2dataset output?)")
+            yield Reject(release.name, "line", rel, "whole file", "malformed_line", f"no {column!r} column (not img2dataset output?)")
             return
     members, unsafe, error = scan_tar(tar_path) if tar_path else ({}, [], "no tar beside the parquet")
     tar_rel = _rel(tar_path, root) if tar_path else rel[:-len(".parquet")] + ".tar"
     if error:
-        yield Reject(NAME, "line", tar_rel, "whole file" if not members else f"after member {len(members)}",
+        yield Reject(release.name, "line", tar_rel, "whole file" if not members else f"after member {len(members)}",
                      "malformed_line", f"tar not readable to its end: {error}"[:300])
     keys = _text_column(table, "key")
     statuses = table.column("status").to_pylist()
@@ -117,15 +131,15 @@ def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> It
         if not key:
             detail = "row without a key" if raw_key is None or isinstance(raw_key, bytes) else \
                 f"key is {type(raw_key).__name__} {raw_key!r:.40}, not a string (not img2dataset output?)"
-            yield Reject(NAME, "image", rel, where, "malformed_line", detail)
+            yield Reject(release.name, "image", rel, where, "malformed_line", detail)
             if caption is not None:
-                yield Reject(NAME, "caption", rel, where, "no_image_record", detail)
+                yield Reject(release.name, "caption", rel, where, "no_image_record", detail)
             continue
         if status != "success":
             detail = f"status {status!r:.60}" + (f": {message}" if isinstance(message, str) and message else "")
-            yield Reject(NAME, "image", rel, where, "status_not_success", detail[:300])
+            yield Reject(release.name, "image", rel, where, "status_not_success", detail[:300])
             if caption is not None:
-                yield Reject(NAME, "caption", rel, where, "status_not_success", detail[:300])
+                yield Reject(release.name, "caption", rel, where, "status_not_success", detail[:300])
             continue
         source_id = safe_id(key)
         member = next((members[f"{key}.{ext}"] for ext in IMAGE_EXTENSIONS if f"{key}.{ext}" in members), None)
@@ -134,57 +148,57 @@ def _img2dataset_shard(root: str, parquet_path: str, tar_path: str | None) -> It
                 ("unsafe_tar_member", f"{tar_rel}: {member.name!r:.120} is {member.unsafe}")
             if member is not None:
                 used.add(member.name)
-            yield Reject(NAME, "image", rel, where, reason, detail)
+            yield Reject(release.name, "image", rel, where, reason, detail)
             if caption is not None:  # the row's caption goes with its image
-                yield Reject(NAME, "caption", rel, where, reason, detail)
+                yield Reject(release.name, "caption", rel, where, reason, detail)
             continue
         used.add(member.name)
         # img2dataset writes the stored image's size; pandas makes it float when a shard has failures.
         ok_size = all(isinstance(v, (int, float)) and v == v and v > 0 and float(v).is_integer()
                       for v in (width, height))
-        yield ImageRef(NAME, source_id, f"{tar_path}#{member.name}", int(width) if ok_size else None,
+        yield ImageRef(release.name, source_id, f"{tar_path}#{member.name}", int(width) if ok_size else None,
                        int(height) if ok_size else None, ref=make_ref(rel, where),
                        byte_offset=member.offset, byte_size=member.size)
         if caption is None:
             continue  # no caption: the image alone is rejected as no_annotations when grouped
         text = decode_strict(caption) if isinstance(caption, bytes) else None
         if not isinstance(caption, bytes):
-            yield Reject(NAME, "caption", rel, where, "malformed_line",
+            yield Reject(release.name, "caption", rel, where, "malformed_line",
                          f"caption is {type(caption).__name__} {caption!r:.60}, not a string")
         elif text is None:
-            yield Reject(NAME, "caption", rel, where, "invalid_utf8", f"{caption[:120]!r}")
+            yield Reject(release.name, "caption", rel, where, "invalid_utf8", f"{caption[:120]!r}")
         else:
-            yield Annotation(NAME, source_id, "caption", text, ref=make_ref(rel, where))
+            yield Annotation(release.name, source_id, "caption", text, ref=make_ref(rel, where))
     # Unsafe members that are no sample's image: counted, never read.
     for member in unsafe:
         if member.name not in used:
-            yield Reject(NAME, "line", tar_rel, f"member {member.name}"[:200], "unsafe_tar_member",
+            yield Reject(release.name, "line", tar_rel, f"member {member.name}"[:200], "unsafe_tar_member",
                          f"{member.unsafe}; not read")
 
 
-def _img2dataset(root: str, entries: list[storage.Entry]) -> Iterator[ImageRef | Annotation | Reject]:
+def _img2dataset(root: str, entries: list[storage.Entry], release: Release = CC3M) -> Iterator[ImageRef | Annotation | Reject]:
     parquets = {e.path[:-len(".parquet")]: e.path for e in entries if e.path.endswith(".parquet")}
     tars = {e.path[:-len(".tar")]: e.path for e in entries if e.path.endswith(".tar")}
     for stem in sorted(set(parquets) | set(tars)):
         if stem not in parquets:
-            yield Reject(NAME, "line", _rel(tars[stem], root), "whole file", "malformed_line",
+            yield Reject(release.name, "line", _rel(tars[stem], root), "whole file", "malformed_line",
                          "no .parquet beside this tar (img2dataset writes both); its samples are not read")
             continue
-        yield from _img2dataset_shard(root, parquets[stem], tars.get(stem))
+        yield from _img2dataset_shard(root, parquets[stem], tars.get(stem), release)
 
 
 # ---------------------------------------------------------------------------------------------- TSV
 
 
-def _tsv_file(entries: list[storage.Entry]) -> str:
+def _tsv_file(entries: list[storage.Entry], release: Release = CC3M) -> str:
     tsvs = [e.path for e in entries if e.path.endswith(".tsv")]
     for path in tsvs:
-        if path.rsplit("/", 1)[-1] == TRAIN_TSV:
+        if path.rsplit("/", 1)[-1] == release.train_tsv:
             return path
     if len(tsvs) == 1:
         return tsvs[0]
-    raise XvlmError(f"several caption TSVs and no {TRAIN_TSV}: {[t.rsplit('/', 1)[-1] for t in tsvs]}; "
-                    f"point cc=PATH at a folder with one TSV and its images/ folder")
+    raise XvlmError(f"several caption TSVs and no {release.train_tsv}: {[t.rsplit('/', 1)[-1] for t in tsvs]}; "
+                    f"point {release.name}=PATH at a folder with one TSV and its images/ folder")
 
 
 MAX_RECORD_LINES = 8      # a record spanning more lines has an unclosed quote that swallowed the lines after it
@@ -199,7 +213,7 @@ def _valid_text(field: str) -> str | None:
     return field
 
 
-def _tsv(root: str, tsv_path: str) -> Iterator[ImageRef | Annotation | Reject]:
+def _tsv(root: str, tsv_path: str, release: Release = CC3M) -> Iterator[ImageRef | Annotation | Reject]:
     rel = _rel(tsv_path, root)
     csv.field_size_limit(1 << 20)
     with storage.open_read(tsv_path) as raw:
@@ -213,7 +227,7 @@ def _tsv(root: str, tsv_path: str) -> Iterator[ImageRef | Annotation | Reject]:
                 return
             except csv.Error as err:      # e.g. a field over the size limit: one record, counted
                 row += 1
-                yield Reject(NAME, "line", rel, f"line {first_line}", "malformed_line", f"unreadable record: {err}")
+                yield Reject(release.name, "line", rel, f"line {first_line}", "malformed_line", f"unreadable record: {err}")
                 first_line = reader.line_num + 1
                 continue
             where, lines = f"line {first_line}", reader.line_num - first_line + 1
@@ -221,34 +235,43 @@ def _tsv(root: str, tsv_path: str) -> Iterator[ImageRef | Annotation | Reject]:
             if not fields:
                 continue                   # a blank line is not a record: it takes no row number
             row += 1                       # images/ROW.jpg counts records from 0 (no header)
-            yield from _tsv_record(root, rel, row, where, lines, fields)
+            yield from _tsv_record(root, rel, row, where, lines, fields, release)
 
 
-def _tsv_record(root: str, rel: str, row: int, where: str, lines: int,
-                fields: list[str]) -> Iterator[ImageRef | Annotation | Reject]:
-    url = _valid_text(fields[1]).strip() if len(fields) == 2 and _valid_text(fields[1]) is not None else None
+def _tsv_record(root: str, rel: str, row: int, where: str, lines: int, fields: list[str],
+                release: Release = CC3M) -> Iterator[ImageRef | Annotation | Reject]:
+    u = release.url_column
+    url = _valid_text(fields[u]).strip() if len(fields) == 2 and _valid_text(fields[u]) is not None else None
     if len(fields) != 2 or not url or not url.startswith(("http://", "https://")) or lines > MAX_RECORD_LINES:
+        layout = "caption<TAB>url" if u == 1 else "url<TAB>caption"
         why = f"an unclosed quote joined {lines} lines into this record" if lines > MAX_RECORD_LINES else \
-            f"expected 'caption<TAB>url', got {len(fields)} field(s)"
+            f"expected '{layout}', got {len(fields)} field(s)"
         shown = "\t".join(fields).encode("utf-8", "surrogateescape")[:120]
-        yield Reject(NAME, "line", rel, where, "malformed_line", f"{why}: {shown!r}")
+        yield Reject(release.name, "line", rel, where, "malformed_line", f"{why}: {shown!r}")
         return
     source_id = str(row)
-    yield ImageRef(NAME, source_id, storage.join(root, "images", f"{row}.jpg"), ref=make_ref(rel, where))
-    caption = _valid_text(fields[0])
+    yield ImageRef(release.name, source_id, storage.join(root, "images", f"{row}.jpg"), ref=make_ref(rel, where))
+    caption = _valid_text(fields[1 - u])
     if caption is None:
-        yield Reject(NAME, "caption", rel, where, "invalid_utf8",
-                     f"{fields[0].encode('utf-8', 'surrogateescape')[:120]!r}")
+        yield Reject(release.name, "caption", rel, where, "invalid_utf8",
+                     f"{fields[1 - u].encode('utf-8', 'surrogateescape')[:120]!r}")
     else:
-        yield Annotation(NAME, source_id, "caption", caption, ref=make_ref(rel, where))
+        yield Annotation(release.name, source_id, "caption", caption, ref=make_ref(rel, where))
+
+
+def iter_release(path: str, release: Release) -> Iterator[ImageRef | Annotation | Reject]:
+    """The records of a caption release at `path`: img2dataset output when the folder holds .tar / .parquet files,
+    else its caption TSV with images/ROW.jpg."""
+    entries = storage.list_files(path, recursive=False)
+    if any(e.path.endswith((".tar", ".parquet")) for e in entries):
+        yield from _img2dataset(path, entries, release)
+    elif any(e.path.endswith(".tsv") for e in entries):
+        yield from _tsv(path, _tsv_file(entries, release), release)
+    else:
+        raise XvlmError(f"{path} holds neither img2dataset output (NNNNN.tar + NNNNN.parquet) nor a caption TSV: "
+                        f"point {release.name}=PATH at one of them (sample data: {release.name}/ for the TSV, "
+                        f"{release.name}/img2dataset for webdataset)")
 
 
 def iter_records(path: str) -> Iterator[ImageRef | Annotation | Reject]:
-    entries = storage.list_files(path, recursive=False)
-    if any(e.path.endswith((".tar", ".parquet")) for e in entries):
-        yield from _img2dataset(path, entries)
-    elif any(e.path.endswith(".tsv") for e in entries):
-        yield from _tsv(path, _tsv_file(entries))
-    else:
-        raise XvlmError(f"{path} holds neither img2dataset output (NNNNN.tar + NNNNN.parquet) nor a caption TSV: "
-                        f"point cc=PATH at one of them (sample data: cc/ for the TSV, cc/img2dataset for webdataset)")
+    yield from iter_release(path, CC3M)

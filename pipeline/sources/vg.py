@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 NAME = "vg"
 DESCRIPTION = "Visual Genome root with image_data.json, region_descriptions.json, attributes.json/objects.json, VG_100K*/"
 IMAGE_FOLDERS = ("VG_100K", "VG_100K_2")
+# A VG image whose coco_id is an image of the staged `coco` source is part of that COCO sample (pipeline/group.py).
+JOIN_BY_COCO_ID = "coco"
 
 
 def sample_key(source_id: str) -> str:

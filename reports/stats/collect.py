@@ -46,6 +46,7 @@ class DatasetStats:
     notes: list[str] = field(default_factory=list)
     rejects: Counter = field(default_factory=Counter)           # (source, kind, reason) -> n
     reject_examples: dict = field(default_factory=dict)         # (source, reason) -> [row, ...]
+    eval_leaks: Counter = field(default_factory=Counter)        # (evaluation split, source) -> images dropped
 
     def __post_init__(self) -> None:
         self.captions_per_image = Binned(int_edges(10))
@@ -256,10 +257,18 @@ def _read_rejects(manifest: DatasetManifest, stats: DatasetStats, batch_size: in
         raise XvlmError(f"{path} cannot be read ({type(err).__name__}: {err}); rebuild the dataset") from None
 
 
+def _count_eval_leaks(table: pa.Table, stats: DatasetStats) -> None:
+    """Images dropped by --exclude-eval, per evaluation split (the first word of an eval_leak detail)."""
+    leaks = table.filter(pc.and_(pc.equal(table["reason"], "eval_leak"), pc.equal(table["kind"], "image")))
+    for source, detail in zip(leaks["source"].to_pylist(), leaks["detail"].to_pylist()):
+        stats.eval_leaks[(str(detail).split(" ", 1)[0], source)] += 1
+
+
 def _add_rejects_batch(table: pa.Table, stats: DatasetStats) -> None:
     grouped = table.group_by(["source", "kind", "reason"]).aggregate([("reason", "count")])
     for row in grouped.to_pylist():
         stats.rejects[(row["source"], row["kind"], row["reason"])] += row["reason_count"]
+    _count_eval_leaks(table, stats)
     # examples: the first few rows of each (source, reason), read row by row only while needed
     for source, reason in {(s, r) for s, _, r in stats.rejects}:
         have = stats.reject_examples.setdefault((source, reason), [])

@@ -90,6 +90,9 @@ def _section_rejects(s: dict) -> str:
                for key, rows_ in r["examples"].items() for row in rows_]
     parts.append("<h3>Examples</h3>" + _table(["source", "kind", "reason", "file", "where", "detail"], ex_rows,
                                               "examples"))
+    if r.get("eval_leak_images"):
+        parts.append("<h3>Evaluation images removed (--exclude-eval)</h3>" + _table(
+            ["evaluation split", "source", "images dropped"], r["eval_leak_images"], "eval-leaks"))
     return "".join(parts)
 
 
