@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+import storage
 from storage.errors import XvlmError
 from train.evaluate import RECALL_KS, best_positive_rank, normalise
 
@@ -331,3 +332,89 @@ def _grounding_result(refs: Sequence, kept: torch.Tensor, iou: torch.Tensor, cfg
                                 "refs": len(rows), "miou": float(iou[rows].mean())}
         out[f"{split}_d"] = float(hit.float().mean())     # grounding_eval_bbox's key names (dataset/utils.py:290)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- a checkpoint
+
+
+@dataclass
+class DownstreamRequest:
+    """One `xvlm eval --task retrieval|grounding` request; None text fields take the run config's (else X-VLM's)."""
+    task: str                                  # retrieval | grounding
+    checkpoint: str
+    ann: list[str]
+    images: str
+    run: str | None = None
+    refs: str | None = None
+    instances: str | None = None
+    tokenizer: str | None = None
+    max_words: int | None = None
+    max_tokens: int | None = None
+    k_test: int = 256
+    batch_size: int = 64
+    itm_batch: int = 256
+    iou: float = 0.5
+    device: str | None = None
+    progress: bool = True
+
+
+def load_eval_model(checkpoint: str, run: str | None, device: torch.device):
+    """(model on `device`, run config path or None, model file) for a checkpoint argument of `xvlm eval`."""
+    from model.io import model_from_bytes
+    from train import checkpoint as ckpt
+    from train.eval_checkpoint import resolve_checkpoint
+
+    model_path, config_path = resolve_checkpoint(checkpoint, run)
+    folder = model_path.rsplit("/", 1)[0]
+    if model_path.endswith(f"/{ckpt.MODEL_FILE}") and storage.exists(storage.join(folder, ckpt.MARKER)):
+        return ckpt.read_model(folder).to(device), config_path, model_path
+    # a .safetensors file or an imported folder's model file, local or s3://, read through storage
+    return model_from_bytes(storage.read_bytes(model_path), source=model_path).to(device), config_path, model_path
+
+
+def _request_config(request: DownstreamRequest, config_path: str | None) -> DownstreamEvalConfig:
+    from train.eval_checkpoint import imported_text_settings, text_settings
+
+    imported_text_settings(request.checkpoint, request)
+    if request.max_words is None:
+        request.max_words = DownstreamEvalConfig.max_words       # X-VLM's fine-tuning default, not the run's
+    if request.max_tokens is None:
+        request.max_tokens = DownstreamEvalConfig.max_tokens
+    return DownstreamEvalConfig(k_test=request.k_test, batch_size=request.batch_size, itm_batch=request.itm_batch,
+                                iou_threshold=request.iou, progress=request.progress,
+                                **text_settings(config_path, request))
+
+
+def evaluate_downstream_checkpoint(request: DownstreamRequest) -> dict[str, Any]:
+    """Read the annotation files first (bad input fails before the model loads), then evaluate the checkpoint:
+    retrieval -> {"results": {set name: metrics}}; grounding -> {"results": {"refcoco+": metrics over all files}}."""
+    from shards.downstream import GroundingRefs, read_grounding, read_retrieval_eval
+
+    if request.task not in ("retrieval", "grounding"):
+        raise XvlmError(f"unknown downstream task {request.task!r}: retrieval or grounding")
+    if not request.ann:
+        raise XvlmError(f"--task {request.task} needs --ann FILE (X-VLM's annotation file; repeatable)")
+    if request.task == "retrieval":
+        sets = [read_retrieval_eval(path) for path in request.ann]
+    else:
+        refs = GroundingRefs()
+        for path in request.ann:
+            got = read_grounding(path, request.refs, request.instances)
+            refs.extend(got)
+            for reason, n in got.skipped.items():
+                refs.skipped[reason] = refs.skipped.get(reason, 0) + n
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config_path, model_path = load_eval_model(request.checkpoint, request.run, device)
+    cfg = _request_config(request, config_path)
+    log.info("evaluating %s on %s (%s)", model_path, ", ".join(request.ann), device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
+        torch.autocast("cpu", enabled=False)
+    results: dict[str, Any] = {}
+    with autocast:
+        if request.task == "retrieval":
+            for data in sets:
+                results[data.name] = evaluate_retrieval(model, data, request.images, cfg, device)
+        else:
+            results["refcoco+"] = evaluate_grounding(model, refs, request.images, cfg, device)
+    return {"task": request.task, "checkpoint": model_path, "ann": list(request.ann), "images": request.images,
+            "results": results}
