@@ -106,6 +106,16 @@ def test_bad_files_exit_2(sample, tmp_path, capsys):
     assert main(["eval", "--task", "grounding", "--ann", str(lone), "--images", str(d / "images"),
                  *common(sample)]) == 2
     assert "refs(unc).p does not exist" in capsys.readouterr().err
+    # a refs file with a class in it: refused, nothing run
+    import collections
+    import pickle
+
+    (tmp_path / "refcoco+").mkdir()
+    (tmp_path / "refcoco+" / "refs(unc).p").write_bytes(pickle.dumps([collections.OrderedDict(ref_id=0)]))
+    (tmp_path / "refcoco+" / "instances.json").write_text((d / "refcoco+" / "instances.json").read_text())
+    assert main(["eval", "--task", "grounding", "--ann", str(lone), "--images", str(d / "images"),
+                 *common(sample)]) == 2
+    assert "asks for the global collections.OrderedDict" in capsys.readouterr().err
     # every image missing: a clear error, not a metric over nothing
     assert main(["eval", "--task", "retrieval", "--ann", str(d / "coco_val.json"), "--images", str(tmp_path),
                  *common(sample)]) == 2
