@@ -116,6 +116,10 @@ def test_bad_files_exit_2(sample, tmp_path, capsys):
     assert main(["eval", "--task", "grounding", "--ann", str(lone), "--images", str(d / "images"),
                  *common(sample)]) == 2
     assert "asks for the global collections.OrderedDict" in capsys.readouterr().err
+    # more tokens than the model has text positions (the tiny preset has 64)
+    assert main(["eval", "--task", "retrieval", "--ann", str(d / "coco_val.json"), "--images", str(d / "images"),
+                 "--max-tokens", "80", *common(sample)]) == 2
+    assert "max_tokens 80 is more than the model's 64 text positions" in capsys.readouterr().err
     # every image missing: a clear error, not a metric over nothing
     assert main(["eval", "--task", "retrieval", "--ann", str(d / "coco_val.json"), "--images", str(tmp_path),
                  *common(sample)]) == 2

@@ -73,12 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--task retrieval: (image, text) pairs per ITM forward (default 256)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's data.tokenizer)")
     parser.add_argument("--max-words", type=int, help="pre_caption word limit (default: the run config's; "
-                                                      "--task retrieval|grounding: 30, as X-VLM's fine-tuning)")
-    parser.add_argument("--max-tokens", type=int, help="token limit incl. [CLS] (default: the run config's)")
+                                                      "--task retrieval|grounding: a fine-tuning run's "
+                                                      "finetune.max_words, else 30 as X-VLM's fine-tuning)")
+    parser.add_argument("--max-tokens", type=int, help="token limit incl. [CLS] (default: the run config's; "
+                                                       "--task retrieval|grounding: a fine-tuning run's "
+                                                       "finetune.max_tokens, else 40)")
     parser.add_argument("--k-test", type=int, default=None,
                         help=f"ITM re-ranks each query's top-k ITC candidates (--task shards: default {DEFAULT_K_TEST}; 0 = ITC "
                              "ranking only, the default when the run trained without ITM: loss.itm 0; --task "
-                             "retrieval: default 256 as configs/Retrieval_coco.yaml, Flickr30K uses 128)")
+                             "retrieval: default the fine-tuning run's finetune.k_test, else 256 as configs/Retrieval_coco.yaml; "
+                             "Flickr30K uses 128)")
     parser.add_argument("--batch-size", type=int, default=64, help="images / texts / pairs per forward (default 64)")
     parser.add_argument("--max-images", type=int, help="evaluate the first N held-out samples only")
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a correct box (default 0.5)")
@@ -112,7 +116,7 @@ def _run_downstream(args: argparse.Namespace) -> int:
     request = DownstreamRequest(task=args.task, checkpoint=args.checkpoint, ann=list(args.ann), images=args.images,
                                 run=args.run, refs=args.refs, instances=args.instances, tokenizer=args.tokenizer,
                                 max_words=args.max_words, max_tokens=args.max_tokens,
-                                k_test=256 if args.k_test is None else args.k_test, batch_size=args.batch_size,
+                                k_test=args.k_test, batch_size=args.batch_size,
                                 itm_batch=args.itm_batch, iou=args.iou, device=args.device,
                                 progress=not args.no_progress)
     report = evaluate_downstream_checkpoint(request)

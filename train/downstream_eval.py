@@ -350,7 +350,7 @@ class DownstreamRequest:
     tokenizer: str | None = None
     max_words: int | None = None
     max_tokens: int | None = None
-    k_test: int = 256
+    k_test: int | None = None                  # None: the fine-tuning run's, else 256
     batch_size: int = 64
     itm_batch: int = 256
     iou: float = 0.5
@@ -372,17 +372,44 @@ def load_eval_model(checkpoint: str, run: str | None, device: torch.device):
     return model_from_bytes(storage.read_bytes(model_path), source=model_path).to(device), config_path, model_path
 
 
+def finetune_text_settings(config_path: str | None) -> dict[str, Any]:
+    """A fine-tuning run's own text settings and k_test (its config's `finetune` section, when it has one with a
+    task): the evaluation must tokenise as the run trained (a small model may have fewer text positions than 40)."""
+    if not config_path or not storage.exists(config_path):
+        return {}
+    from train.config import load_config
+
+    ft = getattr(load_config(config_path), "finetune", None)
+    if ft is None or not getattr(ft, "task", ""):
+        return {}
+    found = {"tokenizer": getattr(ft, "tokenizer", "") or None, "max_words": getattr(ft, "max_words", None),
+             "max_tokens": getattr(ft, "max_tokens", None), "k_test": getattr(ft, "k_test", None)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def _request_config(request: DownstreamRequest, config_path: str | None) -> DownstreamEvalConfig:
+    """The command line first, then a fine-tuning run's settings, then X-VLM's fine-tuning defaults (max_words 30,
+    max_tokens 40, k_test 256), the tokenizer and pre_caption mode from the run's data section."""
     from train.eval_checkpoint import imported_text_settings, text_settings
 
     imported_text_settings(request.checkpoint, request)
-    if request.max_words is None:
-        request.max_words = DownstreamEvalConfig.max_words       # X-VLM's fine-tuning default, not the run's
-    if request.max_tokens is None:
-        request.max_tokens = DownstreamEvalConfig.max_tokens
-    return DownstreamEvalConfig(k_test=request.k_test, batch_size=request.batch_size, itm_batch=request.itm_batch,
-                                iou_threshold=request.iou, progress=request.progress,
+    for name, value in finetune_text_settings(config_path).items():
+        if getattr(request, name) is None:
+            setattr(request, name, value)
+    for name in ("max_words", "max_tokens", "k_test"):
+        if getattr(request, name) is None:
+            setattr(request, name, getattr(DownstreamEvalConfig, name))
+    return DownstreamEvalConfig(k_test=request.k_test, batch_size=request.batch_size,  # type: ignore[arg-type]
+                                itm_batch=request.itm_batch, iou_threshold=request.iou, progress=request.progress,
                                 **text_settings(config_path, request))
+
+
+def check_text_positions(model, cfg: DownstreamEvalConfig) -> None:
+    """max_tokens must fit the model's text positions (else a clear error, not an index error in the embedding)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_tokens > positions:
+        raise XvlmError(f"max_tokens {cfg.max_tokens} is more than the model's {positions} text positions; pass "
+                        f"--max-tokens {positions} or fewer (the run's fine-tuning max_tokens)")
 
 
 def evaluate_downstream_checkpoint(request: DownstreamRequest) -> dict[str, Any]:
@@ -406,6 +433,7 @@ def evaluate_downstream_checkpoint(request: DownstreamRequest) -> dict[str, Any]
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config_path, model_path = load_eval_model(request.checkpoint, request.run, device)
     cfg = _request_config(request, config_path)
+    check_text_positions(model, cfg)
     log.info("evaluating %s on %s (%s)", model_path, ", ".join(request.ann), device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         torch.autocast("cpu", enabled=False)
