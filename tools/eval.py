@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refs", metavar="FILE", help="--task grounding: the refer release's refs(unc).p "
                                                        "(default: refcoco+/refs(unc).p beside the first --ann)")
     parser.add_argument("--instances", metavar="FILE", help="--task grounding: the refer release's instances.json "
-                                                            "(default: refcoco+/instances.json beside the --ann)")
+                                                            "(default: beside the refs file)")
     parser.add_argument("--itm-batch", type=int, default=256,
                         help="--task retrieval: (image, text) pairs per ITM forward (default 256)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's data.tokenizer)")
