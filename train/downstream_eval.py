@@ -5,7 +5,8 @@ evaluation + itm_eval) and RefCOCO+ box grounding (Grounding_bbox.py val + datas
   k_test texts (images) by ITC are scored by the ITM head, and the score matrix holds those ITM 'match' logits with
   -100 everywhere else (Retrieval.py:109-152: ITM only, ITC is not added). TR / IR R@1/5/10 are the share of queries
   whose best positive ranks in the top k, and r_mean their mean (itm_eval, Retrieval.py:166-210), in percent.
-  The ITM pairs of many queries go through one forward (`itm_batch` pairs), not one forward per query.
+  The ITM pairs of many queries go through one forward (`itm_batch` pairs), not one forward per query, and a pair
+  in the top k of both its image and its text is scored once, not twice.
 * Grounding: the box head's (cx, cy, w, h) for each text in its whole image, scaled to the image's pixels, converted
   to (x, y, w, h) and compared with the ref's box by the official computeIoU (dataset/utils.py:336-348, inclusive
   pixel edges); accuracy = share with IoU >= 0.5, per split (dataset/utils.py:258-290).
@@ -71,6 +72,27 @@ def official_score_matrix(sims: torch.Tensor, k: int, score_pairs: Callable[[tor
     if not bool(torch.isfinite(scores).all()):
         raise XvlmError("the ITM scores hold NaN or inf (is the model diverged?)")
     return torch.full((n_query, n_cand), OFFICIAL_FILL).scatter(1, top, scores)
+
+
+def official_score_matrices(sims: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor, torch.Tensor],
+                                                                              torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                                      torch.Tensor]:
+    """(score_matrix_i2t [I, T], score_matrix_t2i [T, I]) of Retrieval.py:110-152 from sims [I, T]: both directions'
+    top-k pairs, each distinct (image, text) pair scored once by score_pairs(image_idx, text_idx) (the official code
+    scores a pair found from both sides twice; its score is the same), in (image, text) order."""
+    n_img, n_txt = sims.shape
+    top_i = sims.float().topk(min(k, n_txt), dim=1).indices              # [I, k]: texts of each image
+    top_t = sims.t().float().topk(min(k, n_img), dim=1).indices          # [T, k]: images of each text
+    keys = torch.cat([(torch.arange(n_img)[:, None] * n_txt + top_i).reshape(-1),
+                      (top_t * n_txt + torch.arange(n_txt)[:, None]).reshape(-1)])
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    scores = score_pairs(unique // n_txt, unique % n_txt).float()[inverse]
+    if not bool(torch.isfinite(scores).all()):
+        raise XvlmError("the ITM scores hold NaN or inf (is the model diverged?)")
+    n_i2t = top_i.numel()
+    i2t = torch.full((n_img, n_txt), OFFICIAL_FILL).scatter(1, top_i, scores[:n_i2t].reshape(top_i.shape))
+    t2i = torch.full((n_txt, n_img), OFFICIAL_FILL).scatter(1, top_t, scores[n_i2t:].reshape(top_t.shape))
+    return i2t, t2i
 
 
 def itm_eval(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_image: torch.Tensor) -> dict[str, float]:
@@ -260,8 +282,14 @@ def evaluate_retrieval(model, eval_set, image_root: str, cfg: DownstreamEvalConf
             out.update({k: out[f"itc_{k}"] for k in itm_eval(sims, sims.t(), text_image)})
             return out
         score = itm_pair_scorer(model, image_embeds, text_hidden, atts.to(device), cfg.itm_batch, cfg.progress)
-        i2t = official_score_matrix(sims, cfg.k_test, score)
-        t2i = official_score_matrix(sims.t(), cfg.k_test, lambda t, i: score(i, t))
+        scored: list[int] = []
+
+        def counted(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+            scored.append(len(image_idx))
+            return score(image_idx, text_idx)
+
+        i2t, t2i = official_score_matrices(sims, cfg.k_test, counted)
+        out["itm_pairs"] = sum(scored)          # distinct pairs scored (the official code: (I + T) x k_test)
         out.update(itm_eval(i2t, t2i, text_image))
         return out
     finally:
