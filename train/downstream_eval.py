@@ -17,6 +17,7 @@ texts; every result says over how many images / texts / refs it was computed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 OFFICIAL_FILL = -100.0           # Retrieval.py:110,134: the score of pairs outside a query's top k_test
 READ_THREADS = 8                 # image reads in flight (S3 latency, JPEG decoding releases the GIL)
+READ_AHEAD = 64                  # decoded images waiting for the encoder at most
 
 
 @dataclass
@@ -156,6 +158,17 @@ class _Images:
     missing: dict[str, int] = field(default_factory=dict)    # reason -> count
 
 
+def _read_ahead(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int) -> Iterator:
+    """fn(item) for each item, in order, at most `ahead` in flight (decoded images never pile up in memory)."""
+    futures: deque = deque()
+    for item in items:
+        futures.append(pool.submit(fn, item))
+        if len(futures) >= ahead:
+            yield futures.popleft().result()
+    while futures:
+        yield futures.popleft().result()
+
+
 def _read_images(root: str, rels: Sequence[str], res: int, progress: bool,
                  on_batch: Callable[[torch.Tensor, list[int]], None], batch_size: int) -> _Images:
     """Read `rels` under `root` (threads); hand each batch of uint8 [B, 3, res, res] to on_batch in order, with the
@@ -171,7 +184,7 @@ def _read_images(root: str, rels: Sequence[str], res: int, progress: bool,
     out, pending, first = _Images(), [], 0
     bar = _bar(len(rels), "images", progress)
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        for index, got in enumerate(pool.map(read, rels)):
+        for index, got in enumerate(_read_ahead(pool, read, rels, READ_AHEAD)):
             bar.update(1)
             if isinstance(got, ImageProblem):
                 out.missing[got.reason] = out.missing.get(got.reason, 0) + 1
