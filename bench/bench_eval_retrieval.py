@@ -1,6 +1,7 @@
 """Retrieval evaluation cost: `train.downstream_eval.evaluate_retrieval` (threaded image reads, ITM pairs of many
-queries per forward, each distinct pair scored once) against a plain loop over the same model calls in the official order (Retrieval.py:80-152: one
-ITM forward of k_test pairs per image, then per text), on a synthetic 1,000-image / 5,000-caption set, CPU.
+queries per forward, each distinct pair scored once) against a plain loop over the same model calls in the official
+order (Retrieval.py:80-152: one ITM forward of k_test pairs per image, then per text), on a synthetic 1,000-image /
+5,000-caption set, CPU.
 
 Both must give the same metrics; the ratio ours / plain is printed (target <= 1.1). Then the count of ITM forwards and
 pairs for COCO 5k (5,000 images, 25,000 captions, k_test 256), the FLOPs of one X-VLM-base ITM pair (6 fusion layers,

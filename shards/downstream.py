@@ -260,9 +260,10 @@ def _box_inside(box: tuple[float, float, float, float], size: tuple[int, int]) -
 def read_grounding(ann: str, refs: str | None = None, instances: str | None = None) -> GroundingRefs:
     """X-VLM's refcoco+_*.json with each entry's box and split from the refer release (by ref_id), in file order.
 
-    refs defaults to `<ann's folder>/refcoco+/refs(unc).p`, instances to `instances.json` beside refs. An entry whose ref_id
-    has no box (not in the refs file, or its annotation not in instances.json) is skipped as `ref_without_box`; a box
-    with no area or outside its image as `box_outside_image`; both counted in `.skipped` and logged."""
+    refs defaults to `<ann's folder>/refcoco+/refs(unc).p`, instances to `instances.json` beside refs. An entry
+    whose ref_id has no box (not in the refs file, or its annotation not in instances.json) is skipped as
+    `ref_without_box`; a box with no area or outside its image as `box_outside_image`; both counted in `.skipped`
+    and logged."""
     folder = ann.rstrip("/").rsplit("/", 1)[0] if "/" in ann.rstrip("/") else "."
     refs = refs or storage.join(folder, REFER_FOLDER, REFS_NAME)
     refer_folder = refs.rsplit("/", 1)[0] if "/" in refs else "."

@@ -79,10 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "--task retrieval|grounding: a fine-tuning run's "
                                                        "finetune.max_tokens, else 40)")
     parser.add_argument("--k-test", type=int, default=None,
-                        help=f"ITM re-ranks each query's top-k ITC candidates (--task shards: default {DEFAULT_K_TEST}; 0 = ITC "
-                             "ranking only, the default when the run trained without ITM: loss.itm 0; --task "
-                             "retrieval: default the fine-tuning run's finetune.k_test, else 256 as configs/Retrieval_coco.yaml; "
-                             "Flickr30K uses 128)")
+                        help=f"ITM re-ranks each query's top-k ITC candidates (--task shards: default "
+                             f"{DEFAULT_K_TEST}; 0 = ITC ranking only, the default when the run trained without ITM: "
+                             "loss.itm 0; --task retrieval: default the fine-tuning run's finetune.k_test, else 256 as "
+                             "configs/Retrieval_coco.yaml; Flickr30K uses 128)")
     parser.add_argument("--batch-size", type=int, default=64, help="images / texts / pairs per forward (default 64)")
     parser.add_argument("--max-images", type=int, help="evaluate the first N held-out samples only")
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a correct box (default 0.5)")
