@@ -52,7 +52,7 @@ COCO_LICENSES = [
 CC_ERRORS = ("HTTP Error 404: Not Found", "<urlopen error [Errno -2] Name or service not known>",
              "The read operation timed out", "HTTP Error 403: Forbidden")
 OWNED = ("coco", "vg", "sbu", "cc", "tokenizer", "sample_data.json", "objects365", "openimages", "cc12m", "refcoco",
-         "eval")   # the last five: sampledata/sources16m.py
+         "eval", "downstream")   # objects365 .. eval: sampledata/sources16m.py; downstream: sampledata/downstream.py
 
 
 @dataclass
@@ -488,6 +488,9 @@ def generate(out_dir: str | os.PathLike, images: int = 1000, seed: int = 0, val_
     extra_counts, extra_paths = sources16m.write_all(out, seed, images, val_images, train_ids, starts["coco"],
                                                      val_ids, progress)
     summary_counts.update(extra_counts)
+    from sampledata import downstream   # retrieval and RefCOCO+ sets from their own scenes (not training pictures)
+
+    summary_counts["downstream"] = downstream.write_all(out / "downstream", seed)
     summary_counts["tokenizer"] = write_tokenizer(out / "tokenizer")
 
     summary = {
@@ -497,7 +500,7 @@ def generate(out_dir: str | os.PathLike, images: int = 1000, seed: int = 0, val_
         "counts": summary_counts,
         "paths": {
             "coco": "coco", "vg": "vg", "sbu": "sbu", "cc": "cc", "cc_img2dataset": "cc/img2dataset",
-            "tokenizer": "tokenizer", **extra_paths,
+            "tokenizer": "tokenizer", **extra_paths, "downstream": "downstream",
         },
     }
     _write_json_pretty(out / "sample_data.json", summary)
