@@ -150,7 +150,10 @@ def test_grounding_from_s3_resumes_exactly_after_kill_9(sample, s3_prefix):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    finish(launch(["grounding", "--out", out, "--resume", "auto", *common]))
+    summary = Path(local_metrics_dir(out)) / "resumed.json"
+    finish(launch(["grounding", "--out", out, "--resume", "auto", "--summary-json", str(summary), *common]))
+    resumed = json.loads(summary.read_text())
+    assert 0 < resumed["start_step"] < resumed["steps"]          # it resumed from a checkpoint inside the epoch
     got, want = read_metrics(storage.join(out, METRICS_FILE)), read_metrics(storage.join(reference, METRICS_FILE))
     assert [{k: e.get(k) for k in COMPARED} for e in got] == [{k: e.get(k) for k in COMPARED} for e in want]
     last = ckpt.committed_checkpoints(out)[-1][1]
