@@ -155,6 +155,10 @@ def finetune(cfg: TrainConfig, *, device: torch.device | str | None = None) -> d
         entries = read_training_entries(cfg.finetune)
         seed_everything(cfg.schedule.seed)          # new parameters start the same on every rank and every resume
         model, new, notes = initial_model(cfg.finetune.init, cfg.model.overrides)
+        positions = model.config.max_position_embeddings
+        if cfg.finetune.max_tokens > positions:
+            raise XvlmError(f"config finetune.max_tokens={cfg.finetune.max_tokens} is more than the model's "
+                            f"{positions} text positions; lower it to <= {positions}")
         stream = build_stream(cfg, entries, model.grid_size, model.config.image_res, ctx)
         set_schedule(cfg, stream.steps_per_epoch)
         if ctx.is_main:
