@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     last = summary.get("last") or {}
     log.info("done: step %d, %.1fs, last loss %s, val %s, run folder %s", summary["steps"], summary["wall_s"],
              last.get("loss"), summary.get("eval"), summary["out"])
-    for path, result in (summary.get("test") or {}).items():
-        from train.finetune import headline
+    from train.finetune import headline
 
+    for path, result in (summary.get("test") or {}).items():
         print(f"{path}: {json.dumps(headline(task, result))}")
+    for path, result in (summary.get("zero_shot") or {}).items():
+        print(f"{path} before fine-tuning: {json.dumps(headline(task, result))}")
     return 0

@@ -192,6 +192,7 @@ class FinetuneSection:
     augment: bool = True             # the official training transforms (crop, flip, RandomAugment)
     k_test: int = 256                # retrieval evaluation: ITM re-ranks the top k_test by ITC (flickr: 128)
     eval_every_epoch: bool = True    # evaluate val_file after each epoch (saved in the checkpoint's eval results)
+    zero_shot: bool = False          # also score the test files with the initial model (before fine-tuning)
 
     def validate(self) -> None:
         if not self.task:
@@ -279,6 +280,8 @@ class TrainConfig:
         except (XvlmError, ModelError) as err:
             raise XvlmError(f"config model section: {err}") from err
         for name, weight in self.loss.weights().items():   # what an objective needs of the model
+            if self.finetune.task:      # fine-tuning's model is the --init checkpoint's (checked by train/finetune.py)
+                break
             requires = OBJECTIVES[name].requires
             problem = requires(model) if requires else None
             _check(problem is None, f"loss.{name}", weight, problem or "")

@@ -44,6 +44,17 @@ def check_config(cfg: TrainConfig) -> None:
         raise XvlmError(f"config loss: {ft.task} fine-tuning needs one of {', '.join(TASK_LOSSES[ft.task])} above 0")
 
 
+def check_objectives(cfg: TrainConfig, model_config) -> None:
+    """What each weighted objective needs of the fine-tuning model (e.g. the centre loss an attending box head)."""
+    from model.objectives import OBJECTIVES
+
+    for name, weight in cfg.loss.weights().items():
+        requires = OBJECTIVES[name].requires
+        problem = requires(model_config) if requires else None
+        if problem:
+            raise XvlmError(f"config loss.{name}={weight} {problem}")
+
+
 def read_training_entries(ft: FinetuneSection) -> list:
     """The training entries of every train file, in order (shards/downstream.py readers)."""
     from shards.downstream import read_grounding, read_retrieval_train
@@ -155,6 +166,7 @@ def finetune(cfg: TrainConfig, *, device: torch.device | str | None = None) -> d
         entries = read_training_entries(cfg.finetune)
         seed_everything(cfg.schedule.seed)          # new parameters start the same on every rank and every resume
         model, new, notes = initial_model(cfg.finetune.init, cfg.model.overrides)
+        check_objectives(cfg, model.config)
         positions = model.config.max_position_embeddings
         if cfg.finetune.max_tokens > positions:
             raise XvlmError(f"config finetune.max_tokens={cfg.finetune.max_tokens} is more than the model's "
@@ -170,7 +182,8 @@ def finetune(cfg: TrainConfig, *, device: torch.device | str | None = None) -> d
         summary["initial"] = notes
         summary["test"] = {}
         if ctx.is_main and cfg.finetune.test_file:
-            summary["test"] = _test_scores(trainer, cfg)
+            record = _test_scores(trainer, cfg)
+            summary["test"], summary["zero_shot"] = record["test"], record.get("zero_shot", {})
         distributed.barrier(ctx)
         return summary
     finally:
@@ -178,7 +191,8 @@ def finetune(cfg: TrainConfig, *, device: torch.device | str | None = None) -> d
 
 
 def _test_scores(trainer: Trainer, cfg: TrainConfig) -> dict[str, Any]:
-    """Every test file's scores on rank 0, written to OUT/finetune_results.json."""
+    """Every test file's scores on rank 0 (with `finetune.zero_shot`, also the initial model's), written to
+    OUT/finetune_results.json."""
     import json
 
     results: dict[str, Any] = {}
@@ -186,6 +200,25 @@ def _test_scores(trainer: Trainer, cfg: TrainConfig) -> dict[str, Any]:
         for path in cfg.finetune.test_file:
             results[path] = evaluate_file(trainer.model, cfg, path, device=trainer.ctx.device,
                                           progress=cfg.logging.progress)
-    storage.write_text(storage.join(cfg.out, RESULTS_FILE), json.dumps(
-        {"task": cfg.finetune.task, "init": cfg.finetune.init, "steps": trainer.step, "test": results}, indent=2))
-    return results
+    record = {"task": cfg.finetune.task, "init": cfg.finetune.init, "steps": trainer.step, "test": results}
+    if cfg.finetune.zero_shot:
+        record["zero_shot"] = zero_shot_scores(cfg, device=trainer.ctx.device)
+    storage.write_text(storage.join(cfg.out, RESULTS_FILE), json.dumps(record, indent=2))
+    return record
+
+
+def zero_shot_scores(cfg: TrainConfig, device=None) -> dict[str, Any]:
+    """The test files' scores of the model fine-tuning starts from (resized to the fine-tuning image size), with
+    the RNG states restored afterwards."""
+    from train.checkpoint import rng_state, set_rng_state
+    from train.initial_model import initial_model
+
+    saved = rng_state()
+    try:
+        seed_everything(cfg.schedule.seed)
+        model, _new, _notes = initial_model(cfg.finetune.init, cfg.model.overrides)
+        model.to(device or "cpu").eval()
+        with torch.no_grad():
+            return {path: evaluate_file(model, cfg, path, device=device) for path in cfg.finetune.test_file}
+    finally:
+        set_rng_state(saved)
