@@ -127,6 +127,7 @@ def upload(local: Path, prefix: str) -> None:
             storage.write_bytes(storage.join(prefix, path.relative_to(local).as_posix()), path.read_bytes())
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_grounding_from_s3_resumes_exactly_after_kill_9(sample, s3_prefix):
     """Annotations, images, the initial model and the run folder on S3; a run killed -9 after its first checkpoint
