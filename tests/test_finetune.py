@@ -246,3 +246,17 @@ def test_missing_init_exits_2(sample, tmp_path, capsys):
     rc = run_cli("finetune", "grounding", "--config", str(GROUNDING), "--init", str(tmp_path / "nothing"),
                  "--out", str(tmp_path / "run"), *data_overrides("grounding", sample["data"], sample["tokenizer"]))
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_ray_workers_need_shared_finetune_paths(sample, tmp_path):
+    """`xvlm submit` / ray-train runs fine-tuning configs too; their files must be where every node sees them."""
+    from storage.errors import XvlmError
+    from train.ray_train import check_shared_paths
+
+    overrides = data_overrides("retrieval", sample["data"], sample["tokenizer"])
+    cfg = load_config(str(RETRIEVAL), [*overrides, f"out={tmp_path}", f"finetune.init={sample['init']}",
+                                       "finetune.task=retrieval"])
+    check_shared_paths(cfg)
+    cfg.finetune.image_root = "downstream/images"
+    with pytest.raises(XvlmError, match="finetune.image_root"):
+        check_shared_paths(cfg)
