@@ -190,7 +190,7 @@ class FinetuneSection:
     max_tokens: int = 40
     max_words: int = 30              # pre_caption's word limit (re_dataset.py / grounding_dataset.py)
     augment: bool = True             # the official training transforms (crop, flip, RandomAugment)
-    k_test: int = 256                # retrieval evaluation: ITM re-ranks the top k_test by ITC (flickr: 128)
+    k_test: int = 256                # retrieval evaluation: ITM re-ranks the top k_test by ITC (flickr: 128; 0: ITC)
     eval_every_epoch: bool = True    # evaluate val_file after each epoch (saved in the checkpoint's eval results)
     zero_shot: bool = False          # also score the test files with the initial model (before fine-tuning)
 
@@ -208,7 +208,7 @@ class FinetuneSection:
                "must be >= 2 (ITC and ITM need another pair in the batch)")
         _check(self.max_tokens >= 2, "finetune.max_tokens", self.max_tokens, "must be >= 2")
         _check(self.max_words >= 1, "finetune.max_words", self.max_words, "must be >= 1")
-        _check(self.k_test >= 1, "finetune.k_test", self.k_test, "must be >= 1")
+        _check(self.k_test >= 0, "finetune.k_test", self.k_test, "must be >= 0 (0: ranked by ITC alone)")
 
 
 @dataclass
