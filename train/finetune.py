@@ -138,7 +138,12 @@ def headline(task: str, result: dict[str, Any]) -> dict[str, float]:
     accuracy per split."""
     if task == "retrieval":
         return {k: float(result[k]) for k in ("txt_r1", "img_r1", "r_mean") if k in result}
-    return {f"{split}_acc": float(v["acc"]) for split, v in (result.get("splits") or {}).items()}
+    splits = result.get("splits") or {}
+    out = {f"{split}_acc": float(v["acc"]) for split, v in splits.items()}
+    refs = sum(v["refs"] for v in splits.values())
+    if len(splits) > 1 and refs:     # every ref of the file at once (RefCOCO+ test = testA + testB)
+        out["acc"] = 100.0 * sum(v["correct"] for v in splits.values()) / refs
+    return out
 
 
 def epoch_evaluator(cfg: TrainConfig):
