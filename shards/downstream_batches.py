@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from shards.augment import IMAGE_TEXT_OPS, PHOTOMETRIC_OPS, crop_resize, hflip, rand_augment, to_tensor
-from shards.boxes import random_resized_crop
+from shards.boxes import anchor_crop, random_resized_crop
 from shards.downstream import GroundingRef, ImageProblem, RetrievalPair, load_downstream_image
 from shards.samples import DECODE_ERRORS
 from shards.text import EmptyText, PAD_ID, load_vocab, pre_caption, token_ids
@@ -153,11 +153,8 @@ class DownstreamBatches:
             crop = (0, 0, width, height)
             flipped = False
             text = pre_caption(entry.text, opts.max_words)
-            if opts.augment:
-                x0, y0 = int(rng.integers(0, int(x) + 1)), int(rng.integers(0, int(y) + 1))
-                x1 = int(rng.integers(min(int(np.ceil(x + w)), width), width + 1))
-                y1 = int(rng.integers(min(int(np.ceil(y + h)), height), height + 1))
-                crop = (x0, y0, x1, y1)
+            if opts.augment:   # (x0, y0, w0, h0): x0 ~ U{0..floor(x)}, x1 ~ U{min(ceil(x+w), W)..W}, as there
+                crop = anchor_crop(entry.box, width, height, rng)
                 flipped = rng.random() < 0.5 and not any(word in text for word in ("left", "right"))
             pixels = crop_resize(image, crop, opts.image_res, opts.image_res, use_draft=False)
             if flipped:
@@ -172,7 +169,7 @@ class DownstreamBatches:
             return "corrupt_image"
         except EmptyText:
             return "empty_text"
-        cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+        cw, ch = crop[2], crop[3]
         bx = x - crop[0]
         if flipped:
             bx = cw - bx - w

@@ -260,3 +260,32 @@ def test_ray_workers_need_shared_finetune_paths(sample, tmp_path):
     cfg.finetune.image_root = "downstream/images"
     with pytest.raises(XvlmError, match="finetune.image_root"):
         check_shared_paths(cfg)
+
+
+def test_grounding_view_keeps_the_box_on_its_object(sample, tmp_path):
+    """The training view (crop that keeps the box, mirror, resize, RandAugment): the target box is where the object
+    landed in the pixels, for many draws."""
+    import numpy as np
+    from PIL import Image
+
+    from shards.downstream import GroundingRef
+    from shards.downstream_batches import BatchOptions, DownstreamBatches
+
+    pixels = np.zeros((120, 200, 3), np.uint8)
+    pixels[30:70, 120:170] = 255                                  # the object: x 120..170, y 30..70
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    ref = GroundingRef("scene.png", "the white box", 1, (120.0, 30.0, 50.0, 40.0), "train", 200, 120)
+    res = 64
+    stream = DownstreamBatches("grounding", [ref, ref], str(tmp_path),
+                               BatchOptions(image_res=res, grid=8, batch_size=2, tokenizer=sample["tokenizer"]))
+    flips = 0
+    for epoch in range(12):
+        batch = stream.build_batch([0, 1], epoch)
+        for row in range(2):
+            image = batch["image"][row].mean(0)
+            ys, xs = torch.nonzero(image > image.mean(), as_tuple=True)
+            found = torch.tensor([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2,
+                                  xs.max() - xs.min() + 1, ys.max() - ys.min() + 1], dtype=torch.float32) / res
+            assert torch.allclose(batch["target_bbox"][row], found, atol=2.5 / res), (epoch, row)
+            flips += int(batch["target_bbox"][row][0] < 0.5)
+    assert flips > 0       # some views were mirrored (the object sits right of centre)
