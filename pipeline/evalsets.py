@@ -19,11 +19,11 @@ images carry no COCO id (Flickr30K) needs `images=ROOT`. NAME is a label (`coco-
 from __future__ import annotations
 
 import json
-import posixpath
 import re
 from dataclasses import dataclass
 
 import storage
+from shards.downstream import safe_relative     # the one rule for annotation-file image paths
 from storage.errors import XvlmError
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9+_.-]*")
@@ -111,7 +111,7 @@ def read_eval_file(spec: EvalSpec) -> list[EvalImage]:
 
 def image_path(spec: EvalSpec, image: EvalImage) -> str:
     """Where an evaluation image lies: its path under the set's images=ROOT (never outside it)."""
-    rel = posixpath.normpath(image.path.replace("\\", "/"))
-    if rel.startswith(("/", "../")) or rel == "..":
+    rel = safe_relative(image.path)
+    if rel is None:
         raise XvlmError(f"--exclude-eval {spec.name}: {spec.file} lists {image.path!r}, which leaves images=ROOT")
     return storage.join(spec.images, rel)  # type: ignore[arg-type]

@@ -97,7 +97,8 @@ def _grounding_image(seed: int, index: int, rng: np.random.Generator, refs: list
             sentences.append({"tokens": phrase.split(), "raw": phrase, "sent_id": sent_id, "sent": phrase})
         refs.append({"sent_ids": [s["sent_id"] for s in sentences], "file_name":
                      f"COCO_train2014_{coco_id:012d}_{ann_id}.jpg", "ann_id": ann_id, "ref_id": len(refs),
-                     "image_id": coco_id, "split": split, "sentences": sentences, "category_id": CATEGORY_IDS[obj.shape]})
+                     "image_id": coco_id, "split": split, "sentences": sentences,
+                     "category_id": CATEGORY_IDS[obj.shape]})
 
 
 def write_grounding(root: Path, seed: int, first_index: int, n_images: int = GROUNDING_IMAGES) -> dict:

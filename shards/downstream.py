@@ -17,7 +17,7 @@ API (docs/downstream.md has the formats and the official file:line they follow):
 * ``load_downstream_image(root, rel) -> PIL.Image`` (lazily decoded, Pillow's bomb / truncation checks on) and
   ``read_pixels(root, rel, res) -> (uint8 [res, res, 3], (width, height))`` (the whole image resized, aspect not kept,
   as the official test transform). A missing or unreadable image raises ``ImageProblem`` (``.reason`` is
-  ``missing_image`` or ``corrupt_image``): the caller counts it and goes on.
+  ``missing_image``, ``unreadable_image`` or ``corrupt_image``): the caller counts it and goes on.
 
 Bad input: a file that is not X-VLM's format -> ``XvlmError`` naming the file and the entry. Refs whose ref_id has no
 box in the refs file / instances (``ref_without_box``) and boxes outside their image or empty (``box_outside_image``)
@@ -260,12 +260,14 @@ def _box_inside(box: tuple[float, float, float, float], size: tuple[int, int]) -
 def read_grounding(ann: str, refs: str | None = None, instances: str | None = None) -> GroundingRefs:
     """X-VLM's refcoco+_*.json with each entry's box and split from the refer release (by ref_id), in file order.
 
-    refs / instances default to `<ann's folder>/refcoco+/refs(unc).p` and `.../instances.json`. An entry whose ref_id
-    has no box (not in the refs file, or its annotation not in instances.json) is skipped as `ref_without_box`; a box
-    with no area or outside its image as `box_outside_image`; both counted in `.skipped` and logged."""
+    refs defaults to `<ann's folder>/refcoco+/refs(unc).p`, instances to `instances.json` beside refs. An entry
+    whose ref_id has no box (not in the refs file, or its annotation not in instances.json) is skipped as
+    `ref_without_box`; a box with no area or outside its image as `box_outside_image`; both counted in `.skipped`
+    and logged."""
     folder = ann.rstrip("/").rsplit("/", 1)[0] if "/" in ann.rstrip("/") else "."
     refs = refs or storage.join(folder, REFER_FOLDER, REFS_NAME)
-    instances = instances or storage.join(folder, REFER_FOLDER, INSTANCES_NAME)
+    refer_folder = refs.rsplit("/", 1)[0] if "/" in refs else "."
+    instances = instances or storage.join(refer_folder, INSTANCES_NAME)     # the refer release keeps them together
     entries = read_entries(ann, GROUNDING)
     refer = _load_refer(refs, instances)
     out = GroundingRefs()
@@ -302,7 +304,8 @@ def _skip(refs: GroundingRefs, reason: str, detail: str) -> None:
 
 
 class ImageProblem(Exception):
-    """An image that cannot be used: `reason` is missing_image or corrupt_image (the caller counts it)."""
+    """An image that cannot be used: `reason` is missing_image, unreadable_image (no permission) or corrupt_image
+    (the caller counts it)."""
 
     def __init__(self, reason: str, path: str, detail: str = "") -> None:
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
@@ -325,6 +328,8 @@ def load_downstream_image(root: str, rel: str):
         raise ImageProblem("missing_image", path) from None
     except IsADirectoryError:
         raise ImageProblem("missing_image", path, "a folder") from None
+    except PermissionError as err:
+        raise ImageProblem("unreadable_image", path, str(err)[:120]) from None
     try:
         return open_image(data)
     except DECODE_ERRORS as err:

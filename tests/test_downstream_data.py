@@ -161,6 +161,7 @@ def test_grounding_explicit_refer_paths_and_bad_refs(tmp_path):
         ds.read_grounding(ann)
     refer = tmp_path / "elsewhere" / "refcoco+"
     assert len(ds.read_grounding(ann, str(refer / "refs(unc).p"), str(refer / "instances.json"))) == 1
+    assert len(ds.read_grounding(ann, str(refer / "refs(unc).p"))) == 1      # instances.json beside the refs
     (refer / "refs(unc).p").write_bytes(pickle.dumps({"ref_id": 0}))
     with pytest.raises(XvlmError, match="holds a dict, not the list of refs"):
         ds.read_grounding(ann, str(refer / "refs(unc).p"), str(refer / "instances.json"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train.downstream_eval import (DownstreamEvalConfig, evaluate_grounding, evaluate_retrieval, itm_eval,
-                                   official_iou, official_score_matrix, pixel_boxes)
+                                   official_iou, official_score_matrices, official_score_matrix, pixel_boxes)
 
 # 3 images, 6 texts: image 0 has texts 0, 1; image 1 texts 2, 3; image 2 texts 4, 5 (img2txt of re_dataset.py).
 TEXT_IMAGE = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -58,6 +58,19 @@ def test_hand_checked_ranks_with_k_test_2():
     expected["txt_r_mean"] = expected["img_r_mean"] = (100 / 3 + 200) / 3
     expected["r_mean"] = (100 / 3 + 200) / 3
     assert got == pytest.approx(expected)
+    # Both directions at once: the same matrices, each distinct pair scored once: 6 + 12 top-2 pairs, 12 distinct
+    # (every image's top-2 pair is also in its text's top 2 here).
+    pairs = []
+
+    def both(i, t):
+        pairs.extend(zip(i.tolist(), t.tolist()))
+        return ITM[i, t]
+
+    i2t_both, t2i_both = official_score_matrices(ITC, 2, both)
+    assert torch.equal(i2t_both, i2t) and torch.equal(t2i_both, t2i)
+    top_i = {(i, t) for i in range(3) for t in ITC[i].topk(2).indices.tolist()}
+    top_t = {(i, t) for t in range(6) for i in ITC[:, t].topk(2).indices.tolist()}
+    assert sorted(pairs) == sorted(top_i | top_t) and len(pairs) == 12
     # ITC alone (k_test 0): image ranks [0, 2, 0], text ranks [0, 2, 2, 0, 0, 0].
     itc = itm_eval(ITC, ITC.t(), TEXT_IMAGE)
     assert itc["txt_r1"] == pytest.approx(200 / 3) and itc["img_r1"] == pytest.approx(400 / 6)
@@ -144,6 +157,7 @@ def test_evaluate_retrieval_batched_equals_per_query_and_counts_missing(sample, 
     assert len(numbers) == 18 and {k: big[k] for k in numbers} == pytest.approx({k: one[k] for k in numbers})
     assert big["images"] == 30 and big["texts"] == 150 and big["missing_images"] == 0
     assert set(big) >= {"txt_r1", "img_r10", "r_mean", "itc_r_mean"}
+    assert 8 * 150 <= big["itm_pairs"] <= (30 + 150) * 8     # distinct pairs: at least the text side's
     # one image missing: it and its 5 captions are left out, and the result says so
     images = tmp_path / "images"
     shutil.copytree(folder / "images", images)

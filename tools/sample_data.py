@@ -12,7 +12,9 @@ DESCRIPTION = (
     "region phrases, labels and attributes) in the real on-disk layouts of COCO 2017, Visual Genome 1.2,\n"
     "SBU Captions and Conceptual Captions 3M (TSV + img2dataset webdataset output), and a WordPiece tokenizer;\n"
     "for the 16M setting also Objects365 v2, Open Images V7 boxes, CC12M and RefCOCO/+/g, with X-VLM's evaluation\n"
-    "files (COCO Karpathy, Flickr30K, RefCOCO+) and copies of evaluation pictures planted in the web sources.\n"
+    "files (COCO Karpathy, Flickr30K, RefCOCO+) and copies of evaluation pictures planted in the web sources;\n"
+    "and small downstream sets from scenes that are not training pictures: COCO-style retrieval\n"
+    "(coco_{train,val,test}.json) and RefCOCO+-style grounding (refs(unc).p, instances.json, refcoco+_*.json).\n"
     "Same --seed -> byte-identical files."
 )
 EPILOG = (
@@ -20,7 +22,7 @@ EPILOG = (
     "  xvlm sample-data data/sample                 # 1,000 training images + 200 COCO val2017 images\n"
     "  xvlm sample-data /tmp/tiny --images 60 --val-images 20 --seed 1\n\n"
     "layout: OUT/coco, OUT/vg, OUT/sbu, OUT/cc (+ OUT/cc/img2dataset), OUT/objects365, OUT/openimages, OUT/cc12m\n"
-    "(+ OUT/cc12m/img2dataset), OUT/refcoco, OUT/eval, OUT/tokenizer, OUT/sample_data.json.\n"
+    "(+ OUT/cc12m/img2dataset), OUT/refcoco, OUT/eval, OUT/downstream, OUT/tokenizer, OUT/sample_data.json.\n"
     "See docs/sample_data.md for the split between sources and the file formats."
 )
 

@@ -5,7 +5,8 @@ evaluation + itm_eval) and RefCOCO+ box grounding (Grounding_bbox.py val + datas
   k_test texts (images) by ITC are scored by the ITM head, and the score matrix holds those ITM 'match' logits with
   -100 everywhere else (Retrieval.py:109-152: ITM only, ITC is not added). TR / IR R@1/5/10 are the share of queries
   whose best positive ranks in the top k, and r_mean their mean (itm_eval, Retrieval.py:166-210), in percent.
-  The ITM pairs of many queries go through one forward (`itm_batch` pairs), not one forward per query.
+  The ITM pairs of many queries go through one forward (`itm_batch` pairs), not one forward per query, and a pair
+  in the top k of both its image and its text is scored once, not twice.
 * Grounding: the box head's (cx, cy, w, h) for each text in its whole image, scaled to the image's pixels, converted
   to (x, y, w, h) and compared with the ref's box by the official computeIoU (dataset/utils.py:336-348, inclusive
   pixel edges); accuracy = share with IoU >= 0.5, per split (dataset/utils.py:258-290).
@@ -16,6 +17,7 @@ texts; every result says over how many images / texts / refs it was computed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+import storage
 from storage.errors import XvlmError
 from train.evaluate import RECALL_KS, best_positive_rank, normalise
 
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 OFFICIAL_FILL = -100.0           # Retrieval.py:110,134: the score of pairs outside a query's top k_test
 READ_THREADS = 8                 # image reads in flight (S3 latency, JPEG decoding releases the GIL)
+READ_AHEAD = 64                  # decoded images waiting for the encoder at most
 
 
 @dataclass
@@ -70,6 +74,27 @@ def official_score_matrix(sims: torch.Tensor, k: int, score_pairs: Callable[[tor
     if not bool(torch.isfinite(scores).all()):
         raise XvlmError("the ITM scores hold NaN or inf (is the model diverged?)")
     return torch.full((n_query, n_cand), OFFICIAL_FILL).scatter(1, top, scores)
+
+
+def official_score_matrices(sims: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor, torch.Tensor],
+                                                                              torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                                      torch.Tensor]:
+    """(score_matrix_i2t [I, T], score_matrix_t2i [T, I]) of Retrieval.py:110-152 from sims [I, T]: both directions'
+    top-k pairs, each distinct (image, text) pair scored once by score_pairs(image_idx, text_idx) (the official code
+    scores a pair found from both sides twice; its score is the same), in (image, text) order."""
+    n_img, n_txt = sims.shape
+    top_i = sims.float().topk(min(k, n_txt), dim=1).indices              # [I, k]: texts of each image
+    top_t = sims.t().float().topk(min(k, n_img), dim=1).indices          # [T, k]: images of each text
+    keys = torch.cat([(torch.arange(n_img)[:, None] * n_txt + top_i).reshape(-1),
+                      (top_t * n_txt + torch.arange(n_txt)[:, None]).reshape(-1)])
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    scores = score_pairs(unique // n_txt, unique % n_txt).float()[inverse]
+    if not bool(torch.isfinite(scores).all()):
+        raise XvlmError("the ITM scores hold NaN or inf (is the model diverged?)")
+    n_i2t = top_i.numel()
+    i2t = torch.full((n_img, n_txt), OFFICIAL_FILL).scatter(1, top_i, scores[:n_i2t].reshape(top_i.shape))
+    t2i = torch.full((n_txt, n_img), OFFICIAL_FILL).scatter(1, top_t, scores[n_i2t:].reshape(top_t.shape))
+    return i2t, t2i
 
 
 def itm_eval(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_image: torch.Tensor) -> dict[str, float]:
@@ -133,6 +158,17 @@ class _Images:
     missing: dict[str, int] = field(default_factory=dict)    # reason -> count
 
 
+def _read_ahead(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int) -> Iterator:
+    """fn(item) for each item, in order, at most `ahead` in flight (decoded images never pile up in memory)."""
+    futures: deque = deque()
+    for item in items:
+        futures.append(pool.submit(fn, item))
+        if len(futures) >= ahead:
+            yield futures.popleft().result()
+    while futures:
+        yield futures.popleft().result()
+
+
 def _read_images(root: str, rels: Sequence[str], res: int, progress: bool,
                  on_batch: Callable[[torch.Tensor, list[int]], None], batch_size: int) -> _Images:
     """Read `rels` under `root` (threads); hand each batch of uint8 [B, 3, res, res] to on_batch in order, with the
@@ -148,7 +184,7 @@ def _read_images(root: str, rels: Sequence[str], res: int, progress: bool,
     out, pending, first = _Images(), [], 0
     bar = _bar(len(rels), "images", progress)
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        for index, got in enumerate(pool.map(read, rels)):
+        for index, got in enumerate(_read_ahead(pool, read, rels, READ_AHEAD)):
             bar.update(1)
             if isinstance(got, ImageProblem):
                 out.missing[got.reason] = out.missing.get(got.reason, 0) + 1
@@ -259,8 +295,14 @@ def evaluate_retrieval(model, eval_set, image_root: str, cfg: DownstreamEvalConf
             out.update({k: out[f"itc_{k}"] for k in itm_eval(sims, sims.t(), text_image)})
             return out
         score = itm_pair_scorer(model, image_embeds, text_hidden, atts.to(device), cfg.itm_batch, cfg.progress)
-        i2t = official_score_matrix(sims, cfg.k_test, score)
-        t2i = official_score_matrix(sims.t(), cfg.k_test, lambda t, i: score(i, t))
+        scored: list[int] = []
+
+        def counted(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+            scored.append(len(image_idx))
+            return score(image_idx, text_idx)
+
+        i2t, t2i = official_score_matrices(sims, cfg.k_test, counted)
+        out["itm_pairs"] = sum(scored)          # distinct pairs scored (the official code: (I + T) x k_test)
         out.update(itm_eval(i2t, t2i, text_image))
         return out
     finally:
@@ -331,3 +373,117 @@ def _grounding_result(refs: Sequence, kept: torch.Tensor, iou: torch.Tensor, cfg
                                 "refs": len(rows), "miou": float(iou[rows].mean())}
         out[f"{split}_d"] = float(hit.float().mean())     # grounding_eval_bbox's key names (dataset/utils.py:290)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- a checkpoint
+
+
+@dataclass
+class DownstreamRequest:
+    """One `xvlm eval --task retrieval|grounding` request; None text fields take the run config's (else X-VLM's)."""
+    task: str                                  # retrieval | grounding
+    checkpoint: str
+    ann: list[str]
+    images: str
+    run: str | None = None
+    refs: str | None = None
+    instances: str | None = None
+    tokenizer: str | None = None
+    max_words: int | None = None
+    max_tokens: int | None = None
+    k_test: int | None = None                  # None: the fine-tuning run's, else 256
+    batch_size: int = 64
+    itm_batch: int = 256
+    iou: float = 0.5
+    device: str | None = None
+    progress: bool = True
+
+
+def load_eval_model(checkpoint: str, run: str | None, device: torch.device):
+    """(model on `device`, run config path or None, model file) for a checkpoint argument of `xvlm eval`."""
+    from model.io import model_from_bytes
+    from train import checkpoint as ckpt
+    from train.eval_checkpoint import resolve_checkpoint
+
+    model_path, config_path = resolve_checkpoint(checkpoint, run)
+    folder = model_path.rsplit("/", 1)[0]
+    if model_path.endswith(f"/{ckpt.MODEL_FILE}") and storage.exists(storage.join(folder, ckpt.MARKER)):
+        return ckpt.read_model(folder).to(device), config_path, model_path
+    # a .safetensors file or an imported folder's model file, local or s3://, read through storage
+    return model_from_bytes(storage.read_bytes(model_path), source=model_path).to(device), config_path, model_path
+
+
+def finetune_text_settings(config_path: str | None) -> dict[str, Any]:
+    """A fine-tuning run's own text settings and k_test (its config's `finetune` section, when it has one with a
+    task): the evaluation must tokenise as the run trained (a small model may have fewer text positions than 40)."""
+    if not config_path or not storage.exists(config_path):
+        return {}
+    from train.config import load_config
+
+    ft = getattr(load_config(config_path), "finetune", None)
+    if ft is None or not getattr(ft, "task", ""):
+        return {}
+    found = {"tokenizer": getattr(ft, "tokenizer", "") or None, "max_words": getattr(ft, "max_words", None),
+             "max_tokens": getattr(ft, "max_tokens", None), "k_test": getattr(ft, "k_test", None)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _request_config(request: DownstreamRequest, config_path: str | None) -> DownstreamEvalConfig:
+    """The command line first, then a fine-tuning run's settings, then X-VLM's fine-tuning defaults (max_words 30,
+    max_tokens 40, k_test 256), the tokenizer and pre_caption mode from the run's data section."""
+    from train.eval_checkpoint import imported_text_settings, text_settings
+
+    imported_text_settings(request.checkpoint, request)
+    for name, value in finetune_text_settings(config_path).items():
+        if getattr(request, name) is None:
+            setattr(request, name, value)
+    for name in ("max_words", "max_tokens", "k_test"):
+        if getattr(request, name) is None:
+            setattr(request, name, getattr(DownstreamEvalConfig, name))
+    return DownstreamEvalConfig(k_test=request.k_test, batch_size=request.batch_size,  # type: ignore[arg-type]
+                                itm_batch=request.itm_batch, iou_threshold=request.iou, progress=request.progress,
+                                **text_settings(config_path, request))
+
+
+def check_text_positions(model, cfg: DownstreamEvalConfig) -> None:
+    """max_tokens must fit the model's text positions (else a clear error, not an index error in the embedding)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_tokens > positions:
+        raise XvlmError(f"max_tokens {cfg.max_tokens} is more than the model's {positions} text positions; pass "
+                        f"--max-tokens {positions} or fewer (the run's fine-tuning max_tokens)")
+
+
+def evaluate_downstream_checkpoint(request: DownstreamRequest) -> dict[str, Any]:
+    """Read the annotation files first (bad input fails before the model loads), then evaluate the checkpoint:
+    retrieval -> {"results": {set name: metrics}}; grounding -> {"results": {"refcoco+": metrics over all files}}."""
+    from shards.downstream import GroundingRefs, read_grounding, read_retrieval_eval
+
+    if request.task not in ("retrieval", "grounding"):
+        raise XvlmError(f"unknown downstream task {request.task!r}: retrieval or grounding")
+    if not request.ann:
+        raise XvlmError(f"--task {request.task} needs --ann FILE (X-VLM's annotation file; repeatable)")
+    if request.task == "retrieval":
+        sets = [read_retrieval_eval(path) for path in request.ann]
+    else:
+        refs = GroundingRefs()
+        for path in request.ann:
+            got = read_grounding(path, request.refs, request.instances)
+            refs.extend(got)
+            for reason, n in got.skipped.items():
+                refs.skipped[reason] = refs.skipped.get(reason, 0) + n
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config_path, model_path = load_eval_model(request.checkpoint, request.run, device)
+    cfg = _request_config(request, config_path)
+    check_text_positions(model, cfg)
+    log.info("evaluating %s on %s (%s)", model_path, ", ".join(request.ann), device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
+        torch.autocast("cpu", enabled=False)
+    results: dict[str, Any] = {}
+    with autocast:
+        if request.task == "retrieval":
+            for data in sets:
+                results[data.name] = evaluate_retrieval(model, data, request.images, cfg, device)
+        else:
+            results["refcoco+"] = evaluate_grounding(model, refs, request.images, cfg, device)
+    return {"task": request.task, "checkpoint": model_path, "ann": list(request.ann), "images": request.images,
+            "results": results}
