@@ -34,7 +34,7 @@ SMOKE = {"images": 60, "val_images": 40, "steps": 12, "box_warmup_steps": 4}
 SMOKE_DATA = {"image_text_batch_size": 16, "region_batch_size": 16, "region_max_images": 8, "shuffle_buffer": 32}
 FINETUNE_CONFIGS = {"retrieval": CONFIGS / "quickstart_finetune_retrieval.yaml",
                     "grounding": CONFIGS / "quickstart_finetune_grounding.yaml"}
-SMOKE_FINETUNE = ["finetune.epochs=1", "finetune.eval_every_epoch=false", "finetune.k_test=4"]
+SMOKE_FINETUNE = ["finetune.epochs=1"]          # one epoch of each task (~15 and ~11 steps)
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves (the configs' eval.every: steps // 6)
 SAMPLES_PER_SHARD = 200
 LOADER_WORKERS = 1           # data.num_workers of quickstart_cpu.yaml
