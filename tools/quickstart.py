@@ -72,7 +72,7 @@ DESCRIPTION = (
 )
 EPILOG = (
     "examples:\n"
-    "  xvlm quickstart                         # ~11 minutes on 2 idle cores: data, shards, training, report\n"
+    "  xvlm quickstart                         # ~11 minutes on 2 idle cores + the fine-tuning (3.6 min under load)\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 150             # a shorter main training\n"
     "  xvlm quickstart --box-warmup-steps 0    # no box warm-up: the main training alone, 560 steps\n"
