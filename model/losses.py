@@ -63,16 +63,26 @@ def gather_with_grad(x: torch.Tensor, grad: str = "local") -> torch.Tensor:
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
-             text_ids: torch.Tensor | None = None, gather_grad: str = "local") -> torch.Tensor:
+             text_ids: torch.Tensor | None = None, gather_grad: str = "local",
+             image_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised features gathered from all ranks; row i of each side is a pair.
 
     `gather_grad` ("local" as X-VLM, or "sum") is the backward of the cross-rank gather (see gather_with_grad).
     With `text_ids` ([K, T], padded token ids), pairs (i, j != i) whose texts are identical are left out of both
     softmaxes: neither positive nor negative (X-VLM counts them as negatives, which pushes a repeated name away
-    from every other image's instance of it)."""
+    from every other image's instance of it). With `image_ids` ([K], fine-tuning on captions of the same image,
+    X-VLM's `idx`), every pair of rows with the same id is a positive: the target of each row is spread evenly
+    over its positives (models/xvlm.py get_contrastive_loss)."""
     image_all = gather_with_grad(image_feat, gather_grad)
     text_all = gather_with_grad(text_feat, gather_grad)
     logits = image_all @ text_all.t() / temp
+    if image_ids is not None:
+        ids = gather_with_grad(image_ids.reshape(-1), gather_grad)
+        same = (ids[:, None] == ids[None, :]).to(logits.dtype)
+        targets = same / same.sum(dim=1, keepdim=True)
+        loss_i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
+        return (loss_i2t + loss_t2i) / 2
     labels = torch.arange(logits.shape[0], device=logits.device)
     if text_ids is not None:
         ids = gather_with_grad(text_ids, gather_grad)

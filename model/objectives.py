@@ -34,9 +34,9 @@ class ForwardPass:
     kind: str
     text_ids: torch.Tensor
     text_atts: torch.Tensor
-    text_ids_masked: torch.Tensor
-    masked_pos: torch.Tensor
-    masked_ids: torch.Tensor
+    text_ids_masked: torch.Tensor | None      # None in fine-tuning batches (no MLM)
+    masked_pos: torch.Tensor | None
+    masked_ids: torch.Tensor | None
     image_embeds: torch.Tensor            # [B, 1 + N, C] the whole images
     vision_embeds: torch.Tensor           # [K, 1 + N, C] what each text row attends to
     vision_atts: torch.Tensor
@@ -49,6 +49,7 @@ class ForwardPass:
     image_idx: torch.Tensor | None = None
     target_bbox: torch.Tensor | None = None
     is_image: torch.Tensor | None = None
+    image_ids: torch.Tensor | None = None     # [K] fine-tuning: rows with the same id are positives (ITC, ITM)
     _boxes: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
     _box_losses: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -84,7 +85,7 @@ def contrastive(p: ForwardPass) -> torch.Tensor:
     """ITC: symmetric InfoNCE between the vision side's and the texts' features, gathered across ranks."""
     config = p.model.config
     same_text = p.text_ids if config.itc_same_text == "ignore" else None
-    return itc_loss(p.vision_feat, p.text_feat, p.temp, same_text, config.itc_gather_grad)
+    return itc_loss(p.vision_feat, p.text_feat, p.temp, same_text, config.itc_gather_grad, p.image_ids)
 
 
 def matching(p: ForwardPass) -> torch.Tensor:
@@ -103,6 +104,9 @@ def matching(p: ForwardPass) -> torch.Tensor:
 def masked_language(p: ForwardPass) -> torch.Tensor:
     """MLM: the masked texts through the text encoder and the fusion (attending to the vision side), predicted at
     the masked positions."""
+    if p.text_ids_masked is None or p.masked_pos is None or p.masked_ids is None:
+        raise ModelError("the mlm loss needs text_ids_masked, masked_pos and masked_ids in the batch; "
+                         "set its weight to 0 for batches without them (fine-tuning)")
     model = p.model
     hidden = model.fusion(model.text(p.text_ids_masked, p.text_atts), p.text_atts, p.vision_embeds, p.vision_atts)
     at_masks = hidden.gather(1, p.masked_pos[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -1,6 +1,7 @@
 """Optimizer parameter groups as X-VLM uses them: no weight decay on biases and norms, lr x 2 for new parameters."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from torch import nn
@@ -18,18 +19,21 @@ def no_weight_decay(name: str, param: nn.Parameter, timm_names: set[str]) -> boo
     return param.ndim <= 1 or name in timm_names or any(key in name for key in NO_DECAY_KEYWORDS)
 
 
-def param_groups(model: XVLM, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: XVLM, lr: float, weight_decay: float,
+                 new_parameters: Collection[str] | None = None) -> list[dict[str, Any]]:
     """Up to four AdamW groups: {decay, no decay} x {pretrained-able (lr), new (lr x 2)}.
 
     Each group carries "lr", "weight_decay", "lr_scale" (1 or 2, for schedulers that set lr themselves) and a
-    "name". Frozen parameters (requires_grad False) are left out; tied parameters appear once.
+    "name". Frozen parameters (requires_grad False) are left out; tied parameters appear once. New parameters are
+    `model.is_new_parameter`'s (pretraining), or the names in `new_parameters` when given (fine-tuning).
     """
+    is_new = model.is_new_parameter if new_parameters is None else set(new_parameters).__contains__
     timm_names = model.vision.no_weight_decay()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # named_parameters yields a tied tensor once
         if not param.requires_grad:
             continue
-        key = (model.is_new_parameter(name), no_weight_decay(name, param, timm_names))
+        key = (is_new(name), no_weight_decay(name, param, timm_names))
         groups.setdefault(key, []).append(param)
     out = []
     for (new, no_decay), params in sorted(groups.items()):

@@ -107,26 +107,32 @@ class XVLM(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, kind: str | None = None, *, image: torch.Tensor, text_ids: torch.Tensor,
-                text_atts: torch.Tensor, text_ids_masked: torch.Tensor, masked_pos: torch.Tensor,
-                masked_ids: torch.Tensor, image_idx: torch.Tensor | None = None,
+                text_atts: torch.Tensor, text_ids_masked: torch.Tensor | None = None,
+                masked_pos: torch.Tensor | None = None, masked_ids: torch.Tensor | None = None,
+                image_idx: torch.Tensor | None = None,
                 patch_mask: torch.Tensor | None = None, target_bbox: torch.Tensor | None = None,
                 is_image: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                objectives: Collection[str] | None = None, **ignored: object) -> dict[str, torch.Tensor]:
+                objectives: Collection[str] | None = None, image_ids: torch.Tensor | None = None,
+                **ignored: object) -> dict[str, torch.Tensor]:
         """The losses of one batch, by name: itc, itm, mlm (+ bbox, giou, and centre when named, for a region batch).
 
         `objectives` (default: X-VLM's five) names the losses to compute; the others are skipped, not computed and
         thrown away (ITM runs the fusion on 3x the rows and MLM runs text + fusion again). The batch is encoded once;
         each objective of its kind (model/objectives.py) computes its loss from that pass, in the registry's order.
+        `image_ids` [K] (fine-tuning on several captions per image, X-VLM's `idx`): rows of the same image are
+        positives in ITC and never ITM negatives. The MLM tensors may be left out when mlm is not computed.
         """
         wanted = XVLM_OBJECTIVES if objectives is None else frozenset(objectives)
         if not wanted or not wanted <= set(OBJECTIVES):
             raise ModelError(f"objectives must be a non-empty subset of {sorted(OBJECTIVES)}, got {sorted(wanted)}")
         batch_kind = self._batch_kind(kind, ignored, image, text_ids, image_idx, patch_mask, target_bbox, is_image)
         encoded = self._encode(batch_kind, image, text_ids, text_atts, image_idx, patch_mask)
+        if image_ids is not None and encoded["positives"] is None:   # ITM draws no caption of the same image
+            encoded["positives"] = image_ids.reshape(-1, 1) == image_ids.reshape(1, -1)
         forward_pass = ForwardPass(model=self, kind=batch_kind, text_ids=text_ids, text_atts=text_atts,
                                    text_ids_masked=text_ids_masked, masked_pos=masked_pos, masked_ids=masked_ids,
                                    generator=generator, image_idx=image_idx, target_bbox=target_bbox,
-                                   is_image=is_image, **encoded)
+                                   is_image=is_image, image_ids=image_ids, **encoded)
         return {name: objective.compute(forward_pass) for name, objective in OBJECTIVES.items()
                 if name in wanted and batch_kind in objective.kinds}
 

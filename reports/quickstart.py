@@ -99,11 +99,27 @@ def render_markdown(document: dict) -> str:
         if isinstance(item, dict):
             value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
             lines.append(f"- {key} = {value} (target >= {item['target']}): {'met' if item['met'] else 'NOT met'}")
-    lines += ["", f"Chance: R@1 = 1/{m['images']} = {1 / max(1, m['images']):.3f}.", "",
-              "![curves](curves.png)", ""]
+    lines += ["", f"Chance: R@1 = 1/{m['images']} = {1 / max(1, m['images']):.3f}.", ""]
+    lines += finetune_lines(main.get("finetune") or {})
+    lines += ["![curves](curves.png)", ""]
     if document.get("stats"):
         lines += [f"Dataset statistics: [{Path(document['stats']).name}]({Path(document['stats']).name})", ""]
     return "\n".join(lines)
+
+
+def finetune_lines(finetune: dict) -> list[str]:
+    """The fine-tuning stage's table: each downstream test set's scores zero-shot and after fine-tuning."""
+    if not finetune:
+        return []
+    lines = ["Fine-tuning (`xvlm finetune`) on the sample downstream sets (scenes no training picture shows), "
+             "scores on their test split, in percent:", "",
+             "| task | test set | metric | zero-shot | fine-tuned | steps | minutes |", "|" + "---|" * 7]
+    for task, r in finetune.items():
+        for key, after in r["fine_tuned"].items():
+            before = r["zero_shot"].get(key)
+            lines.append(f"| {task} | {r['test_file']} | {key} | {'n/a' if before is None else f'{before:.1f}'} | "
+                         f"{after:.1f} | {r['steps']} | {r['wall_s'] / 60:.1f} |")
+    return lines + [""]
 
 
 def render_html(markdown_text: str, png: Path) -> str:

@@ -50,7 +50,7 @@ def test_quickstart_smoke(tmp_path, capsys):
     assert "a box warm-up of 4 steps" in (out / "report" / "report.md").read_text()
     assert (out / "report" / "dataset_stats.html").is_file()
     printed = capsys.readouterr().out
-    assert "[6/6]" in printed and "report:" in printed
+    assert "[7/7]" in printed and "report:" in printed
     # A second run reuses the data and shards and resumes the finished training (no new steps).
     assert main(["quickstart", "--smoke", "--out", str(out), "--no-stats"]) == 0
     assert "reusing" in capsys.readouterr().out

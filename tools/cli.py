@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tools.train", "Train X-VLM from a YAML config (one process or torchrun) with exact resume."),
     "ray-train": ("tools.ray_train", "Train with Ray Train on a Ray cluster's nodes (restarts failed workers, resumes)."),
     "submit": ("tools.submit", "Submit / inspect / stop a training job on a Ray cluster (Ray Jobs API)."),
+    "finetune": ("tools.finetune", "Fine-tune a pretrained model on retrieval or grounding (X-VLM's recipes, same trainer, exact resume)."),
     "eval": ("tools.eval", "Evaluate a checkpoint: zero-shot retrieval R@1/5/10 and grounding accuracy."),
     "import-xvlm": ("tools.import_xvlm", "Import an official X-VLM checkpoint (.pth / .th) into our model format, every tensor checked."),
     "export-xvlm": ("tools.export_xvlm", "Export our model as an official X-VLM checkpoint (loads with strict=True)."),
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog() if callable(epilog) else epilog,
     )
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(rest)
+    # A module with positionals on both sides of its options (`finetune TASK --config ... KEY=VALUE`) says INTERMIXED.
+    args = sub_parser.parse_intermixed_args(rest) if getattr(module, "INTERMIXED", False) else sub_parser.parse_args(rest)
     logging.basicConfig(level=getattr(logging, top.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -32,6 +32,9 @@ DEFAULT_IMAGES = 1000        # training pictures of the sample data (the held-ou
 VAL_IMAGES = 200
 SMOKE = {"images": 60, "val_images": 40, "steps": 12, "box_warmup_steps": 4}
 SMOKE_DATA = {"image_text_batch_size": 16, "region_batch_size": 16, "region_max_images": 8, "shuffle_buffer": 32}
+FINETUNE_CONFIGS = {"retrieval": CONFIGS / "quickstart_finetune_retrieval.yaml",
+                    "grounding": CONFIGS / "quickstart_finetune_grounding.yaml"}
+SMOKE_FINETUNE = ["finetune.epochs=1"]          # one epoch of each task (~15 and ~11 steps)
 EVAL_POINTS = 6              # evaluations along the run, for the learning curves (the configs' eval.every: steps // 6)
 SAMPLES_PER_SHARD = 200
 LOADER_WORKERS = 1           # data.num_workers of quickstart_cpu.yaml
@@ -60,14 +63,16 @@ DESCRIPTION = (
     "                     progress bars and ETA; held-out evaluations for the curves\n"
     "  4. evaluation      zero-shot image<->text R@1/5/10 (ITC; ITM re-ranking when trained) and grounding acc@0.5 on the\n"
     "                     200 held-out scenes\n"
-    "  5. report          OUT/report/: loss and metric curves (PNG), metrics.json, report.md, report.html\n"
-    "  6. statistics      `xvlm stats` of the train shards: OUT/report/dataset_stats.html\n"
+    "  5. fine-tuning     `xvlm finetune`: the model fine-tuned on the sample retrieval and RefCOCO+ style sets (scenes\n"
+    "                     no training picture shows), test-set R@1 and grounding accuracy zero-shot vs fine-tuned\n"
+    "  6. report          OUT/report/: loss and metric curves (PNG), metrics.json, report.md, report.html\n"
+    "  7. statistics      `xvlm stats` of the train shards: OUT/report/dataset_stats.html\n"
     "Targets on the held-out scenes: image->text R@1 >= 0.5 (chance 0.005), grounding acc@0.5 >= 0.45.\n"
     "Steps whose output is already complete in OUT are reused; training resumes from its last checkpoint."
 )
 EPILOG = (
     "examples:\n"
-    "  xvlm quickstart                         # ~11 minutes on 2 idle cores: data, shards, training, report\n"
+    "  xvlm quickstart                         # ~11 minutes on 2 idle cores + the fine-tuning (3.6 min under load)\n"
     "  xvlm quickstart --smoke --out /tmp/qs   # about a minute: tiny data, a few steps (checks the plumbing)\n"
     "  xvlm quickstart --steps 150             # a shorter main training\n"
     "  xvlm quickstart --box-warmup-steps 0    # no box warm-up: the main training alone, 560 steps\n"
@@ -160,9 +165,9 @@ def make_sample_data(layout: Layout, images: int, val_images: int, seed: int) ->
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         if (summary.get("images"), summary.get("val_images"), summary.get("seed")) == (images, val_images, seed):
-            print(f"[1/6] sample data: reusing {layout.sample}")
+            print(f"[1/7] sample data: reusing {layout.sample}")
             return summary
-    print(f"[1/6] sample data: {images} training + {val_images} held-out pictures -> {layout.sample}")
+    print(f"[1/7] sample data: {images} training + {val_images} held-out pictures -> {layout.sample}")
     return generate(layout.sample, images=images, val_images=val_images, seed=seed)
 
 
@@ -177,9 +182,9 @@ def build_shards(layout: Layout) -> None:
             (layout.val_shards, {"coco": _val_only_coco(layout)})]
     for out, sources in jobs:
         if (out / "manifest.json").is_file():
-            print(f"[2/6] shards: reusing {out}")
+            print(f"[2/7] shards: reusing {out}")
             continue
-        print(f"[2/6] shards: {', '.join(sources)} -> {out}")
+        print(f"[2/7] shards: {', '.join(sources)} -> {out}")
         result = run_build(BuildConfig(sources={k: str(v) for k, v in sources.items()}, out=str(out),
                                        samples_per_shard=SAMPLES_PER_SHARD,
                                        command=["xvlm", "quickstart", "--out", str(layout.root)]))
@@ -249,7 +254,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
     init, warmup_wall = None, 0.0
     if warmup_steps:
         warm = train_config(layout, box_head, warmup_steps, smoke, warmup=True)
-        print(f"[3/6] box warm-up ({box_head} box head): {warm.schedule.steps} steps of region batches only, "
+        print(f"[3/7] box warm-up ({box_head} box head): {warm.schedule.steps} steps of region batches only, "
               f"weighted {warm.data.overrides['source_weights']} -> {warm.out}")
         warmup_wall = stage_wall(train(warm), Path(warm.out) / "metrics.jsonl")
         done = ckpt.resolve_resume(warm.out, "auto")
@@ -257,7 +262,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
             raise XvlmError(f"the box warm-up left no committed checkpoint in {warm.out}")
         init = storage.join(done, ckpt.MODEL_FILE)
     cfg = train_config(layout, box_head, steps, smoke, init=init)
-    print(f"[3/6] training ({box_head} box head): {cfg.schedule.steps} steps"
+    print(f"[3/7] training ({box_head} box head): {cfg.schedule.steps} steps"
           + (" from the warm-up's weights" if init else "") + f" -> {cfg.out}")
     summary = train(cfg)
     path = ckpt.resolve_resume(cfg.out, "auto")
@@ -265,7 +270,7 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
         raise XvlmError(f"training left no committed checkpoint in {cfg.out}")
     loader = cfg.data.build()
     options = {**cfg.eval.options, "progress": True, "k_test": run_k_test(cfg, 4 if smoke else FINAL_K_TEST)}
-    print(f"[4/6] evaluation ({box_head} box head) on {layout.val_shards}")
+    print(f"[4/7] evaluation ({box_head} box head) on {layout.val_shards}")
     model = load_model(storage.join(path, ckpt.MODEL_FILE))
     metrics = evaluate(model, [str(layout.val_shards)],
                        EvalConfig(tokenizer=loader.tokenizer, max_words=loader.max_words,
@@ -275,6 +280,37 @@ def train_and_evaluate(layout: Layout, box_head: str, steps: int | None, smoke: 
             "box_warmup_steps": warmup_steps, "box_warmup_wall_s": warmup_wall,
             "checkpoint": path, "metrics": metrics, "run": cfg.out,
             "curve": _read_curve(Path(cfg.out) / "metrics.jsonl")}
+
+
+def finetune_downstream(layout: Layout, checkpoint: str, smoke: bool) -> dict[str, Any]:
+    """Step 5: the trained model fine-tuned on the sample downstream sets (scenes no training picture shows), each
+    task from train/configs/quickstart_finetune_*.yaml; the test set's scores before (zero-shot) and after."""
+    from train.config import load_config
+    from train.finetune import finetune, headline
+
+    down = layout.sample / "downstream"
+    files = {"retrieval": ("coco_train.json", "coco_val.json", "coco_test.json"),
+             "grounding": ("refcoco+_train.json", "refcoco+_val.json", "refcoco+_test.json")}
+    out: dict[str, Any] = {}
+    for task, path in FINETUNE_CONFIGS.items():
+        train_file, val_file, test_file = (json.dumps(str(down / name)) for name in files[task])
+        overrides = [f"out={json.dumps(str(layout.root / f'finetune-{task}'))}", f"finetune.init={json.dumps(checkpoint)}",
+                     f"finetune.train_file=[{train_file}]", f"finetune.val_file={val_file}",
+                     f"finetune.test_file=[{test_file}]", f"finetune.image_root={json.dumps(str(down / 'images'))}",
+                     f"finetune.tokenizer={json.dumps(str(layout.sample / 'tokenizer'))}"]
+        if task == "grounding":
+            overrides.append(f"finetune.refcoco_data={json.dumps(str(down / 'refcoco+'))}")
+        cfg = load_config(str(path), overrides + (SMOKE_FINETUNE if smoke else []))
+        print(f"[5/7] fine-tuning {task} ({cfg.finetune.epochs} epochs on {down.name}/{files[task][0]}) -> {cfg.out}")
+        summary = finetune(cfg)
+        before = next(iter(summary["zero_shot"].values()), {})
+        after = next(iter(summary["test"].values()), {})
+        out[task] = {"test_file": files[task][2], "steps": summary["steps"],
+                     "wall_s": stage_wall(summary, Path(cfg.out) / "metrics.jsonl"),
+                     "zero_shot": headline(task, before), "fine_tuned": headline(task, after),
+                     "counts": {k: after.get(k) for k in ("images", "texts", "refs") if k in after}}
+        print(f"      {files[task][2]}: zero-shot {out[task]['zero_shot']} -> fine-tuned {out[task]['fine_tuned']}")
+    return out
 
 
 def stage_wall(summary: dict, metrics: Path) -> float:
@@ -295,7 +331,7 @@ def _read_curve(path: Path) -> list[dict]:
 def dataset_stats(layout: Layout) -> str | None:
     """Step 6: the statistics report of the train shards (`xvlm stats`)."""
     out = layout.report / "dataset_stats.html"
-    print(f"[6/6] dataset statistics -> {out}")
+    print(f"[7/7] dataset statistics -> {out}")
     write_stats(StatsOptions(dataset=str(layout.train_shards), out=str(out),
                              tokenizer=str(layout.sample / "tokenizer")))
     return str(out)
@@ -327,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps = SMOKE["box_warmup_steps"] if args.smoke else config_value(WARMUP_CONFIG, "schedule", "steps")
     steps = args.steps         # None: the main training config's own budget
     results = [train_and_evaluate(layout, h, steps, args.smoke, warmup_steps) for h in heads]
-    print(f"[5/6] report -> {layout.report}")
+    results[0]["finetune"] = finetune_downstream(layout, results[0]["checkpoint"], args.smoke)
+    print(f"[6/7] report -> {layout.report}")
     document = write_report(layout.report, results, args.smoke, None, torch.get_num_threads())
     stats = None if args.no_stats else dataset_stats(layout)
     if stats:  # link it from the report

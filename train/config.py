@@ -164,6 +164,53 @@ class EvalSection:
     options: dict[str, Any] = field(default_factory=dict)   # passed through to train.evaluate
 
 
+FinetuneTask = Literal["", "retrieval", "grounding"]
+
+
+@dataclass
+class FinetuneSection:
+    """Fine-tuning on X-VLM's downstream files (`xvlm finetune`, train/finetune.py); `task` empty: pretraining.
+
+    The recipe is X-VLM's (configs/Retrieval_coco.yaml, Retrieval_flickr.yaml, Grounding_bbox.yaml): 10 epochs,
+    warm-up over the first 10% of the steps, 20 pairs per GPU, 40 tokens. `xvlm finetune` turns epochs into
+    schedule.steps = epochs x (entries // world size // batch_size) and schedule.warmup_steps = warmup x steps.
+    """
+
+    task: FinetuneTask = ""
+    init: str = ""                   # the pretrained model (checkpoint folder, .safetensors, `xvlm import-xvlm` folder)
+    train_file: list[str] = field(default_factory=list)   # coco_train.json / refcoco+_train.json (local or s3://)
+    val_file: str = ""               # evaluated after every epoch (retrieval: coco_val.json; grounding: refcoco+_val.json)
+    test_file: list[str] = field(default_factory=list)    # evaluated at the end (coco_test.json; refcoco+_testA/B)
+    image_root: str = ""             # the folder the files' image paths are relative to
+    refcoco_data: str = ""           # grounding: the folder of refs(unc).p + instances.json (default <train>/refcoco+)
+    tokenizer: str = ""              # a local BERT WordPiece folder (vocab.txt / tokenizer.json)
+    epochs: int = 10
+    warmup: float = 0.1              # fraction of the steps (X-VLM schedular num_warmup_steps: 0.1)
+    batch_size: int = 20             # per process (X-VLM batch_size_train: 20 per GPU)
+    max_tokens: int = 40
+    max_words: int = 30              # pre_caption's word limit (re_dataset.py / grounding_dataset.py)
+    augment: bool = True             # the official training transforms (crop, flip, RandomAugment)
+    k_test: int = 256                # retrieval evaluation: ITM re-ranks the top k_test by ITC (flickr: 128; 0: ITC)
+    eval_every_epoch: bool = True    # evaluate val_file after each epoch (saved in the checkpoint's eval results)
+    zero_shot: bool = False          # also score the test files with the initial model (before fine-tuning)
+
+    def validate(self) -> None:
+        if not self.task:
+            return
+        _check(bool(self.train_file), "finetune.train_file", self.train_file,
+               "must name the training file(s) (coco_train.json, refcoco+_train.json)")
+        _check(bool(self.image_root), "finetune.image_root", self.image_root, "must name the images' root folder")
+        _check(bool(self.tokenizer), "finetune.tokenizer", self.tokenizer,
+               "must name a local BERT tokenizer folder (e.g. OUT/tokenizer of xvlm sample-data)")
+        _check(self.epochs >= 1, "finetune.epochs", self.epochs, "must be >= 1")
+        _check(0.0 <= self.warmup < 1.0, "finetune.warmup", self.warmup, "must lie in [0, 1) (a fraction of the steps)")
+        _check(self.batch_size >= 2, "finetune.batch_size", self.batch_size,
+               "must be >= 2 (ITC and ITM need another pair in the batch)")
+        _check(self.max_tokens >= 2, "finetune.max_tokens", self.max_tokens, "must be >= 2")
+        _check(self.max_words >= 1, "finetune.max_words", self.max_words, "must be >= 1")
+        _check(self.k_test >= 0, "finetune.k_test", self.k_test, "must be >= 0 (0: ranked by ITC alone)")
+
+
 @dataclass
 class LoggingSection:
     """Console progress bar, metrics.jsonl, TensorBoard."""
@@ -189,6 +236,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
     def validate(self) -> TrainConfig:
         """Check values and the model / loader sections; raise XvlmError naming the key and what to do."""
@@ -210,7 +258,7 @@ class TrainConfig:
         for f in dataclasses.fields(self.loss):
             _check(getattr(self.loss, f.name) >= 0, f"loss.{f.name}", getattr(self.loss, f.name),
                    "must be >= 0 (0 skips that loss)")
-        region_only = s.iter_perc == 1.0 and s.iter_perc_mode == "per_batch"
+        region_only = (s.iter_perc == 1.0 and s.iter_perc_mode == "per_batch") or self.finetune.task == "grounding"
         image_text = objectives_of(IMAGE_TEXT)
         _check(region_only or bool(set(self.loss.weights()) & set(image_text)), "loss",
                dataclasses.asdict(self.loss), f"must keep at least one of {', '.join(image_text)} above 0 (image-text "
@@ -223,13 +271,17 @@ class TrainConfig:
         _check(self.eval.every >= 0, "eval.every", self.eval.every, "must be >= 0 (0 turns evaluation off)")
         _check(self.logging.every >= 1, "logging.every", self.logging.every, "must be >= 1")
         _check(bool(self.out), "out", self.out, "must name a run folder (local path or s3://bucket/prefix)")
-        _check(bool(self.data.datasets) or self.data.synthetic, "data.datasets", self.data.datasets,
+        self.finetune.validate()
+        _check(bool(self.data.datasets) or self.data.synthetic or bool(self.finetune.task), "data.datasets",
+               self.data.datasets,
                "must list at least one built dataset (a folder or s3:// prefix from `xvlm build-shards`)")
         try:
             model = self.model.build()
         except (XvlmError, ModelError) as err:
             raise XvlmError(f"config model section: {err}") from err
         for name, weight in self.loss.weights().items():   # what an objective needs of the model
+            if self.finetune.task:      # fine-tuning's model is the --init checkpoint's (checked by train/finetune.py)
+                break
             requires = OBJECTIVES[name].requires
             problem = requires(model) if requires else None
             _check(problem is None, f"loss.{name}", weight, problem or "")
@@ -250,6 +302,8 @@ class TrainConfig:
             values.update(values.pop("overrides"))
         if out["model"]["init"] is None:
             del out["model"]["init"]
+        if not self.finetune.task:   # pretraining configs read as they did before the section existed
+            del out["finetune"]
         return out
 
     def to_yaml(self) -> str:

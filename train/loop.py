@@ -124,13 +124,17 @@ class Trainer:
     """Owns the model, optimizer, schedule, loader and sinks of one run on one rank."""
 
     def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext, stream: Any = None,
-                 evaluate: EvaluateFn | None = None) -> None:
+                 evaluate: EvaluateFn | None = None, model: XVLM | None = None,
+                 new_parameters: set[str] | None = None) -> None:
+        """`model` (fine-tuning: built from a pretraining checkpoint, the same on every rank) replaces the one the
+        config describes; `new_parameters` names those that train at the new-parameter lr (default: the model's
+        rule)."""
         self.cfg = cfg
         self.ctx = ctx
         configure_determinism(cfg, ctx)
         seed_everything(cfg.schedule.seed)  # the same initial weights on every rank
-        self.model = self._build_model().to(ctx.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.model = (model if model is not None else self._build_model()).to(ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, new_parameters)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.amp_dtype = autocast_dtype(cfg, ctx.device)
         self.loss_weights = cfg.loss.weights()   # {name: weight > 0}: the losses the model computes

@@ -28,9 +28,12 @@ class WarmupLinearDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * (1.0 - progress)
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
-    """AdamW (betas 0.9/0.98, eps 1e-8, wd 0.01 by default) over the groups of `model.params.param_groups`."""
-    groups = param_groups(model, optim.lr, optim.weight_decay)
+def build_optimizer(model: nn.Module, optim: OptimSection,
+                    new_parameters: set[str] | None = None) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.98, eps 1e-8, wd 0.01 by default) over the groups of `model.params.param_groups`.
+    `new_parameters` (fine-tuning: the names the initial checkpoint did not hold) replaces the model's own rule of
+    which parameters are new."""
+    groups = param_groups(model, optim.lr, optim.weight_decay, new_parameters)
     for group in groups:  # the config may change X-VLM's x 2 for new parameters
         if group["lr_scale"] != 1.0:
             group["lr_scale"] = optim.new_param_lr_mult

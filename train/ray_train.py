@@ -42,8 +42,12 @@ def read_config(config: str, overrides: list[str]):
 def check_shared_paths(cfg) -> None:
     """Every worker, on any node, must see the same run folder and data: relative paths would resolve inside each
     job's private working directory, so they are refused."""
+    ft = cfg.finetune
     paths = {"out": [cfg.out], "data.datasets": list(cfg.data.datasets), "eval.datasets": list(cfg.eval.datasets),
-             "data.tokenizer": [cfg.data.overrides.get("tokenizer") or ""], "model.init": [cfg.model.init or ""]}
+             "data.tokenizer": [cfg.data.overrides.get("tokenizer") or ""], "model.init": [cfg.model.init or ""],
+             "finetune.init": [ft.init], "finetune.train_file": list(ft.train_file), "finetune.val_file": [ft.val_file],
+             "finetune.test_file": list(ft.test_file), "finetune.image_root": [ft.image_root],
+             "finetune.refcoco_data": [ft.refcoco_data], "finetune.tokenizer": [ft.tokenizer]}
     for key, values in paths.items():
         for value in values:
             if value and storage.local_path(value) is not None and not os.path.isabs(value):
@@ -67,6 +71,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("Ray Train worker group of %d; run folder %s; resume=%s", context.get_world_size(), cfg.out,
                  cfg.checkpoint.resume)
     # ray.train.torch.get_device() is this worker's GPU (CUDA_VISIBLE_DEVICES is set per worker) or the CPU.
+    if cfg.finetune.task:     # a fine-tuning config (`finetune.task`, `finetune.init`): train/finetune.py
+        from train.finetune import finetune as train
     summary = train(cfg, device=ray.train.torch.get_device())
     last = summary.get("last") or {}
     ray.train.report({"steps": summary["steps"], "steps_run": summary["steps_run"],
