@@ -63,13 +63,15 @@ def gather_with_grad(x: torch.Tensor, grad: str = "local") -> torch.Tensor:
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
-             text_ids: torch.Tensor | None = None, gather_grad: str = "local") -> torch.Tensor:
+             text_ids: torch.Tensor | None = None, gather_grad: str = "local",
+             row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised features gathered from all ranks; row i of each side is a pair.
 
     `gather_grad` ("local" as X-VLM, or "sum") is the backward of the cross-rank gather (see gather_with_grad).
     With `text_ids` ([K, T], padded token ids), pairs (i, j != i) whose texts are identical are left out of both
     softmaxes: neither positive nor negative (X-VLM counts them as negatives, which pushes a repeated name away
-    from every other image's instance of it)."""
+    from every other image's instance of it). `row_mask` ([K] bool, padded batches): rows where it is False are
+    neither candidates nor averaged over, so the loss equals that of the real rows alone."""
     image_all = gather_with_grad(image_feat, gather_grad)
     text_all = gather_with_grad(text_feat, gather_grad)
     logits = image_all @ text_all.t() / temp
@@ -79,17 +81,28 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tens
         same = (ids[:, None, :] == ids[None, :, :]).all(dim=-1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    if row_mask is not None:
+        valid = gather_with_grad(row_mask.to(torch.uint8), gather_grad).bool()
+        # A padded row keeps its own pair only: finite softmax, ignored by the mean, no gradient.
+        pairs = (valid[:, None] & valid[None, :]) | torch.eye(len(valid), dtype=torch.bool, device=valid.device)
+        logits = logits.masked_fill(~pairs, float("-inf"))
+        labels = labels.masked_fill(~valid, -100)
+    return (F.cross_entropy(logits, labels, ignore_index=-100)
+            + F.cross_entropy(logits.t(), labels, ignore_index=-100)) / 2
 
 
 def sample_hard_negatives(sim_i2t: torch.Tensor, positives: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          generator: torch.Generator | None = None,
+                          row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each text one negative image and for each image one negative text, drawn in proportion to
     softmax(similarity) with the positives excluded (X-VLM: weights = softmax + 1e-5, positives zeroed).
 
     sim_i2t [K, K] = image_feat @ text_feat.T / temp (local rows); positives [K, K] bool (default: the diagonal).
     Returns (neg_image_for_text [K], neg_text_for_image [K]) indices. `generator` (on sim's device) makes the draw
-    reproducible; None uses the global torch RNG.
+    reproducible; None uses the global torch RNG. `row_mask` ([K] bool, padded batches): padded rows are never drawn
+    and leave the real rows' softmax as it is without them (their own draws are among the real rows, unused).
+    Under torch.compile the check for rows without a candidate is left to the trainer's batch check (a
+    data-dependent branch would break the graph).
     """
     k = sim_i2t.shape[0]
     if sim_i2t.shape != (k, k):
@@ -97,10 +110,18 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, positives: torch.Tensor | None 
     if positives is None:
         positives = torch.eye(k, dtype=torch.bool, device=sim_i2t.device)
     with torch.no_grad():
-        sim = sim_i2t.detach().float()
-        weights_i2t = (sim.softmax(dim=1) + 1e-5).masked_fill(positives, 0.0)
-        weights_t2i = (sim.t().softmax(dim=1) + 1e-5).masked_fill(positives.t(), 0.0)
-        if not sim.is_meta and bool((weights_i2t.sum(dim=1) == 0).any() | (weights_t2i.sum(dim=1) == 0).any()):
+        sim_i2t, sim_t2i = sim_i2t.detach().float(), sim_i2t.detach().float().t()
+        pos_i2t, pos_t2i = positives, positives.t()
+        if row_mask is not None:
+            valid = row_mask.bool()
+            padded = ~valid[None, :]       # padded candidates: out of the softmax and never drawn
+            sim_i2t, sim_t2i = sim_i2t.masked_fill(padded, float("-inf")), sim_t2i.masked_fill(padded, float("-inf"))
+            # a padded row draws among all the real rows (its draw is unused)
+            pos_i2t, pos_t2i = (pos_i2t & valid[:, None]) | padded, (pos_t2i & valid[:, None]) | padded
+        weights_i2t = (sim_i2t.softmax(dim=1) + 1e-5).masked_fill(pos_i2t, 0.0)
+        weights_t2i = (sim_t2i.softmax(dim=1) + 1e-5).masked_fill(pos_t2i, 0.0)
+        empty = (weights_i2t.sum(dim=1) == 0).any() | (weights_t2i.sum(dim=1) == 0).any()
+        if not sim_i2t.is_meta and not torch.compiler.is_compiling() and bool(empty):
             raise ModelError(f"ITM found a row whose every candidate is a positive (batch of {k} rows): "
                             "a batch needs at least 2 unrelated pairs")
         neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
@@ -108,11 +129,15 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, positives: torch.Tensor | None 
     return neg_image, neg_text
 
 
-def itm_loss(logits: torch.Tensor, num_pos: int) -> torch.Tensor:
-    """2-way cross-entropy: the first `num_pos` rows of `logits` [P + Nn, 2] are matches, the rest are not."""
+def itm_loss(logits: torch.Tensor, num_pos: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """2-way cross-entropy: the first `num_pos` rows of `logits` [P + Nn, 2] are matches, the rest are not.
+    `row_weight` ([P + Nn], 1 real / 0 padded): the mean over the real rows only."""
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:num_pos] = 1
-    return F.cross_entropy(logits, labels)
+    if row_weight is None:
+        return F.cross_entropy(logits, labels)
+    weight = row_weight.to(torch.float32)
+    return (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
 
 
 def mlm_loss(logits: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:

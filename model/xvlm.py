@@ -110,13 +110,16 @@ class XVLM(nn.Module):
                 text_atts: torch.Tensor, text_ids_masked: torch.Tensor, masked_pos: torch.Tensor,
                 masked_ids: torch.Tensor, image_idx: torch.Tensor | None = None,
                 patch_mask: torch.Tensor | None = None, target_bbox: torch.Tensor | None = None,
-                is_image: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                is_image: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None,
                 objectives: Collection[str] | None = None, **ignored: object) -> dict[str, torch.Tensor]:
         """The losses of one batch, by name: itc, itm, mlm (+ bbox, giou, and centre when named, for a region batch).
 
         `objectives` (default: X-VLM's five) names the losses to compute; the others are skipped, not computed and
         thrown away (ITM runs the fusion on 3x the rows and MLM runs text + fusion again). The batch is encoded once;
         each objective of its kind (model/objectives.py) computes its loss from that pass, in the registry's order.
+        `row_mask` ([K] bool; shards/collate.py pad_batch) marks the real rows of a padded batch: every loss is
+        that of the real rows alone.
         """
         wanted = XVLM_OBJECTIVES if objectives is None else frozenset(objectives)
         if not wanted or not wanted <= set(OBJECTIVES):
@@ -126,7 +129,8 @@ class XVLM(nn.Module):
         forward_pass = ForwardPass(model=self, kind=batch_kind, text_ids=text_ids, text_atts=text_atts,
                                    text_ids_masked=text_ids_masked, masked_pos=masked_pos, masked_ids=masked_ids,
                                    generator=generator, image_idx=image_idx, target_bbox=target_bbox,
-                                   is_image=is_image, **encoded)
+                                   is_image=is_image, row_mask=None if row_mask is None else row_mask.bool(),
+                                   **encoded)
         return {name: objective.compute(forward_pass) for name, objective in OBJECTIVES.items()
                 if name in wanted and batch_kind in objective.kinds}
 
