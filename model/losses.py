@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert
 
 from model.errors import ModelError
 
@@ -151,6 +151,20 @@ def mlm_loss(logits: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:
     return total / (flat_ids != -100).sum().clamp_min(1)
 
 
+def giou_loss(boxes: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - GIoU per row of (x1, y1, x2, y2) boxes [K, 4]: torchvision's generalized_box_iou_loss (same eps, same
+    value and gradient), its intersection written with clamps instead of a boolean-mask assignment, whose
+    data-dependent shape breaks a compiled graph."""
+    x1, y1, x2, y2 = boxes.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = target.unbind(dim=-1)
+    inter_w = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp_min(0)
+    inter = inter_w * (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp_min(0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    enclosing = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - (enclosing - union) / (enclosing + eps))
+
+
 def box_losses(pred: torch.Tensor, target: torch.Tensor, is_region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L1, GIoU loss) on (cx, cy, w, h) boxes: L1 summed over the 4 coordinates and GIoU loss = 1 - GIoU, both
     averaged over the region rows (`is_region` [K] bool). No region rows -> (0, 0), finite, still in the graph.
@@ -160,8 +174,7 @@ def box_losses(pred: torch.Tensor, target: torch.Tensor, is_region: torch.Tensor
     l1 = (F.l1_loss(pred.float(), target.float(), reduction="none").sum(dim=1) * weight).sum() / count
     # Rows that do not count get a harmless target, so that degenerate boxes there cannot produce NaN.
     safe_target = torch.where(is_region[:, None], target.float(), pred.detach().float())
-    giou = generalized_box_iou_loss(box_convert(pred.float(), "cxcywh", "xyxy"),
-                                    box_convert(safe_target, "cxcywh", "xyxy"), reduction="none")
+    giou = giou_loss(box_convert(pred.float(), "cxcywh", "xyxy"), box_convert(safe_target, "cxcywh", "xyxy"))
     giou = torch.where(is_region, giou, torch.zeros_like(giou))
     return l1, giou.sum() / count
 

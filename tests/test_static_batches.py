@@ -73,7 +73,7 @@ def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
     floor = 1e-7 * max(float(w.norm()) for w in want.values())
     for name, w in want.items():
         err = float((got[name] - w).norm())
-        assert err <= 1e-5 * float(w.norm()) + floor, f"{what} grad {name}: |diff| {err:.3g}, |grad| {float(w.norm()):.3g}"
+        assert err <= 1e-5 * float(w.norm()) + floor, f"{what} grad {name}: |diff| {err:.3g} |grad| {w.norm():.3g}"
 
 
 def test_padded_rows_are_never_drawn_as_negatives():
@@ -94,3 +94,22 @@ def test_pad_batch_errors_and_full_batches():
         pad_batch(batch, 6, 5)
     same = pad_batch(batch, 4, 4)
     assert same["image"] is batch["image"] and bool(same["row_mask"].all())
+
+
+def test_giou_loss_equals_torchvision_value_and_gradient():
+    from torchvision.ops import generalized_box_iou_loss
+
+    from model.losses import giou_loss
+
+    generator = torch.Generator().manual_seed(1)
+    corner = torch.rand(64, 2, generator=generator)
+    boxes = torch.cat([corner, corner + 0.05 + torch.rand(64, 2, generator=generator)], dim=1)
+    corner = torch.rand(64, 2, generator=generator)
+    target = torch.cat([corner, corner + 0.05 + torch.rand(64, 2, generator=generator)], dim=1)
+    mine, theirs = boxes.clone().requires_grad_(), boxes.clone().requires_grad_()
+    got, want = giou_loss(mine, target), generalized_box_iou_loss(theirs, target, reduction="none")
+    assert bool((want > 1).any()) and bool((want < 1).any())   # disjoint and overlapping pairs both occur
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad)
