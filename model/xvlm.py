@@ -59,6 +59,12 @@ class XVLM(nn.Module):
         """Pixels per final-grid patch (image_res / G): the loader's `grid_stride`."""
         return self.vision.grid_stride
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the activations of every transformer block (vision, text, fusion) in the backward instead of
+        keeping them from the forward: less memory for larger batches, the same losses and gradients."""
+        self.vision.backbone.set_grad_checkpointing(enabled)
+        self.text.checkpointing = self.fusion.checkpointing = enabled
+
     @staticmethod
     def is_new_parameter(name: str) -> bool:
         """True for parameters that X-VLM initialises from scratch (cross-attention, projections, heads, temp)."""
