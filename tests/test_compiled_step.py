@@ -90,7 +90,7 @@ def test_fifty_steps_compile_once_per_batch_kind(tmp_path):
                              "schedule.warmup_steps=1", "schedule.mode=summed", "schedule.iter_perc_mode=per_batch",
                              "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=1000",
                              "data.image_text_batch_size=4", "data.region_batch_size=4", "data.region_max_images=2",
-                             "compile=true", "compile_backend=aot_eager"])
+                             "compile=true", "compile_backend=eager"])
     torch._dynamo.reset()
     counters.clear()
     summary = train(cfg, device="cpu", stream=stream)
