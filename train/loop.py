@@ -151,8 +151,9 @@ class Trainer:
             # Region and image-text steps use different heads: unused parameters must be found each step.
             # static_graph cannot hold: the used parameters change with the batch kind. Gradients as views of the
             # all-reduce buckets save a copy of every gradient.
-            self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                               find_unused_parameters=True, gradient_as_bucket_view=True)
+            devices = [ctx.device] if ctx.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=devices, find_unused_parameters=True,
+                                               gradient_as_bucket_view=True)
         # Compiled: each batch padded to its kind's fixed shape (train/compiled.py), one graph per kind.
         self.compiled = use_compile(cfg.compile, ctx.device)
         self.shapes = static_shapes(cfg) if self.compiled else None
