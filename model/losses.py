@@ -46,19 +46,21 @@ def _gather_sum_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
 
 
-def gather_with_grad(x: torch.Tensor, grad: str = "local") -> torch.Tensor:
+def gather_with_grad(x: torch.Tensor, grad: str = "local", equal_rows: bool = False) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0 (rank order); the identity in a single process.
 
     grad "local" (X-VLM): the backward returns this rank's slice of its own gradient, so each rank's features get
     the gradient of its own loss. grad "sum" (open_clip, torch.distributed.nn semantics): the backward sums every
     rank's gradient into the local slice; each rank computes the same global loss, so after DDP averages parameter
     gradients they equal the single-process gradient of that loss on the global batch, N times the "local" one.
+    `equal_rows` (padded batches: every rank holds the same fixed number of rows) skips exchanging the row counts,
+    whose host read would break a compiled graph.
     """
     if grad not in ("local", "sum"):
         raise ModelError(f"gather grad must be 'local' or 'sum', got {grad!r}")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    sizes = _row_counts(x)
+    sizes = [x.shape[0]] * dist.get_world_size() if equal_rows else _row_counts(x)
     return _GatherLocalGrad.apply(x, sizes) if grad == "local" else _gather_sum_grad(x, sizes)
 
 
@@ -72,17 +74,18 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tens
     softmaxes: neither positive nor negative (X-VLM counts them as negatives, which pushes a repeated name away
     from every other image's instance of it). `row_mask` ([K] bool, padded batches): rows where it is False are
     neither candidates nor averaged over, so the loss equals that of the real rows alone."""
-    image_all = gather_with_grad(image_feat, gather_grad)
-    text_all = gather_with_grad(text_feat, gather_grad)
+    padded = row_mask is not None          # fixed shapes: the same row count on every rank
+    image_all = gather_with_grad(image_feat, gather_grad, padded)
+    text_all = gather_with_grad(text_feat, gather_grad, padded)
     logits = image_all @ text_all.t() / temp
     labels = torch.arange(logits.shape[0], device=logits.device)
     if text_ids is not None:
-        ids = gather_with_grad(text_ids, gather_grad)
+        ids = gather_with_grad(text_ids, gather_grad, padded)
         same = (ids[:, None, :] == ids[None, :, :]).all(dim=-1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     if row_mask is not None:
-        valid = gather_with_grad(row_mask.to(torch.uint8), gather_grad).bool()
+        valid = gather_with_grad(row_mask.to(torch.uint8), gather_grad, padded).bool()
         # A padded row keeps its own pair only: finite softmax, ignored by the mean, no gradient.
         pairs = (valid[:, None] & valid[None, :]) | torch.eye(len(valid), dtype=torch.bool, device=valid.device)
         logits = logits.masked_fill(~pairs, float("-inf"))
