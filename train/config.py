@@ -260,6 +260,8 @@ class TrainConfig:
             values.update(values.pop("overrides"))
         if out["model"]["init"] is None:
             del out["model"]["init"]
+        if not out["model"]["activation_checkpointing"]:   # the default: a model section stays as its user wrote it
+            del out["model"]["activation_checkpointing"]
         return out
 
     def to_yaml(self) -> str:
