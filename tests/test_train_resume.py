@@ -137,22 +137,21 @@ def writing_checkpoint(out: str, step: int) -> bool:
     return bool(names) and ckpt.MARKER not in names
 
 
-def kill_resume_chain(config: str, out: str, world: int, mode: str, *extra: str) -> list[dict]:
-    """Kill -9 in the middle of training, resume; kill -9 while checkpoint 4 is being written, resume to the end.
-    `extra`: more overrides for every run of the chain."""
+def kill_resume_chain(config: str, out: str, world: int, mode: str) -> list[dict]:
+    """Kill -9 in the middle of training, resume; kill -9 while checkpoint 4 is being written, resume to the end."""
     mode_arg = f"schedule.mode={mode}"
-    procs = launch(config, out, world, None, mode_arg, *extra)
+    procs = launch(config, out, world, None, mode_arg)
     wait_for(lambda: steps_logged(out) >= 3, procs, "step 3")
     kill(procs)
     assert [s for s, _ in ckpt.committed_checkpoints(out)] == [2]
 
-    procs = launch(config, out, world, {ckpt.SLOW_ENV: "1.5"}, mode_arg, *extra)
+    procs = launch(config, out, world, {ckpt.SLOW_ENV: "1.5"}, mode_arg)
     wait_for(lambda: writing_checkpoint(out, 4), procs, "checkpoint 4 to start")
     kill(procs)
     assert [s for s, _ in ckpt.committed_checkpoints(out)] == [2], "a partial checkpoint must not count"
 
     summary = os.path.join(local_metrics_dir(out), "summary.json")
-    procs = launch(config, out, world, None, mode_arg, *extra, "--resume", "auto", "--summary-json", summary)
+    procs = launch(config, out, world, None, mode_arg, "--resume", "auto", "--summary-json", summary)
     finish(procs)
     assert json.loads(Path(summary).read_text())["start_step"] == 2
     return final_metrics(out)
@@ -179,16 +178,20 @@ def test_kill_and_resume_one_process_local(config_file, reference, tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_compiled(config_file, tmp_path):
-    """compile on (dynamo with its eager backend: the same graphs and guards, no code generation): a run killed
-    twice and resumed repeats the uninterrupted compiled run's losses exactly."""
-    compiled = ("compile=true", "compile_backend=eager")
-    ref_out = str(tmp_path / "reference")
-    finish(launch(config_file, ref_out, 1, None, "schedule.mode=summed", *compiled))
+    """compile on (dynamo with its eager backend: the same graphs and guards, no code generation): a run killed with
+    kill -9 after step 3 and resumed repeats the uninterrupted compiled run's losses exactly."""
+    compiled = ("schedule.mode=summed", "compile=true", "compile_backend=eager")
+    ref_out, out = str(tmp_path / "reference"), str(tmp_path / "run")
+    finish(launch(config_file, ref_out, 1, None, *compiled))
     expected = final_metrics(ref_out)
     assert [e["step"] for e in expected] == list(range(1, STEPS + 1))
     assert any(e["kinds"]["region"] for e in expected) and any(e["kinds"]["image_text"] for e in expected)
-    got = kill_resume_chain(config_file, str(tmp_path / "run"), 1, "summed", *compiled)
-    assert compared(got) == compared(expected)
+    procs = launch(config_file, out, 1, None, *compiled)
+    wait_for(lambda: steps_logged(out) >= 3, procs, "step 3")
+    kill(procs)
+    assert [s for s, _ in ckpt.committed_checkpoints(out)] == [2]
+    finish(launch(config_file, out, 1, None, *compiled, "--resume", "auto"))
+    assert compared(final_metrics(out)) == compared(expected)
 
 
 @pytest.mark.slow
