@@ -18,6 +18,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads fight other processes (steps 30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(**overrides):
     torch.manual_seed(0)
     config = preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
