@@ -8,12 +8,16 @@ per optimizer step, losses summed, one backward per batch, clip 1.0, AdamW):
       the very batches (a) trained on (checked by their sample keys);
   (b) those batches moved to device memory and the same steps replayed: the compute bound.
 The loader keeps up when (a)/(b) images/s >= 0.95. FLOPs are counted once per distinct batch shape with
-torch.utils.flop_counter (forward + backward), outside the timed steps.
+torch.utils.flop_counter (forward + backward, eagerly, on the real rows: padding is not useful work), outside the
+timed steps. With --compile both (the default) the phases run for the eager trainer, then for a compiled one
+(`compile: true`: padded fixed-shape batches, torch.compile), and a side-by-side table compares them; the compile
+time is the warmup's excess over as many timed steps (the warmup runs until both batch kinds have been seen).
 
     python bench/bench_gpu.py --json bench_gpu.json                 # base, bf16, one GPU (~3-5 min on an H100)
     python bench/bench_gpu.py --image-text-batch 128 --region-batch 128 --region-max-images 48   # paper's per-GPU
     python bench/bench_gpu.py --dataset /data/shards/coco --workers 12
     python bench/bench_gpu.py --preset tiny --device cpu --steps 3 --samples 200 --workers 1    # CPU smoke run
+    python bench/bench_gpu.py --compile off                       # eager only (--compile on: compiled only)
     bash bench/gpu_check.sh                     # the three runs of docs/training.md over data synthesized once
 """
 from __future__ import annotations
@@ -48,6 +52,8 @@ from train.loop import Trainer, build_stream, endless, tensors_to  # noqa: E402
 log = logging.getLogger(__name__)
 
 KEEPS_UP = 0.95           # (a)/(b) images/s at or above this: the loader keeps up
+MAX_EXTRA_WARMUP = 20     # warmup steps beyond --warmup while a batch kind has not been seen
+MODES = {"both": ("eager", "compiled"), "off": ("eager",), "on": ("compiled",)}
 SOURCE_SIZE = (640, 480)  # COCO-like JPEGs
 PER_SHARD = 100
 # Dense bf16 tensor-core peak (no sparsity) by device name; the first matching entry wins, so specific names first.
@@ -123,8 +129,9 @@ def synthesize(folder: str, samples: int, procs: int) -> list[str]:
 
 
 def make_trainer(args: argparse.Namespace, datasets: list[str], tokenizer: str, device: torch.device,
-                 out: str) -> Trainer:
-    """The project's Trainer in summed mode, built the way `xvlm train` builds it (model, AdamW, loader)."""
+                 out: str, compiled: bool = False) -> Trainer:
+    """The project's Trainer in summed mode, built the way `xvlm train` builds it (model, AdamW, loader);
+    `compiled`: `compile: true` with --compile-mode and --compile-backend."""
     from shards.loader_config import OURS
     from shards.text import load_vocab
 
@@ -141,6 +148,7 @@ def make_trainer(args: argparse.Namespace, datasets: list[str], tokenizer: str, 
         schedule=ScheduleSection(steps=10 ** 6, warmup_steps=0, mode="summed", iter_perc_mode="per_batch"),
         checkpoint=CheckpointSection(every=10 ** 6, resume="none"),
         logging=LoggingSection(progress=False, tensorboard=False),
+        compile=compiled, compile_mode=args.compile_mode, compile_backend=args.compile_backend,
     )
     cfg.validate()
     return Trainer(cfg, DistContext(device=device))
@@ -200,8 +208,21 @@ def run_fed(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
     device = trainer.ctx.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in tqdm(range(args.warmup), desc="(a) warmup, loader-fed", unit="step"):
-        trainer.train_step(trainer.step_batches())
+    kinds: set[str] = set()
+    warmup = 0
+    sync(device)
+    started = time.perf_counter()
+    bar = tqdm(desc="(a) warmup, loader-fed (until both batch kinds were seen)", unit="step")
+    # A compiled trainer compiles at the first batch of each kind: both must fall in the warmup.
+    while warmup < args.warmup or (len(kinds) < 2 and warmup < args.warmup + MAX_EXTRA_WARMUP):
+        batches = trainer.step_batches()
+        kinds.update(b["kind"] for b in batches)
+        trainer.train_step(batches)
+        warmup += 1
+        bar.update()
+    bar.close()
+    sync(device)
+    warmup_s = time.perf_counter() - started
     state = trainer.stream.state_dict()
     epoch = trainer.stream.epoch
     steps: list[list[tuple]] = []
@@ -221,7 +242,9 @@ def run_fed(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
         memory.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2 ** 30,
                       total_gib=torch.cuda.get_device_properties(device).total_memory / 2 ** 30)
-    return {"state": state, "steps": steps, "seconds": seconds, "waited": waited, "memory": memory}
+    return {"state": state, "steps": steps, "seconds": seconds, "waited": waited, "memory": memory,
+            "warmup": {"steps": warmup, "seconds": warmup_s, "kinds": sorted(kinds),
+                       "overhead_s": warmup_s - warmup * seconds / max(1, len(steps))}}
 
 
 def run_loader_alone(trainer: Trainer, state: dict[str, Any], count: int, budget_gib: float,
@@ -303,10 +326,15 @@ def count_flops(trainer: Trainer, by_shape: dict[tuple, dict]) -> dict[tuple, in
     """FLOPs of one training step (forward + backward; AdamW adds none that count) per distinct batch shape
     (kind, images, text rows): the model's work depends on the shapes only."""
     flops = {}
-    for shape, batch in tqdm(by_shape.items(), desc="FLOP count per batch shape", unit="shape"):
-        with FlopCounterMode(display=False) as counter:
-            trainer.train_step([batch])
-        flops[shape] = int(counter.get_total_flops())
+    compiled = trainer.run_model, trainer.shapes
+    trainer.run_model, trainer.shapes = trainer.ddp, None   # eagerly, unpadded: the useful work
+    try:
+        for shape, batch in tqdm(by_shape.items(), desc="FLOP count per batch shape", unit="shape"):
+            with FlopCounterMode(display=False) as counter:
+                trainer.train_step([batch])
+            flops[shape] = int(counter.get_total_flops())
+    finally:
+        trainer.run_model, trainer.shapes = compiled
     return flops
 
 
@@ -395,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "replay the first ones again")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch intra-op threads of this process (default 0: torch's default)")
+    p.add_argument("--compile", choices=sorted(MODES), default="both",
+                   help="both (default): the eager and the compiled trainer side by side; off: eager; on: compiled")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the compiled trainer (reduce-overhead adds CUDA graphs)")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                   help="torch.compile backend (default inductor; eager / aot_eager: quick checks of the flow)")
     p.add_argument("--json", default="", help="write every figure to this JSON file (local or s3://)")
     return p
 
@@ -433,7 +468,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     tokenizer = args.tokenizer or minilm_tokenizer()
     work = tempfile.mkdtemp(prefix="bench-gpu-")
-    trainer = None
     try:
         samples_wanted = auto_samples(args, args.workers)
         if args.dataset:
@@ -447,12 +481,54 @@ def run(args: argparse.Namespace) -> int:
             if samples < samples_wanted:
                 print(f"note: {samples} samples may not last the {args.warmup + args.steps} loader-fed steps in one "
                       f"epoch (~{samples_wanted} would)")
-        trainer = make_trainer(args, datasets, tokenizer, device, os.path.join(work, "run"))
+        modes = {name: measure(args, datasets, tokenizer, device, os.path.join(work, f"run-{name}"),
+                               compiled=name == "compiled") for name in MODES[args.compile]}
+        first = next(iter(modes.values()))
+        result = {
+            "config": {"preset": args.preset, "image_text_batch": args.image_text_batch,
+                       "region_batch": args.region_batch, "region_max_images": args.region_max_images,
+                       "iter_perc": first.pop("iter_perc"), "mode": first.pop("mode"),
+                       "workers": args.workers, "steps": args.steps, "warmup": args.warmup, "data": data,
+                       "samples_for_one_epoch": samples_wanted, "compile": args.compile,
+                       "compile_mode": args.compile_mode, "compile_backend": args.compile_backend},
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            **first,     # the first mode's figures at the top level (as before --compile existed)
+            "modes": modes,
+        }
+        for figures in modes.values():
+            figures.pop("iter_perc", None), figures.pop("mode", None)
+        if len(modes) == 2:
+            eager, compiled = modes["eager"], modes["compiled"]
+            result["compiled_over_eager"] = {
+                phase: compiled[phase]["images_per_s"] / eager[phase]["images_per_s"]
+                if eager[phase]["images_per_s"] else None for phase in ("fed", "replay")}
+            result["compile_s"] = compiled["warmup"]["overhead_s"] - eager["warmup"]["overhead_s"]
+        print()
+        for name, figures in modes.items():
+            print(f"=== {name}")
+            print(report({**result, **figures}))
+            print()
+        print(side_by_side(result))
+        if args.json:
+            storage.write_text(args.json, json.dumps(result, indent=2) + "\n")
+            print(f"figures written to {args.json}")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, datasets: list[str], tokenizer: str, device: torch.device, out: str,
+            compiled: bool) -> dict[str, Any]:
+    """Phases (a), (c), (b) and the FLOP count for one trainer (eager or compiled); its figures."""
+    trainer = make_trainer(args, datasets, tokenizer, device, out, compiled)
+    try:
         peak, peak_source = peak_flops(device, args.peak_tflops)
-        print(f"batches: image-text {args.image_text_batch}, region {args.region_batch} rows from <= "
-              f"{args.region_max_images} images; workers {args.workers}; {len(trainer.stream)} loader batches per "
-              f"epoch; device {device} ({'bf16 autocast' if trainer.amp_dtype else 'fp32'}); torch threads "
-              f"{torch.get_num_threads()}")
+        print(f"{'compiled' if compiled else 'eager'}: batches: image-text {args.image_text_batch}, region "
+              f"{args.region_batch} rows from <= {args.region_max_images} images; workers {args.workers}; "
+              f"{len(trainer.stream)} loader batches per epoch; device {device} "
+              f"({'bf16 autocast' if trainer.amp_dtype else 'fp32'}); torch threads {torch.get_num_threads()}")
         try:
             fed_run = run_fed(trainer, args)
             trainer.batches.close()  # stops the trainer's loader workers before (c) starts its own
@@ -477,15 +553,9 @@ def run(args: argparse.Namespace) -> int:
                                step_flops(replay_steps, flops_by_shape), peak)
         replay["distinct_steps"] = distinct
         ratio = fed["images_per_s"] / replay["images_per_s"] if replay["images_per_s"] else 0.0
-        result = {
-            "config": {"preset": args.preset, "image_text_batch": args.image_text_batch,
-                       "region_batch": args.region_batch, "region_max_images": args.region_max_images,
-                       "iter_perc": trainer.cfg.schedule.iter_perc, "mode": trainer.cfg.schedule.mode,
-                       "workers": args.workers, "steps": args.steps, "warmup": args.warmup, "data": data,
-                       "samples_for_one_epoch": samples_wanted},
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        return {
+            "iter_perc": trainer.cfg.schedule.iter_perc, "mode": trainer.cfg.schedule.mode,
+            "compiled": compiled, "warmup": fed_run["warmup"],
             "precision": "bf16 autocast" if trainer.amp_dtype == torch.bfloat16 else "fp32",
             "params": sum(p.numel() for p in trainer.model.parameters()),
             "flops_per_step": total_flops / len(rows),
@@ -496,17 +566,31 @@ def run(args: argparse.Namespace) -> int:
             "loader_over_compute": (loader_alone["images_per_s"] / replay["images_per_s"]
                                     if replay["images_per_s"] and loader_alone["batches"] else None),
         }
-        print()
-        print(report(result))
-        if args.json:
-            storage.write_text(args.json, json.dumps(result, indent=2) + "\n")
-            print(f"figures written to {args.json}")
-        return 0
     finally:
-        if trainer is not None:
-            trainer.metrics.close()
-            trainer._housekeeping.shutdown(wait=True)
-        shutil.rmtree(work, ignore_errors=True)
+        trainer.metrics.close()
+        trainer._housekeeping.shutdown(wait=True)
+        del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def side_by_side(r: dict[str, Any]) -> str:
+    """Eager and compiled in one table: the loader-fed and replayed throughput, MFU, data wait, memory, compile."""
+    lines = [f"{'trainer':9s} {'(a) s/step':>10s} {'(a) img/s':>9s} {'(a) MFU':>7s} {'data wait':>9s} "
+             f"{'(b) img/s':>9s} {'(b) MFU':>7s} {'peak GiB':>8s} {'warmup excess s':>15s}"]
+    for name, m in r["modes"].items():
+        a, b = m["fed"], m["replay"]
+        peak = m["memory"].get("peak_allocated_gib")
+        mfu = (lambda p: f"{p['mfu']:.1%}" if p["mfu"] is not None else "n/a")
+        lines.append(f"{name:9s} {a['s_per_step']:10.3f} {a['images_per_s']:9.1f} {mfu(a):>7s} "
+                     f"{a['data_wait_frac']:9.1%} {b['images_per_s']:9.1f} {mfu(b):>7s} "
+                     f"{'n/a' if peak is None else f'{peak:.1f}':>8s} {m['warmup']['overhead_s']:15.1f}")
+    if "compiled_over_eager" in r:
+        ratio = r["compiled_over_eager"]
+        lines.append(f"compiled / eager images/s: (a) real loader {ratio['fed']:.2f}x, (b) replay "
+                     f"{ratio['replay']:.2f}x; compile time ~{r['compile_s']:.1f}s (the compiled warmup's excess "
+                     "over the eager one's)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

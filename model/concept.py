@@ -20,7 +20,8 @@ def concept_embeds(image_embeds: torch.Tensor, image_idx: torch.Tensor,
                         f"{tuple(patches.shape[:2])} (rows, patches): the loader's grid stride must match the model")
     mask = patch_mask.to(patches.dtype)
     counts = mask.sum(dim=1, keepdim=True)                     # [K, 1]
-    if not counts.is_meta and bool((counts == 0).any()):  # meta: shape-only runs
+    # meta: shape-only runs; compiled: the trainer checks its batches first (a data-dependent branch breaks graphs)
+    if not counts.is_meta and not torch.compiler.is_compiling() and bool((counts == 0).any()):
         raise ModelError("a region row has an empty patch_mask: every box covers at least one patch "
                         "(x_max = max(x_min + 1, ...)); check the loader's patch mask arithmetic")
     cls = (patches * mask.unsqueeze(-1)).sum(dim=1, keepdim=True) / counts.unsqueeze(-1)

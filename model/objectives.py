@@ -50,13 +50,15 @@ class ForwardPass:
     target_bbox: torch.Tensor | None = None
     is_image: torch.Tensor | None = None
     image_ids: torch.Tensor | None = None     # [K] fine-tuning: rows with the same id are positives (ITC, ITM)
+    row_mask: torch.Tensor | None = None  # [K] bool, padded batches (shards/collate.py pad_batch): the real rows
     _boxes: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
     _box_losses: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def is_region(self) -> torch.Tensor:
-        """[K] bool: the rows that are box texts (whole-image rows weigh 0 in the box losses)."""
-        return ~self.is_image.bool()
+        """[K] bool: the rows that are box texts (whole-image rows and padded rows weigh 0 in the box losses)."""
+        region = ~self.is_image.bool()
+        return region if self.row_mask is None else region & self.row_mask
 
     def boxes(self, with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(predicted (cx, cy, w, h) [K, 4], the box head's attention logits or None), computed once. Every row goes
@@ -85,20 +87,23 @@ def contrastive(p: ForwardPass) -> torch.Tensor:
     """ITC: symmetric InfoNCE between the vision side's and the texts' features, gathered across ranks."""
     config = p.model.config
     same_text = p.text_ids if config.itc_same_text == "ignore" else None
-    return itc_loss(p.vision_feat, p.text_feat, p.temp, same_text, config.itc_gather_grad, p.image_ids)
+    return itc_loss(p.vision_feat, p.text_feat, p.temp, same_text, config.itc_gather_grad,
+                    image_ids=p.image_ids, row_mask=p.row_mask)
 
 
 def matching(p: ForwardPass) -> torch.Tensor:
     """ITM: a 2-way head on the fused [CLS] of K positives and 2K hard negatives drawn by ITC similarity."""
     model = p.model
-    neg_image, neg_text = sample_hard_negatives(p.vision_feat @ p.text_feat.t() / p.temp, p.positives, p.generator)
+    neg_image, neg_text = sample_hard_negatives(p.vision_feat @ p.text_feat.t() / p.temp, p.positives, p.generator,
+                                                p.row_mask)
     # One fusion pass over K positives, K (text, hard-negative concept) and K (concept, hard-negative text).
     vision_all = torch.cat([p.vision_embeds, p.vision_embeds[neg_image], p.vision_embeds])
     vision_atts_all = torch.cat([p.vision_atts, p.vision_atts[neg_image], p.vision_atts])
     text_all = torch.cat([p.text_embeds, p.text_embeds, p.text_embeds[neg_text]])
     text_atts_all = torch.cat([p.text_atts, p.text_atts, p.text_atts[neg_text]])
     logits = model.itm_head(model.fuse_cls(vision_all, vision_atts_all, text_all, text_atts_all))
-    return itm_loss(logits, num_pos=p.text_embeds.shape[0])
+    weight = None if p.row_mask is None else p.row_mask.repeat(3)
+    return itm_loss(logits, num_pos=p.text_embeds.shape[0], row_weight=weight)
 
 
 def masked_language(p: ForwardPass) -> torch.Tensor:
@@ -110,7 +115,8 @@ def masked_language(p: ForwardPass) -> torch.Tensor:
     model = p.model
     hidden = model.fusion(model.text(p.text_ids_masked, p.text_atts), p.text_atts, p.vision_embeds, p.vision_atts)
     at_masks = hidden.gather(1, p.masked_pos[..., None].expand(-1, -1, hidden.shape[-1]))
-    return mlm_loss(model.mlm_head(at_masks), p.masked_ids)
+    masked_ids = p.masked_ids if p.row_mask is None else p.masked_ids.masked_fill(~p.row_mask[:, None], -100)
+    return mlm_loss(model.mlm_head(at_masks), masked_ids)
 
 
 def box_centre(p: ForwardPass) -> torch.Tensor:

@@ -11,6 +11,7 @@ import inspect
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 
@@ -53,6 +54,14 @@ def attention_bias(atts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - atts[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def run_layer(layer: BertLayer, hidden: torch.Tensor, recompute: bool, **kwargs: torch.Tensor) -> torch.Tensor:
+    """One layer's hidden states; with `recompute` (training) its activations are recomputed in the backward
+    (torch.utils.checkpoint, non-reentrant: the same dropout masks, the same result)."""
+    if recompute and torch.is_grad_enabled():
+        return layer_hidden(checkpoint(layer, hidden, use_reentrant=False, **kwargs))
+    return layer_hidden(layer(hidden, **kwargs))
+
+
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation (normal 0.02, LayerNorm 1/0) for modules we create outside a PreTrainedModel."""
     for sub in module.modules():
@@ -87,13 +96,14 @@ class TextEncoder(nn.Module):
         for layer in self.layer:
             layer.attention.self.is_causal = False
         self.pool_mean = config.text_cls == "mean"
+        self.checkpointing = False      # XVLM.set_activation_checkpointing
         init_bert_weights(self)
 
     def forward(self, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
         hidden = self.embeddings(input_ids=ids)
         bias = attention_bias(atts, hidden.dtype)
         for layer in self.layer:
-            hidden = layer_hidden(layer(hidden, attention_mask=bias))
+            hidden = run_layer(layer, hidden, self.checkpointing, attention_mask=bias)
         if self.pool_mean:
             weights = atts.to(hidden.dtype).unsqueeze(-1)
             mean = (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
@@ -118,6 +128,7 @@ class FusionEncoder(nn.Module):
             cross = layer.crossattention.self
             cross.key = nn.Linear(vision_width, config.hidden_size)
             cross.value = nn.Linear(vision_width, config.hidden_size)
+        self.checkpointing = False      # XVLM.set_activation_checkpointing
         init_bert_weights(self)
 
     def forward(self, text_hidden: torch.Tensor, text_atts: torch.Tensor,
@@ -126,6 +137,6 @@ class FusionEncoder(nn.Module):
         self_bias = attention_bias(text_atts, hidden.dtype)
         cross_bias = attention_bias(vision_atts, hidden.dtype)
         for layer in self.layer:
-            hidden = layer_hidden(layer(hidden, attention_mask=self_bias, encoder_hidden_states=vision_embeds,
-                                        encoder_attention_mask=cross_bias))
+            hidden = run_layer(layer, hidden, self.checkpointing, attention_mask=self_bias,
+                               encoder_hidden_states=vision_embeds, encoder_attention_mask=cross_bias)
         return hidden

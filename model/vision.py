@@ -18,6 +18,11 @@ class VisionTower(nn.Module):
         # num_classes=0 drops the classifier: we read the final normed tokens, never the logits.
         self.backbone = timm.create_model(config.vision_name, pretrained=False, num_classes=0,
                                           **config.timm_kwargs())
+        # timm leaves F.scaled_dot_product_attention off in Swin's window attention ("experimental"); it computes
+        # the same outputs (tests/test_compiled_step.py) with fused kernels, so every attention block uses it.
+        for module in self.backbone.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
         self.width: int = self.backbone.num_features
         if self.family == "vit":
             grid_h, grid_w = self.backbone.patch_embed.grid_size

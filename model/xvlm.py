@@ -59,6 +59,12 @@ class XVLM(nn.Module):
         """Pixels per final-grid patch (image_res / G): the loader's `grid_stride`."""
         return self.vision.grid_stride
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the activations of every transformer block (vision, text, fusion) in the backward instead of
+        keeping them from the forward: less memory for larger batches, the same losses and gradients."""
+        self.vision.backbone.set_grad_checkpointing(enabled)
+        self.text.checkpointing = self.fusion.checkpointing = enabled
+
     @staticmethod
     def is_new_parameter(name: str) -> bool:
         """True for parameters that X-VLM initialises from scratch (cross-attention, projections, heads, temp)."""
@@ -111,9 +117,9 @@ class XVLM(nn.Module):
                 masked_pos: torch.Tensor | None = None, masked_ids: torch.Tensor | None = None,
                 image_idx: torch.Tensor | None = None,
                 patch_mask: torch.Tensor | None = None, target_bbox: torch.Tensor | None = None,
-                is_image: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                objectives: Collection[str] | None = None, image_ids: torch.Tensor | None = None,
-                **ignored: object) -> dict[str, torch.Tensor]:
+                is_image: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, objectives: Collection[str] | None = None,
+                image_ids: torch.Tensor | None = None, **ignored: object) -> dict[str, torch.Tensor]:
         """The losses of one batch, by name: itc, itm, mlm (+ bbox, giou, and centre when named, for a region batch).
 
         `objectives` (default: X-VLM's five) names the losses to compute; the others are skipped, not computed and
@@ -121,6 +127,8 @@ class XVLM(nn.Module):
         each objective of its kind (model/objectives.py) computes its loss from that pass, in the registry's order.
         `image_ids` [K] (fine-tuning on several captions per image, X-VLM's `idx`): rows of the same image are
         positives in ITC and never ITM negatives. The MLM tensors may be left out when mlm is not computed.
+        `row_mask` ([K] bool; shards/collate.py pad_batch) marks the real rows of a padded batch: every loss is
+        that of the real rows alone.
         """
         wanted = XVLM_OBJECTIVES if objectives is None else frozenset(objectives)
         if not wanted or not wanted <= set(OBJECTIVES):
@@ -132,7 +140,8 @@ class XVLM(nn.Module):
         forward_pass = ForwardPass(model=self, kind=batch_kind, text_ids=text_ids, text_atts=text_atts,
                                    text_ids_masked=text_ids_masked, masked_pos=masked_pos, masked_ids=masked_ids,
                                    generator=generator, image_idx=image_idx, target_bbox=target_bbox,
-                                   is_image=is_image, image_ids=image_ids, **encoded)
+                                   is_image=is_image, image_ids=image_ids,
+                                   row_mask=None if row_mask is None else row_mask.bool(), **encoded)
         return {name: objective.compute(forward_pass) for name, objective in OBJECTIVES.items()
                 if name in wanted and batch_kind in objective.kinds}
 

@@ -111,3 +111,45 @@ def collate_region_pooled(samples: list[dict[str, Any]], batch_size: int, rng: n
     batch["sources"] = [s["source"] for s in images]
     batch["drawn_images"] = len(samples)
     return batch
+
+
+def pad_batch(batch: dict[str, Any], rows: int, images: int) -> dict[str, Any]:
+    """The batch padded to exactly `rows` text rows and `images` images, with `row_mask` [rows] bool (True on the
+    real rows), so that every batch of a kind has one shape and a compiled step compiles once per kind.
+
+    Padded images are zeros; a padded row repeats row 0's text (a valid attention mask), has no masked token
+    (masked_ids -100), the whole-image box and is_image True, and points at image 0: it is a real input to every
+    layer, and the model's losses leave it out through `row_mask`. Works on tensors of any device; a batch already
+    at the maxima gains only its row mask. ValueError when the batch holds more rows or images than the maxima.
+    """
+    count, pictures = int(batch["text_ids"].shape[0]), int(batch["image"].shape[0])
+    if count > rows or pictures > images:
+        raise ValueError(f"a {batch.get('kind', 'region')} batch of {count} rows and {pictures} images does not fit "
+                         f"the padded shape ({rows} rows, {images} images): raise the maxima")
+    region = "patch_mask" in batch
+    if not region and rows != images:
+        raise ValueError(f"an image_text batch has one row per image: pad it to equal rows and images, got {rows} "
+                         f"rows and {images} images")
+    out = dict(batch)
+    text = batch["text_ids"]
+    out["row_mask"] = torch.arange(rows, device=text.device) < count
+    out["image"] = _pad_rows(batch["image"], images, torch.zeros_like(batch["image"][:1]))
+    fill: dict[str, torch.Tensor] = {name: batch[name][:1] for name in TEXT_FIELDS}
+    fill["masked_ids"] = torch.full_like(batch["masked_ids"][:1], -100)
+    if region:
+        fill["image_idx"] = torch.zeros_like(batch["image_idx"][:1])
+        fill["patch_mask"] = torch.ones_like(batch["patch_mask"][:1])
+        fill["target_bbox"] = torch.tensor([[0.5, 0.5, 1.0, 1.0]], dtype=batch["target_bbox"].dtype,
+                                           device=text.device)
+        fill["is_image"] = torch.ones_like(batch["is_image"][:1])
+    for name, value in fill.items():
+        out[name] = _pad_rows(batch[name], rows, value)
+    return out
+
+
+def _pad_rows(x: torch.Tensor, rows: int, fill: torch.Tensor) -> torch.Tensor:
+    """`x` [n, ...] followed by `fill` [1, ...] repeated up to `rows` rows."""
+    missing = rows - x.shape[0]
+    if missing == 0:
+        return x
+    return torch.cat([x, fill.expand(missing, *fill.shape[1:])])

@@ -21,7 +21,8 @@ def test_cpu_run_writes_every_figure(tmp_path, one_thread, capsys):
     out = tmp_path / "bench.json"
     rc = bench_gpu.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "4", "--samples", "60",
                          "--image-text-batch", "4", "--region-batch", "4", "--region-max-images", "2",
-                         "--workers", "0", "--cpu-threads", "1", "--peak-tflops", "1", "--json", str(out)])
+                         "--workers", "0", "--cpu-threads", "1", "--peak-tflops", "1", "--compile", "off",
+                         "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "loader keeps up:" in printed and "(a)/(b) images/s" in printed
@@ -78,9 +79,33 @@ def test_synthesize_once_then_read_with_dataset(tmp_path, one_thread, capsys):
     out = tmp_path / "bench.json"
     rc = bench_gpu.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "2",
                          "--image-text-batch", "4", "--region-batch", "4", "--region-max-images", "2",
-                         "--workers", "0", "--cpu-threads", "1", "--dataset", str(parts[0]), "--json", str(out)])
+                         "--workers", "0", "--cpu-threads", "1", "--dataset", str(parts[0]), "--compile", "off",
+                         "--json", str(out)])
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["config"]["data"] == str(parts[0])
     assert r["fed"]["images"] == r["replay"]["images"] > 0
     assert (data / "part-000").exists()  # a --dataset is read, never deleted
+
+
+def test_eager_and_compiled_side_by_side(tmp_path, one_thread, capsys):
+    """--compile both: the eager and the compiled trainer in one run (dynamo's eager backend: the flow, quickly)."""
+    out = tmp_path / "bench.json"
+    rc = bench_gpu.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "2", "--samples", "60",
+                         "--image-text-batch", "4", "--region-batch", "4", "--region-max-images", "2",
+                         "--workers", "0", "--cpu-threads", "1", "--peak-tflops", "1", "--compile", "both",
+                         "--compile-backend", "eager", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "=== eager" in printed and "=== compiled" in printed and "compiled / eager images/s" in printed
+    r = json.loads(out.read_text())
+    eager, compiled = r["modes"]["eager"], r["modes"]["compiled"]
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    for m in (eager, compiled):
+        assert m["warmup"]["kinds"] == ["image_text", "region"] and m["warmup"]["steps"] >= 2
+        assert m["fed"]["images_per_s"] > 0 and m["replay"]["mfu"] > 0
+    # the same batches in both (seeded plan), the same useful FLOPs (counted eagerly on the real rows)
+    assert (eager["fed"]["images"], eager["fed"]["flops"]) == (compiled["fed"]["images"], compiled["fed"]["flops"])
+    assert r["compiled_over_eager"]["replay"] == pytest.approx(
+        compiled["replay"]["images_per_s"] / eager["replay"]["images_per_s"])
+    assert r["compile_s"] == pytest.approx(compiled["warmup"]["overhead_s"] - eager["warmup"]["overhead_s"])

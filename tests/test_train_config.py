@@ -74,7 +74,7 @@ def test_overrides_are_yaml_scalars_and_reach_every_section():
 
 @pytest.mark.parametrize("override, message", [
     ("schedule.stepz=3", "unknown config key schedule.stepz; valid keys in schedule: ['grad_accum'"),
-    ("nope=1", "unknown config key nope; valid keys: ['checkpoint', 'data'"),
+    ("nope=1", "unknown config key nope; valid keys: ['checkpoint', 'compile', 'compile_backend', 'compile_mode', 'data'"),
     ("data.batch=4", "unknown config key data.batch; valid keys in data:"),
     ("model.boxhead=x", "unknown model config keys ['boxhead']"),
     ("optim.lr=abc", "optim.lr='abc': expected a number"),

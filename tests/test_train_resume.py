@@ -177,6 +177,24 @@ def test_kill_and_resume_one_process_local(config_file, reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_kill_and_resume_compiled(config_file, tmp_path):
+    """compile on (dynamo with its eager backend: the same graphs and guards, no code generation): a run killed with
+    kill -9 after step 3 and resumed repeats the uninterrupted compiled run's losses exactly."""
+    compiled = ("schedule.mode=summed", "compile=true", "compile_backend=eager")
+    ref_out, out = str(tmp_path / "reference"), str(tmp_path / "run")
+    finish(launch(config_file, ref_out, 1, None, *compiled))
+    expected = final_metrics(ref_out)
+    assert [e["step"] for e in expected] == list(range(1, STEPS + 1))
+    assert any(e["kinds"]["region"] for e in expected) and any(e["kinds"]["image_text"] for e in expected)
+    procs = launch(config_file, out, 1, None, *compiled)
+    wait_for(lambda: steps_logged(out) >= 3, procs, "step 3")
+    kill(procs)
+    assert [s for s, _ in ckpt.committed_checkpoints(out)] == [2]
+    finish(launch(config_file, out, 1, None, *compiled, "--resume", "auto"))
+    assert compared(final_metrics(out)) == compared(expected)
+
+
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.s3
 def test_kill_and_resume_two_processes_on_s3(config_file, reference, s3_prefix):

@@ -30,7 +30,10 @@ EPILOG = (
     "  torchrun --nnodes 1 --nproc_per_node 8 -m tools.cli train --config train/configs/xvlm_base_4m.yaml \\\n"
     "      --out s3://bucket/runs/xvlm-base-4m\n\n"
     "overrides: values are YAML scalars (schedule.steps=20, optim.betas=[0.9,0.98], model.box_head=softargmax);\n"
-    "unknown keys are errors. The resolved config is saved as OUT/config.yaml and in every checkpoint."
+    "unknown keys are errors. The resolved config is saved as OUT/config.yaml and in every checkpoint.\n\n"
+    "compile: auto (default: torch.compile on CUDA, eager on CPU), true or false; compiled runs pad each batch to\n"
+    "its kind's fixed shape (data.image_text_batch_size, data.region_batch_size, data.region_max_images) and\n"
+    "compile once per batch kind. Turn it off (compile=false) for short debugging runs (docs/training.md)."
 )
 
 

@@ -25,6 +25,9 @@ from storage.errors import XvlmError
 StepMode = Literal["summed", "alternating"]
 IterPercMode = Literal["xvlm", "per_batch"]
 Precision = Literal["auto", "fp32", "bf16"]
+Compile = Literal["auto", True, False]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
 MAX_CONFIG_BYTES = 1 << 20        # a config is a few KB; a larger file is refused unread
 
 
@@ -69,6 +72,9 @@ class ModelSection:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None          # safetensors weights (local or s3://) to start from instead of random init
+    # recompute each transformer block's activations in the backward instead of keeping them: less memory for a
+    # larger per-GPU batch, about a third more compute (model.xvlm.XVLM.set_activation_checkpointing)
+    activation_checkpointing: bool = False
 
     def build(self):
         """The validated `ModelConfig`."""
@@ -228,6 +234,10 @@ class TrainConfig:
     out: str = "runs/xvlm"
     precision: Precision = "auto"    # auto: bf16 autocast on GPU, fp32 on CPU
     deterministic: bool = True       # torch.use_deterministic_algorithms on CPU (exact resume)
+    # torch.compile the model's forward (both batch kinds, padded to fixed shapes): auto = on CUDA, off on CPU
+    compile: Compile = "auto"
+    compile_mode: CompileMode = "default"        # reduce-overhead: CUDA graphs on top (docs/training.md)
+    compile_backend: CompileBackend = "inductor"  # aot_eager / eager: no code generation (tests, debugging)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -272,6 +282,8 @@ class TrainConfig:
         _check(self.logging.every >= 1, "logging.every", self.logging.every, "must be >= 1")
         _check(bool(self.out), "out", self.out, "must name a run folder (local path or s3://bucket/prefix)")
         self.finetune.validate()
+        _check(not (self.finetune.task and self.compile is True), "compile", self.compile,
+               "fine-tuning runs eagerly (its batches have no fixed shape to compile for): use compile: auto or false")
         _check(bool(self.data.datasets) or self.data.synthetic or bool(self.finetune.task), "data.datasets",
                self.data.datasets,
                "must list at least one built dataset (a folder or s3:// prefix from `xvlm build-shards`)")
@@ -304,6 +316,8 @@ class TrainConfig:
             del out["model"]["init"]
         if not self.finetune.task:   # pretraining configs read as they did before the section existed
             del out["finetune"]
+        if not out["model"]["activation_checkpointing"]:   # the default: a model section stays as its user wrote it
+            del out["model"]["activation_checkpointing"]
         return out
 
     def to_yaml(self) -> str:

@@ -35,6 +35,7 @@ import storage
 from storage.errors import XvlmError
 from train import checkpoint as ckpt
 from train import distributed
+from train.compiled import check_batch, compile_model, pad_to_shape, static_shapes, use_compile
 from train.config import TrainConfig
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler
@@ -134,7 +135,7 @@ class Trainer:
         configure_determinism(cfg, ctx)
         seed_everything(cfg.schedule.seed)  # the same initial weights on every rank
         self.model = (model if model is not None else self._build_model()).to(ctx.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, new_parameters)
+        self.optimizer = build_optimizer(self.model, cfg.optim, new_parameters, fused=ctx.device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.amp_dtype = autocast_dtype(cfg, ctx.device)
         self.loss_weights = cfg.loss.weights()   # {name: weight > 0}: the losses the model computes
@@ -152,8 +153,16 @@ class Trainer:
         self.ddp: nn.Module = self.model
         if ctx.distributed:
             # Region and image-text steps use different heads: unused parameters must be found each step.
-            self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                               find_unused_parameters=True)
+            # static_graph cannot hold: the used parameters change with the batch kind. Gradients as views of the
+            # all-reduce buckets save a copy of every gradient.
+            devices = [ctx.device] if ctx.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=devices, find_unused_parameters=True,
+                                               gradient_as_bucket_view=True)
+        # Compiled: each batch padded to its kind's fixed shape (train/compiled.py), one graph per kind. Fine-tuning
+        # batches (shards/downstream_batches.py) have no configured maxima: they run eagerly.
+        self.compiled = use_compile(cfg.compile, ctx.device) and not cfg.finetune.task
+        self.shapes = static_shapes(cfg) if self.compiled else None
+        self.run_model = compile_model(self.ddp, cfg) if self.compiled else self.ddp
         self.batches = endless(self.stream)
         if resumed is not None:
             ckpt.set_rng_state(resumed.rank_state["rng"])
@@ -162,6 +171,11 @@ class Trainer:
                                      enabled=ctx.is_main)
 
     def _build_model(self) -> XVLM:
+        model = self._read_or_build_model()
+        model.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
+        return model
+
+    def _read_or_build_model(self) -> XVLM:
         model_cfg = self.cfg.model.build()
         if self.cfg.model.init:
             model = ckpt.read_model(self.cfg.model.init)
@@ -205,6 +219,8 @@ class Trainer:
         # The schedule's numbers (warmup, steps) come from this run's config, not from the checkpoint.
         scheduler_state["lr_lambdas"] = self.scheduler.state_dict()["lr_lambdas"]
         self.scheduler.load_state_dict(scheduler_state)
+        for group in self.optimizer.param_groups:   # fused or not is this machine's choice, not the checkpoint's
+            group["fused"] = self.ctx.device.type == "cuda"
         if trainer["scaler"]:
             self.scaler.load_state_dict(trainer["scaler"])
         self.stream.load_state_dict(state.rank_state["loader"])
@@ -299,16 +315,19 @@ class Trainer:
             last = i == len(batches) - 1
             sync = self.ddp.no_sync() if (self.ctx.distributed and not last) else contextlib.nullcontext()
             tensors = tensors_to(batch, self.ctx.device)
+            images += int(tensors["image"].shape[0])
+            if self.shapes is not None:
+                check_batch(batch)
+                tensors = pad_to_shape(tensors, kind, self.shapes)
             with sync:
                 with self._autocast():
-                    losses = self.ddp(kind, objectives=self.loss_weights.keys(), **tensors)
+                    losses = self.run_model(kind, objectives=tuple(self.loss_weights), **tensors)
                 loss = sum(self.loss_weights[name] * value for name, value in losses.items()) * scale
                 loss.backward()
             for name, value in losses.items():
                 sums[METRIC_KEYS.index(f"{kind}/{name}")] += float(value.detach())
             total += float(loss.detach())
             counts[kind] += 1
-            images += int(tensors["image"].shape[0])
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else None
         self.optimizer.step()

@@ -28,18 +28,19 @@ class WarmupLinearDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * (1.0 - progress)
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection,
-                    new_parameters: set[str] | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimSection, new_parameters: set[str] | None = None,
+                    fused: bool = False) -> torch.optim.AdamW:
     """AdamW (betas 0.9/0.98, eps 1e-8, wd 0.01 by default) over the groups of `model.params.param_groups`.
     `new_parameters` (fine-tuning: the names the initial checkpoint did not hold) replaces the model's own rule of
-    which parameters are new."""
+    which parameters are new. `fused` (CUDA): one kernel updates every parameter instead of a few per parameter
+    tensor."""
     groups = param_groups(model, optim.lr, optim.weight_decay, new_parameters)
     for group in groups:  # the config may change X-VLM's x 2 for new parameters
         if group["lr_scale"] != 1.0:
             group["lr_scale"] = optim.new_param_lr_mult
             group["lr"] = optim.lr * optim.new_param_lr_mult
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay)
+                             weight_decay=optim.weight_decay, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleSection) -> torch.optim.lr_scheduler.LambdaLR:

@@ -8,6 +8,7 @@ batch i is a region batch with that probability. Every rank agrees on them.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Iterator
 
 import torch
@@ -34,7 +35,8 @@ class SyntheticStream:
         self.index = 0          # batches handed out (per_batch) or iterations begun (xvlm)
         self.region_done = False  # xvlm: the region batch of iteration `index` was handed out
         generator = torch.Generator().manual_seed(seed * 1000 + rank)
-        rows_per_image = max(1, region_batch_size // max(1, region_max_images))
+        # At most region_max_images images (the loader's bound, which padded batches rely on), at least 2.
+        rows_per_image = max(1, math.ceil(region_batch_size / max(1, region_max_images)))
         images = max(2, region_batch_size // rows_per_image)
         self.pools: dict[str, list[dict[str, Any]]] = {"image_text": [], "region": []}
         for _ in range(pool):
