@@ -33,9 +33,9 @@ def test_itm_never_draws_a_caption_of_the_same_image_as_a_negative(monkeypatch):
 
     real = objectives.sample_hard_negatives
 
-    def recording(sim, positives=None, generator=None):
+    def recording(sim, positives=None, generator=None, row_mask=None):
         seen.append(positives.clone())
-        negatives = real(sim, positives, generator)
+        negatives = real(sim, positives, generator, row_mask)
         seen.append(negatives)
         return negatives
 
