@@ -233,6 +233,7 @@ def test_parameters_the_checkpoint_lacks_train_at_twice_the_lr(sample):
     (["finetune.train_file=[/nonexistent/coco_train.json]"], "does not exist"),
     (["model.not_a_field=3"], "not_a_field"),
     (["finetune.max_tokens=65"], "64 text positions"),
+    (["compile=true"], "fine-tuning runs eagerly"),
 ])
 def test_bad_configs_exit_2_with_one_line(sample, tmp_path, capsys, bad, message):
     rc = run_cli("finetune", "retrieval", "--config", str(RETRIEVAL), "--init", sample["init"], "--out",
