@@ -197,21 +197,30 @@ class _Refer:
     size: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
-def _load_refs(path: str) -> list[dict]:
+def read_refs_list(path: str, what: str) -> list:
+    """The list a refer release's `refs(*).p` pickle holds, read with shards.safe_pickle.load_plain (plain containers
+    and scalars only; a class, a global or a reduce is refused, never run). `what` names the file in errors. Shared
+    by the RefCOCO pretraining source (pipeline/sources/refcoco.py) and the RefCOCO+ fine-tuning files here."""
     from shards.safe_pickle import UnsafePickleError, load_plain
 
-    if not storage.exists(path):
-        raise XvlmError(f"{path} does not exist: the refer release's refs file (give --refs, or put it at "
-                        f"<annotation folder>/{REFER_FOLDER}/{REFS_NAME} as X-VLM's refcoco_data)")
     size = storage.size(path)
     if size > MAX_REFS_BYTES:
-        raise XvlmError(f"{path} is {size} bytes, more than a refs file can be; is it the right file?")
+        raise XvlmError(f"{what} is {size} bytes, more than a refs file can be ({MAX_REFS_BYTES}); "
+                        "is it the right file?")
     try:
-        refs = load_plain(storage.read_bytes(path), what=path)
+        refs = load_plain(storage.read_bytes(path), what=what)
     except UnsafePickleError as err:
         raise XvlmError(f"{err}. Nothing was run or read from it; use the refs file of the refer release") from None
     if not isinstance(refs, list):
-        raise XvlmError(f"{path} holds a {type(refs).__name__}, not the list of refs of the refer release")
+        raise XvlmError(f"{what} holds a {type(refs).__name__}, not the list of refs of the refer release")
+    return refs
+
+
+def _load_refs(path: str) -> list[dict]:
+    if not storage.exists(path):
+        raise XvlmError(f"{path} does not exist: the refer release's refs file (give --refs, or put it at "
+                        f"<annotation folder>/{REFER_FOLDER}/{REFS_NAME} as X-VLM's refcoco_data)")
+    refs = read_refs_list(path, path)
     for k, ref in enumerate(refs):
         if not isinstance(ref, dict) or not all(isinstance(ref.get(key), int) and not isinstance(ref.get(key), bool)
                                                 for key in ("ref_id", "ann_id", "image_id")):

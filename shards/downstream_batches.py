@@ -105,9 +105,8 @@ class DownstreamBatches:
     def build_batch(self, indices: list[int], epoch: int, pool: ThreadPoolExecutor | None = None) -> dict[str, Any]:
         """The batch of entries `indices` as augmented in `epoch` (docs/batches.md; retrieval: image_text batches
         with `image_ids`, grounding: region batches whose rows attend to the whole image)."""
-        build = self._retrieval_sample if self.task == "retrieval" else self._grounding_sample
         jobs = [(i, np.random.default_rng([self.options.seed, epoch, i])) for i in indices]
-        samples = list(pool.map(lambda job: build(*job), jobs)) if pool else [build(*job) for job in jobs]
+        samples = list(pool.map(lambda job: self._sample(*job), jobs)) if pool else [self._sample(*job) for job in jobs]
         kept = [s for s in samples if isinstance(s, dict)]
         for reason in (s for s in samples if isinstance(s, str)):
             self.skips[reason] = self.skips.get(reason, 0) + 1
@@ -116,21 +115,11 @@ class DownstreamBatches:
                             "check the image root and the annotation file")
         return self._collate(kept)
 
-    def _retrieval_sample(self, index: int, rng: np.random.Generator) -> dict[str, Any] | str:
-        entry = self.entries[index]
+    def _sample(self, index: int, rng: np.random.Generator) -> dict[str, Any] | str:
+        """One entry's training view, or the reason it is skipped (counted by build_batch, never dropped silently)."""
+        build = self._retrieval_sample if self.task == "retrieval" else self._grounding_sample
         try:
-            image = load_downstream_image(self.root, entry.image)
-            width, height = image.size
-            opts = self.options
-            if opts.augment:   # RandomResizedCrop(0.5, 1), RandomHorizontalFlip, RandomAugment(2, 7) (all ops)
-                crop = random_resized_crop(width, height, rng, scale=RETRIEVAL_CROP_SCALE)
-                pixels = crop_resize(image, crop, opts.image_res, opts.image_res, use_draft=False)
-                if rng.random() < 0.5:
-                    pixels = hflip(pixels)
-                pixels = rand_augment(pixels, rng, RANDAUG_N, RANDAUG_M, IMAGE_TEXT_OPS)
-            else:
-                pixels = crop_resize(image, (0, 0, width, height), opts.image_res, opts.image_res, use_draft=False)
-            ids = token_ids(pre_caption(entry.caption, opts.max_words), self.vocab, opts.max_tokens)
+            return build(index, rng)
         except ImageProblem as err:
             log.warning("skipping a fine-tuning sample: %s", err)
             return err.reason
@@ -138,37 +127,44 @@ class DownstreamBatches:
             return "corrupt_image"
         except EmptyText:
             return "empty_text"
+
+    def _retrieval_sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        entry = self.entries[index]
+        image = load_downstream_image(self.root, entry.image)
+        width, height = image.size
+        opts = self.options
+        if opts.augment:   # RandomResizedCrop(0.5, 1), RandomHorizontalFlip, RandomAugment(2, 7) (all ops)
+            crop = random_resized_crop(width, height, rng, scale=RETRIEVAL_CROP_SCALE)
+            pixels = crop_resize(image, crop, opts.image_res, opts.image_res, use_draft=False)
+            if rng.random() < 0.5:
+                pixels = hflip(pixels)
+            pixels = rand_augment(pixels, rng, RANDAUG_N, RANDAUG_M, IMAGE_TEXT_OPS)
+        else:
+            pixels = crop_resize(image, (0, 0, width, height), opts.image_res, opts.image_res, use_draft=False)
+        ids = token_ids(pre_caption(entry.caption, opts.max_words), self.vocab, opts.max_tokens)
         return {"image": to_tensor(pixels), "ids": ids, "image_id": self.image_number[entry.image_id]}
 
-    def _grounding_sample(self, index: int, rng: np.random.Generator) -> dict[str, Any] | str:
+    def _grounding_sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         """Grounding_bbox.py's training view (grounding_dataset.py:98-144): a random crop that keeps the box, a
         mirror (not for texts that say left or right: careful_hflip), resize to R x R, RandomAugment(2, 7)
         photometric ops; the target is the box's (cx, cy, w, h) / R."""
         entry = self.entries[index]
         opts = self.options
-        try:
-            image = load_downstream_image(self.root, entry.image)
-            width, height = image.size
-            x, y, w, h = entry.box
-            crop = (0, 0, width, height)
-            flipped = False
-            text = pre_caption(entry.text, opts.max_words)
-            if opts.augment:   # (x0, y0, w0, h0): x0 ~ U{0..floor(x)}, x1 ~ U{min(ceil(x+w), W)..W}, as there
-                crop = anchor_crop(entry.box, width, height, rng)
-                flipped = rng.random() < 0.5 and not any(word in text for word in ("left", "right"))
-            pixels = crop_resize(image, crop, opts.image_res, opts.image_res, use_draft=False)
-            if flipped:
-                pixels = hflip(pixels)
-            if opts.augment:
-                pixels = rand_augment(pixels, rng, RANDAUG_N, RANDAUG_M, PHOTOMETRIC_OPS)
-            ids = token_ids(text, self.vocab, opts.max_tokens)
-        except ImageProblem as err:
-            log.warning("skipping a fine-tuning sample: %s", err)
-            return err.reason
-        except DECODE_ERRORS:
-            return "corrupt_image"
-        except EmptyText:
-            return "empty_text"
+        image = load_downstream_image(self.root, entry.image)
+        width, height = image.size
+        x, y, w, h = entry.box
+        crop = (0, 0, width, height)
+        flipped = False
+        text = pre_caption(entry.text, opts.max_words)
+        if opts.augment:   # (x0, y0, w0, h0): x0 ~ U{0..floor(x)}, x1 ~ U{min(ceil(x+w), W)..W}, as there
+            crop = anchor_crop(entry.box, width, height, rng)
+            flipped = rng.random() < 0.5 and not any(word in text for word in ("left", "right"))
+        pixels = crop_resize(image, crop, opts.image_res, opts.image_res, use_draft=False)
+        if flipped:
+            pixels = hflip(pixels)
+        if opts.augment:
+            pixels = rand_augment(pixels, rng, RANDAUG_N, RANDAUG_M, PHOTOMETRIC_OPS)
+        ids = token_ids(text, self.vocab, opts.max_tokens)
         cw, ch = crop[2], crop[3]
         bx = x - crop[0]
         if flipped:

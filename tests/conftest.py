@@ -14,6 +14,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tiny-model forwards are latency-bound, and on a shared 2-core machine
+    two threads fight the other processes (several times slower). Used through `pytest.mark.usefixtures`."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A running SeaweedFS S3 server on 127.0.0.1. Yields the server (endpoint, credentials, bucket, url(key));

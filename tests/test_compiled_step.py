@@ -22,13 +22,7 @@ TINY = "train/configs/tiny_cpu.yaml"
 OBJECTIVES = ("itc", "itm", "mlm", "bbox", "giou")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads fight other processes (steps 30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 def tiny_batches(model, rows: int, images: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

@@ -11,13 +11,7 @@ import torch
 from tools.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model forwards are latency-bound: one intra-op thread is several times faster on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

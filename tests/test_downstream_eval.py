@@ -23,12 +23,7 @@ ITM = torch.tensor([                      # image x text ITM match logit
 ])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 def test_hand_checked_ranks_with_k_test_2():

@@ -133,13 +133,7 @@ def test_box_iou_matches_torchvision():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model forwards are latency-bound: one intra-op thread is ~10x faster on a busy shared machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ from tools.cli import main as xvlm
 KEYS = Path(__file__).parent / "data" / "official_xvlm_base_keys.json"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 def tiny_swin(**overrides):

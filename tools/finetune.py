@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 
-from storage.errors import XvlmError
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +57,11 @@ def run(args: argparse.Namespace) -> int:
     from train.config import load_config
     from train.finetune import finetune, resolve_init
 
-    task, overrides = args.task, list(args.overrides)
-    for text in overrides:
-        if "=" not in text:
-            raise XvlmError(f"unexpected argument {text!r}: overrides are KEY=VALUE (e.g. finetune.epochs=2)")
-    overrides.append(f"finetune.task={task}")
-    overrides.append(f"finetune.init={json.dumps(resolve_init(args.init))}")
-    if args.out is not None:
-        overrides.append(f"out={json.dumps(args.out)}")
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
-    cfg = load_config(args.config, overrides)
+    from tools.train import command_overrides  # the overrides as `xvlm train` takes them
+
+    task = args.task
+    cfg = load_config(args.config, command_overrides(args, "finetune.epochs=2", f"finetune.task={task}",
+                                                     f"finetune.init={json.dumps(resolve_init(args.init))}"))
     summary = finetune(cfg)
     if summary["rank"] != 0:
         return 0

@@ -51,19 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the run summary (steps, time, last metrics) to this JSON file (rank 0)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from train.config import load_config
-    from train.loop import train
-
+def command_overrides(args: argparse.Namespace, example: str, *extra: str) -> list[str]:
+    """The config overrides of a training command: its KEY=VALUE arguments (checked), `extra`, then --out and
+    --resume when given (xvlm train, xvlm finetune)."""
     overrides = list(args.overrides)
     for text in overrides:
         if "=" not in text:
-            raise XvlmError(f"unexpected argument {text!r}: overrides are KEY=VALUE (e.g. schedule.steps=20)")
+            raise XvlmError(f"unexpected argument {text!r}: overrides are KEY=VALUE (e.g. {example})")
+    overrides.extend(extra)
     if args.out is not None:
         overrides.append(f"out={json.dumps(args.out)}")  # quoted: a path is always a string
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
-    cfg = load_config(args.config, overrides)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.config import load_config
+    from train.loop import train
+
+    cfg = load_config(args.config, command_overrides(args, "schedule.steps=20"))
     summary = train(cfg)
     if summary["rank"] != 0:
         return 0

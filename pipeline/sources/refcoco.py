@@ -30,7 +30,7 @@ from pipeline.sources.jsonstream import iter_items
 from pipeline.textclean import INVALID_MARK
 import storage
 from storage.errors import XvlmError
-from shards.safe_pickle import UnsafePickleError, load_plain
+from shards.downstream import read_refs_list
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ JOIN_BY_COCO_ID = "coco"
 DATASETS = {"refcoco": ("refs(unc).p", "refs(google).p"), "refcoco+": ("refs(unc).p",),
             "refcocog": ("refs(umd).p", "refs(google).p")}
 IMAGES = "images/mscoco/images/train2014"
-MAX_REFS_BYTES = 1 << 30
 
 
 def sample_key(source_id: str) -> str:
@@ -62,19 +61,6 @@ def _text(sentence: dict) -> str | None:
                 return INVALID_MARK       # bytes that were not UTF-8: the stage rejects it as invalid_utf8
             return text
     return sentence.get("raw") if isinstance(sentence.get("raw"), str) else None
-
-
-def _load_refs(path: str, rel: str) -> list:
-    size = storage.size(path)
-    if size > MAX_REFS_BYTES:
-        raise XvlmError(f"{rel} is {size} bytes, more than a refs file can be ({MAX_REFS_BYTES}); is it the right file?")
-    try:
-        refs = load_plain(storage.read_bytes(path), what=rel)
-    except UnsafePickleError as err:
-        raise XvlmError(f"{err}. Nothing was read from it; use the refs file of the refer release") from None
-    if not isinstance(refs, list):
-        raise XvlmError(f"{rel} holds a {type(refs).__name__}, not the list of refs of the refer release")
-    return refs
 
 
 def _train_refs(refs: list, rel: str) -> Iterator[tuple[dict | None, str, Reject | None]]:
@@ -121,7 +107,7 @@ def _dataset(root: str, folder: str, refs_name: str, listed: set[int]) -> Iterat
     if not storage.exists(inst_path):
         raise XvlmError(f"{root}/{inst_rel} does not exist: the refs of {folder} need the instances.json of the "
                         f"refer release beside them")
-    refs = _load_refs(storage.join(root, rel), rel)
+    refs = read_refs_list(storage.join(root, rel), rel)
     train = [(ref, where) for ref, where, _ in _train_refs(refs, rel) if ref is not None and ref["split"] == "train"]
     anns, images, rejects = _instances(inst_path, inst_rel, {ref["ann_id"] for ref, _ in train},
                                        {ref["image_id"] for ref, _ in train})
